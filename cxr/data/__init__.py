@@ -1,0 +1,1 @@
+"""Data layer: manifests, patient-grouped splits, byte I/O, decoding and letterbox."""

@@ -1,0 +1,108 @@
+"""Byte I/O over ``pyarrow.fs`` for local paths and ``s3://`` URIs.
+
+The same functions read real S3, MinIO or the loopback test server: only the endpoint in
+:class:`StorageConfig` changes. Credentials come from the environment (AWS SDK default chain),
+never from config files.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from cxr.data.errors import BadImageError
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where ``s3://`` URIs go. ``s3_endpoint=None`` means AWS itself."""
+
+    s3_endpoint: str | None = None
+    region: str = "us-east-1"
+    # pyarrow's AWS standard retry strategy (exponential backoff) for transient errors.
+    max_attempts: int = 6
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    kwargs: dict = dict(
+        region=cfg.region,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+        connect_timeout=cfg.connect_timeout_s,
+        request_timeout=cfg.request_timeout_s,
+    )
+    if cfg.s3_endpoint:
+        parsed = urlparse(cfg.s3_endpoint if "://" in cfg.s3_endpoint else f"http://{cfg.s3_endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "http")
+        # Custom endpoints (MinIO, moto) address buckets by path, not by virtual host.
+        kwargs.update(force_virtual_addressing=False)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return the filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        return _s3_filesystem(cfg or StorageConfig()), uri[len("s3://"):]
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+    """Read a whole object. Raises :class:`BadImageError` if it is missing or too large.
+
+    Transient S3 errors are retried inside pyarrow (``max_attempts``); an ``OSError`` that
+    still escapes is an infrastructure failure and is left to the caller.
+    """
+    fs, path = filesystem_for(uri, cfg)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise BadImageError(uri, "file not found")
+    if info.type != pafs.FileType.File:
+        raise BadImageError(uri, "not a regular file")
+    if max_bytes is not None and info.size is not None and info.size > max_bytes:
+        raise BadImageError(uri, f"file too large: {info.size:,} bytes > limit {max_bytes:,}")
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def list_files(prefix: str, cfg: StorageConfig | None = None) -> list[str]:
+    """All regular files under a folder or ``s3://`` prefix, sorted, hidden files skipped."""
+    fs, path = filesystem_for(prefix, cfg)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [to_uri(fs, path)]
+    if info.type == pafs.FileType.NotFound and not is_s3(prefix):
+        raise FileNotFoundError(f"input not found: {prefix}")
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
+    files = [
+        to_uri(fs, i.path)
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(".")
+    ]
+    return sorted(files)
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    fs, path = filesystem_for(uri, cfg)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
