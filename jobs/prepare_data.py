@@ -41,12 +41,13 @@ def summarize(manifests: dict[str, pd.DataFrame]) -> dict:
     """Rows, unreadable files, split x label counts and leak checks, per manifest."""
     summary = {}
     for name, df in manifests.items():
+        df = df.reindex(columns=sorted(set(df.columns) | {"split", "label"}))
         counts = df.fillna({"split": "-", "label": "-"}).groupby(["split", "label"]).size()
         summary[name] = {
             "rows": len(df),
             "unreadable": int(df["sha256"].isna().sum()),
             "counts": {f"{s}/{l}": int(n) for (s, l), n in counts.items()},
-            "patient_leaks": len(leaks(df, "patient_id")) if "patient_id" in df and df["split"].notna().any() else 0,
+            "patient_leaks": len(leaks(df, "patient_id")),
         }
     return summary
 

@@ -112,10 +112,19 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, uri: str, limits: DecodeLimits, has_preamble: bool) -> np.ndarray:
+    with warnings.catch_warnings():
+        # pydicom warns about what it tolerates; we raise on what it cannot decode instead.
+        warnings.simplefilter("ignore", UserWarning)
+        return _dicom_pixels(data, uri, limits, has_preamble)
+
+
+def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: bool) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise BadImageError(uri, f"corrupt DICOM: {e}") from e
+    if len(ds) == 0:
+        raise BadImageError(uri, "corrupt DICOM: no data elements could be read")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = ds.get("SOPClassUID", None)
         kind = f" (SOP class {sop.name})" if sop is not None else ""
@@ -125,7 +134,8 @@ def _decode_dicom(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
     except (AttributeError, TypeError, ValueError) as e:
         raise BadImageError(uri, "corrupt DICOM: no Rows/Columns") from e
     _check_size(uri, cols, rows, limits)
-    tsyntax = ds.file_meta.get("TransferSyntaxUID", None) if "file_meta" in ds else None
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID", None) if file_meta is not None else None
     try:
         arr = ds.pixel_array
     except NotImplementedError as e:

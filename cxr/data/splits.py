@@ -79,6 +79,8 @@ def assign_splits(df: pd.DataFrame, fractions: Mapping[str, float], seed: int,
 
 def leaks(df: pd.DataFrame, column: str) -> dict[str, list[str]]:
     """Values of ``column`` found in more than one split: empty when the split is clean."""
+    if column not in df.columns or "split" not in df.columns:
+        return {}
     sub = df.dropna(subset=[column, "split"])
     sub = sub[sub[column] != ""]
     per_value = sub.groupby(column)["split"].nunique()

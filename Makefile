@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make demo   set up .venv, start the local stack, run the main job on the embedded default
+#   make test   set up .venv, run the test suite
+# Other targets: setup, stack-up, stack-down, results-bad-inputs, clean.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CXR    := $(BIN)/cxr
+
+.PHONY: setup demo test stack-up stack-down results-bad-inputs clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	# torch first and alone: it comes from local disk; resolved with the rest, pip could pull another build.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+stack-up: setup
+	$(BIN)/python -m infra.local.stack up
+
+stack-down:
+	$(BIN)/python -m infra.local.stack down
+
+# Until the scoring job lands, the main job is prepare-data: the curated data ($$CXR_DATA,
+# ../shared/data, else the shipped sample) to out/manifests, and the archive in the loopback
+# bucket to out/manifests/archive.
+demo: stack-up
+	. .stack/env.sh && $(CXR) prepare-data --out out/manifests
+	. .stack/env.sh && $(CXR) prepare-data --images s3://cxr-demo/archive --out out/manifests/archive
+	@echo "manifests in out/manifests; MLflow UI at http://127.0.0.1:5050; stop the stack with: make stack-down"
+
+test: setup
+	$(BIN)/pytest
+
+results-bad-inputs: setup
+	$(BIN)/python -m tests.inputs
+
+clean: stack-down
+	rm -rf out .stack

@@ -1,0 +1,46 @@
+"""The console script explains itself and fails clearly on bad options."""
+
+import subprocess
+import sys
+
+from jobs.cli import main
+
+
+def _cxr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_subcommands():
+    r = _cxr("--help")
+    assert r.returncode == 0 and "prepare-data" in r.stdout and "not for diagnosis" in r.stdout
+
+
+def test_prepare_data_help_lists_options():
+    r = _cxr("prepare-data", "--help")
+    assert r.returncode == 0
+    for flag in ("--data-root", "--out", "--csv", "--images", "--seed", "--val-fraction"):
+        assert flag in r.stdout
+
+
+def test_unknown_config_key_lists_valid_ones(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: 3\n")
+    try:
+        main(["prepare-data", "--config", str(bad)])
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) ['seeds']" in err and "'seed'" in err
+
+
+def test_bad_value_type_is_reported(capsys):
+    try:
+        main(["prepare-data", "--seed", "abc"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "seed: expected int" in capsys.readouterr().err
+
+
+def test_missing_data_root_exits_2(tmp_path, capsys):
+    assert main(["prepare-data", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no kermany/ folder" in capsys.readouterr().err
