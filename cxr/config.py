@@ -61,6 +61,29 @@ class PrepareDataConfig:
         return Path(self.data_root or default_data_root()).expanduser().resolve()
 
 
+@dataclass(frozen=True)
+class SegmenterTrainConfig:
+    """``cxr train-segmenter``: a lung UNet trained with Ray Train, logged and registered in MLflow."""
+
+    NAME: ClassVar[str] = "train_segmenter"
+    manifest: str = option("out/manifests/lungseg.parquet", "lungseg manifest (uri, mask_uri, source, split)")
+    model: str = option("unet-resnet34", "architecture name (cxr.models registry)")
+    image_size: int = option(256, "letterbox size in px")
+    epochs: int = option(60, "training epochs")
+    batch_size: int = option(16, "batch size per worker")
+    lr: float = option(1e-3, "AdamW learning rate (cosine decay to 0)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    num_workers: int = option(2, "Ray Train workers")
+    use_gpu: bool = option(False, "one GPU per worker, bf16 autocast")
+    loader_workers: int = option(2, "DataLoader processes per worker")
+    max_train_images: int | None = option(None, "use at most this many training images (quick runs)")
+    seed: int = option(0, "random seed")
+    dilation_px: int = option(3, "dilation of the lung mask when it is applied, recorded in the card")
+    register: bool = option(True, "register the best model as cxr-segmenter")
+    run_name: str | None = option(None, "MLflow run name")
+    storage_path: str = option("out/ray", "Ray Train results and checkpoints (local folder or s3://)")
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def config_fields(cls: type) -> list[dataclasses.Field]:

@@ -8,13 +8,15 @@ import logging
 import sys
 import typing
 
-from cxr.config import PrepareDataConfig, config_fields, load_config
+from cxr.config import PrepareDataConfig, SegmenterTrainConfig, config_fields, load_config
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
 # so `cxr --help` stays fast.
 COMMANDS: dict[str, tuple[type, str, str]] = {
     "prepare-data": (PrepareDataConfig, "jobs.prepare_data",
                      "build Parquet manifests (curated data, a CSV, or a folder/S3 prefix) with patient-grouped splits"),
+    "train-segmenter": (SegmenterTrainConfig, "jobs.train_segmenter",
+                        "train the lung UNet with Ray Train, log to MLflow, register cxr-segmenter"),
 }
 
 DESCRIPTION = """\

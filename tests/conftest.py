@@ -52,3 +52,26 @@ def sample_bucket(local_stack: LocalStack, sample_root: Path) -> str:
     """The shipped sample, uploaded to s3://cxr-sample/data/ on the loopback server."""
     local_stack.upload_folder(sample_root, "cxr-sample", "data")
     return "s3://cxr-sample/data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray. num_cpus=4 over-subscribes the 2 cores logically, so a 2-worker
+    TorchTrainer and Ray Data tasks in one session never wait on each other."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_manifests(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Manifests of the shipped sample (real images), built once per session."""
+    from cxr.config import PrepareDataConfig
+    from jobs import prepare_data
+
+    out = tmp_path_factory.mktemp("manifests")
+    assert prepare_data.main(PrepareDataConfig(data_root=str(sample_root), out=str(out))) == 0
+    return out

@@ -60,6 +60,11 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.Fil
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
+def absolute_uri(uri: str) -> str:
+    """Local paths made absolute (Ray workers run in other folders); other URIs unchanged."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 

@@ -1,0 +1,39 @@
+"""Checkpoints as safetensors + JSON: loading never unpickles code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cxr.models import build_model
+
+WEIGHTS, META = "model.safetensors", "meta.json"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(model: nn.Module, folder: Path, meta: dict) -> Path:
+    """Write the weights and ``meta`` (must name the ``model`` architecture) into ``folder``."""
+    assert "model" in meta, "a checkpoint must name its architecture"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the architecture named in ``meta.json`` and load its safetensors weights."""
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    model = build_model(meta["model"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(map_location)))
+    return model.eval(), meta

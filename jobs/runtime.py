@@ -1,0 +1,26 @@
+"""Process set-up that only entry points do: Ray and Ray Train storage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from cxr.data.storage import StorageConfig, filesystem_for, is_s3
+
+
+def init_ray() -> None:
+    """Join ``$RAY_ADDRESS`` (a cluster) if set, else start a local Ray without the dashboard."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=True)
+
+
+def ray_storage(path: str, storage: StorageConfig) -> dict:
+    """RunConfig arguments for Ray Train results under a local folder or an s3:// prefix."""
+    if is_s3(path):
+        fs, inner = filesystem_for(path, storage)
+        return {"storage_path": inner, "storage_filesystem": fs}
+    return {"storage_path": str(Path(path).resolve())}

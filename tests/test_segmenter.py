@@ -1,0 +1,97 @@
+"""Segmenter end to end on tiny twins: Ray Train on 2 CPU workers, MLflow logging and
+registration on the loopback server, load back by alias with the same output."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cxr import tracking
+from cxr.config import SegmenterTrainConfig, load_platform
+from cxr.models import build_model, model_names
+from cxr.segmentation import predict_probs
+from cxr.train.checkpoints import load_checkpoint, save_checkpoint
+from jobs import train_segmenter
+
+
+def test_registry_lists_choices_on_unknown_name():
+    assert {"unet-resnet34", "unet-tiny"} <= set(model_names("segmenter"))
+    with pytest.raises(ValueError, match="choices: .*unet-resnet34"):
+        build_model("unet-resnet999")
+
+
+def test_checkpoint_roundtrip_is_exact(tmp_path):
+    model = build_model("unet-tiny").eval()
+    save_checkpoint(model, tmp_path, {"model": "unet-tiny"})
+    again, meta = load_checkpoint(tmp_path)
+    x = torch.randn(2, 1, 64, 64)
+    assert meta["model"] == "unet-tiny"
+    assert torch.equal(model(x), again(x))
+
+
+@pytest.fixture(scope="module")
+def trained(local_stack, ray_local, sample_manifests, tmp_path_factory):
+    cfg = SegmenterTrainConfig(manifest=str(sample_manifests / "lungseg.parquet"), model="unet-tiny", image_size=64,
+                               epochs=2, batch_size=4, num_workers=2, loader_workers=0, run_name="tiny-test",
+                               storage_path=str(tmp_path_factory.mktemp("ray")))
+    assert train_segmenter.main(cfg) == 0
+    return cfg
+
+
+def test_job_logs_run_and_registers_a_version(trained):
+    platform = load_platform()
+    client = MlflowClient(platform.tracking_uri)
+    versions = client.search_model_versions(f"name='{platform.registered_models['segmenter']}'")
+    assert versions
+    latest = max(versions, key=lambda v: int(v.version))
+    run = client.get_run(latest.run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(latest.run_id, "val_dice")
+    assert [m.step for m in history] == [0, 1]                       # one point per epoch, from rank 0
+    assert "test_dice_mean_all" in run.data.metrics and "test_dice_mean_montgomery" in run.data.metrics
+    assert run.data.params["model"] == "unet-tiny" and len(run.data.params["manifest_sha256"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(latest.run_id, "plots")}
+    assert {"plots/loss_curves.png", "plots/test_overlays.png"} <= artifacts
+    assert latest.tags["intended_use"] == "research use, not for diagnosis"
+    assert "training_manifest_sha256" in latest.tags
+
+
+def test_registered_model_loads_by_alias_with_same_output(trained, tmp_path):
+    platform = load_platform()
+    name = platform.registered_models["segmenter"]
+    client = MlflowClient(platform.tracking_uri)
+    latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    tracking.set_alias(platform.tracking_uri, name, "challenger", latest.version)
+    by_alias, card, version = tracking.load_registered(platform.tracking_uri, f"models:/{name}@challenger")
+    by_version, _, _ = tracking.load_registered(platform.tracking_uri, f"models:/{name}/{latest.version}")
+    assert version.version == latest.version and card["architecture"] == "unet-tiny"
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 1, 64, 64), dtype=np.uint8))
+    assert torch.equal(predict_probs(by_alias, images), predict_probs(by_version, images))
+
+
+def test_planted_pickle_is_refused(trained, tmp_path):
+    """A version whose artifacts hold a pickle is never loaded (no torch.load of untrusted bytes)."""
+    platform = load_platform()
+    name = platform.registered_models["segmenter"]
+    client = MlflowClient(platform.tracking_uri)
+    latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(pickle.dumps(_Exploit(f"touch {marker}")))
+    client.log_artifact(latest.run_id, str(evil), "model")
+    with pytest.raises(ValueError, match=r"unexpected files \['model.pt'\]"):
+        tracking.load_registered(platform.tracking_uri, f"models:/{name}/{latest.version}")
+    assert not marker.exists()
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a malicious artifact would carry."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.command,))
