@@ -25,13 +25,16 @@ stack-up: setup
 stack-down:
 	$(BIN)/python -m infra.local.stack down
 
-# Until the scoring job lands, the main job is prepare-data: the curated data ($$CXR_DATA,
-# ../shared/data, else the shipped sample) to out/manifests, and the archive in the loopback
-# bucket to out/manifests/archive.
+# The main job on the embedded default: manifests of the curated data ($$CXR_DATA,
+# ../shared/data, else the shipped sample); champion models (trained on the shipped sample the
+# first time, a few minutes); then the nightly scoring of the sample archive in the loopback
+# bucket (s3://cxr-demo/archive) into out/scores, and its review page.
 demo: stack-up
 	. .stack/env.sh && $(CXR) prepare-data --out out/manifests
-	. .stack/env.sh && $(CXR) prepare-data --images s3://cxr-demo/archive --out out/manifests/archive
-	@echo "manifests in out/manifests; MLflow UI at http://127.0.0.1:5050; stop the stack with: make stack-down"
+	. .stack/env.sh && $(CXR) bootstrap
+	. .stack/env.sh && $(CXR) score
+	. .stack/env.sh && $(CXR) report --scores out/scores --out out/report.html
+	@echo "scores (Parquet) in out/scores; review page out/report.html; MLflow UI at http://127.0.0.1:5050; stop the stack with: make stack-down"
 
 test: setup
 	$(BIN)/pytest

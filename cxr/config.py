@@ -84,6 +84,226 @@ class SegmenterTrainConfig:
     storage_path: str = option("out/ray", "Ray Train results and checkpoints (local folder or s3://)")
 
 
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """Shared by ``cxr pretrain`` and ``cxr finetune``: a classifier trained by Ray Train in up
+    to two stages (each: epochs, learning rate, trainable top-level modules); the checkpoint
+    with the lowest validation loss is kept."""
+
+    NAME: ClassVar[str] = "classifier"
+    manifest: str = option("out/manifests/tasks/source.parquet", "task manifest (uri, label, split)")
+    classes: tuple[str, ...] = option(("normal", "bacterial", "viral"), "class names, in output order")
+    model: str = option("resnet50", "architecture name (cxr.models registry)")
+    image_size: int = option(224, "letterbox size in px")
+    batch_size: int = option(32, "batch size per worker")
+    dropout: float = option(0.5, "dropout before the final linear layer")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    stage1_epochs: int = option(100, "epochs of stage 1")
+    stage1_lr: float = option(1e-3, "Adam learning rate of stage 1")
+    stage1_trainable: tuple[str, ...] = option(("all",), "modules trained in stage 1 (names, or all)")
+    stage2_epochs: int = option(0, "epochs of stage 2 (0: one stage)")
+    stage2_lr: float = option(1e-4, "Adam learning rate of stage 2")
+    stage2_trainable: tuple[str, ...] = option(("layer3", "layer4", "fc"), "modules trained in stage 2")
+    lr_step_epochs: int = option(5, "multiply the learning rate by lr_gamma every this many epochs")
+    lr_gamma: float = option(0.9, "learning-rate decay factor")
+    class_weighted: bool = option(True, "class-weighted cross entropy, w_i = N / (C * n_i)")
+    augment: bool = option(True, "random rotation, scaling and brightness/contrast (on the training device)")
+    init_weights: str | None = option(None, "initialise from a local state_dict file (.safetensors/.pth), e.g. ImageNet")
+    num_workers: int = option(2, "Ray Train workers")
+    use_gpu: bool = option(False, "one GPU per worker, bf16 autocast, channels_last")
+    max_train_images: int | None = option(None, "use at most this many training images (quick runs)")
+    load_threads: int = option(8, "threads decoding images before training")
+    seed: int = option(0, "random seed")
+    run_name: str | None = option(None, "MLflow run name")
+    storage_path: str = option("out/ray", "Ray Train results and checkpoints (local folder or s3://)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(ClassifierTrainConfig):
+    """``cxr pretrain``: the source task (kermany/train, 3 classes), the paper's recipe."""
+
+    NAME: ClassVar[str] = "pretrain"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(ClassifierTrainConfig):
+    """``cxr finetune``: dataset II, lung-masked by the registered segmenter; stage 1 trains the
+    head on a frozen backbone, stage 2 unfreezes the later blocks. Registers cxr-classifier."""
+
+    NAME: ClassVar[str] = "finetune"
+    pretrain_run: str | None = option(None, "MLflow run id of a cxr pretrain run to start from (else scratch or init_weights)")
+    segmenter: str | None = option("models:/cxr-segmenter@champion", "segmenter used for lung masking; none: no masking")
+    dilation_px: int | None = option(None, "lung-mask dilation (default: the segmenter card's)")
+    register: bool = option(True, "register the best model as cxr-classifier")
+    n_boot: int = option(1000, "bootstrap resamples for the test-set confidence intervals")
+
+
+@dataclass(frozen=True)
+class TuneJobConfig:
+    """``cxr tune``: Optuna (through Ray Tune) over the fine-tuning learning rates, dropout and
+    weight decay, with ASHA early stopping; the best config is written as a finetune YAML."""
+
+    NAME: ClassVar[str] = "tune"
+    finetune_config: str | None = option(None, "finetune YAML the trials start from (over finetune's defaults)")
+    num_samples: int = option(20, "trials in the study (a resumed study runs only the missing ones)")
+    max_concurrent: int = option(1, "trials at once")
+    study_name: str = option("cxr-finetune", "Optuna study name")
+    study_storage: str = option("sqlite:///out/tune/optuna.db", "Optuna storage URL: the study persists and resumes here")
+    stage1_lr_range: tuple[float, ...] = option((1e-4, 1e-2), "log-uniform range of stage1_lr")
+    stage2_lr_range: tuple[float, ...] = option((1e-5, 1e-3), "log-uniform range of stage2_lr")
+    dropout_range: tuple[float, ...] = option((0.0, 0.7), "uniform range of dropout")
+    weight_decay_range: tuple[float, ...] = option((1e-6, 1e-2), "log-uniform range of weight_decay")
+    grace_epochs: int = option(2, "ASHA: epochs every trial runs before it may be stopped")
+    best_config_out: str = option("out/tune/best-finetune.yaml", "where the best config is written (a finetune YAML)")
+    run_name: str | None = option(None, "MLflow run name of the study")
+    storage_path: str = option("out/ray", "Ray Tune results (local folder or s3://)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``cxr evaluate``: metrics with 95% bootstrap intervals, plots and Grad-CAM overlays of a
+    registered classifier on any labeled manifest; JSON + PNG, logged to MLflow."""
+
+    NAME: ClassVar[str] = "evaluate"
+    manifest: str = option("out/manifests/tasks/dataset2-4class.parquet", "labeled manifest (uri, label[, split, age_group])")
+    classifier: str = option("models:/cxr-classifier@champion", "registered classifier: models:/NAME@ALIAS or models:/NAME/VERSION")
+    segmenter: str | None = option(None, "segmenter for lung masking (default: the one named in the classifier's card)")
+    split: str | None = option("test", "evaluate only this split (none: every row)")
+    out: str = option("out/evaluate", "folder for metrics.json and the plots")
+    n_boot: int = option(1000, "bootstrap resamples")
+    seed: int = option(0, "bootstrap seed")
+    batch_size: int = option(32, "inference batch size")
+    cam_examples: int = option(4, "Grad-CAM overlays of this many correct and this many wrong cases")
+    load_threads: int = option(8, "threads decoding images")
+    run_name: str | None = option(None, "MLflow run name")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``cxr score``: stream X-rays from a folder, an s3:// prefix or a manifest through the
+    registered segmenter and classifier (Ray Data), and write one Parquet row per input, with
+    the prediction, a Grad-CAM heatmap, quality flags and lineage. Incremental: inputs already
+    scored with the same bytes and model versions are skipped."""
+
+    NAME: ClassVar[str] = "score"
+    input: str = option("s3://cxr-demo/archive", "folder, s3:// prefix, or a .parquet manifest with a uri column")
+    output: str = option("out/scores", "output folder or s3:// prefix (Parquet, partitioned by scored_date)")
+    segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter (models:/NAME@ALIAS or /VERSION)")
+    classifier: str = option("models:/cxr-classifier@champion", "registered classifier (models:/NAME@ALIAS or /VERSION)")
+    batch_size: int = option(32, "images per model batch")
+    actors: int = option(1, "model actors (one GPU each with use_gpu)")
+    use_gpu: bool = option(False, "run the models on GPUs (bf16)")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per model actor (on CPU: also its torch threads)")
+    decode_tasks: int | None = option(None, "parallel decode tasks (default: Ray's choice)")
+    heatmap_size: int = option(64, "side of the stored Grad-CAM heatmap (uint8 PNG)")
+    min_lung_fraction: float = option(0.08, "flag an image whose lung area fraction is below this")
+    max_lung_fraction: float = option(0.50, "flag an image whose lung area fraction is above this")
+    no_lung_fraction: float = option(0.01, "below this lung fraction: no lungs found")
+    max_file_mb: float = option(64.0, "files larger than this are error rows, never read whole")
+    limit: int | None = option(None, "score at most this many inputs (quick runs)")
+    job_id: str | None = option(None, "job id recorded in every row (default: a new one)")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``cxr report``: a self-contained HTML review page of scored rows: the summary, then the
+    highest-COVID-probability and the flagged images with their Grad-CAM overlays, then errors."""
+
+    NAME: ClassVar[str] = "report"
+    scores: str = option("out/scores", "output of cxr score (folder or s3:// prefix)")
+    out: str = option("out/report.html", "the HTML file to write")
+    job_id: str | None = option(None, "report this job's rows (default: the latest job; 'all': every row)")
+    top: int = option(24, "how many of the highest-COVID-probability images to show")
+    max_flagged: int = option(48, "show at most this many flagged images")
+    image_size: int = option(224, "size of the overlay thumbnails in px")
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """``cxr bootstrap``: make sure the registry has champion models. Where either alias is
+    missing (or with --force), train small models on the shipped sample, register them and
+    point ``champion`` at them: what a fresh demo machine needs before ``cxr score``."""
+
+    NAME: ClassVar[str] = "bootstrap"
+    data_root: str = option("", "data to train on (default: the shipped sample, data/sample)")
+    manifests: str = option("out/manifests-sample", "where its manifests are written")
+    segmenter_model: str = option("unet-resnet34", "segmenter architecture")
+    segmenter_size: int = option(128, "segmenter letterbox size")
+    segmenter_epochs: int = option(20, "segmenter epochs")
+    classifier_model: str = option("resnet50", "classifier architecture")
+    classifier_size: int = option(224, "classifier letterbox size")
+    classifier_epochs: tuple[int, ...] = option((4, 6), "epochs of fine-tuning stage 1 and stage 2")
+    num_workers: int = option(1, "Ray Train workers")
+    force: bool = option(False, "train and promote even if champions exist")
+    storage_path: str = option("out/ray", "Ray Train results")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """``cxr benchmark``: the scoring pipeline against a naive per-image loop (batch 1, fp32,
+    Grad-CAM by backward), the same models and images, in one run: images/s, ratio, peak memory."""
+
+    NAME: ClassVar[str] = "benchmark"
+    input: str = option("out/manifests/tasks/dataset2-4class.parquet", "manifest (uri column) or folder of images")
+    images: int = option(500, "images to score (inputs are repeated if there are fewer)")
+    naive_images: int | None = option(None, "images for the naive loop (default: the same as images)")
+    segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter")
+    classifier: str = option("models:/cxr-classifier@champion", "registered classifier")
+    batch_size: int = option(32, "pipeline batch size")
+    actors: int = option(1, "pipeline model actors")
+    cpus_per_actor: float = option(1.0, "CPUs (and torch threads) per model actor")
+    decode_tasks: int | None = option(None, "parallel decode tasks (default: Ray's choice)")
+    use_gpu: bool = option(False, "run the pipeline's models on GPUs")
+    out: str = option("out/benchmark", "folder for benchmark.json and the pipeline's scratch output")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """``cxr promote``: gated, audited, reversible promotion of a registered version to
+    ``champion`` (gates and the frozen evaluation set in mlflow.yaml); or ``--rollback``."""
+
+    NAME: ClassVar[str] = "promote"
+    model: str = option("cxr-classifier", "registered model name (cxr-classifier or cxr-segmenter)")
+    version: str | None = option(None, "the candidate version (default: the one the challenger alias points to)")
+    rollback: bool = option(False, "move champion back to previous-champion instead (no evaluation)")
+    reason: str = option("", "why, for the audit record")
+    user: str | None = option(None, "who, for the audit record (default: the login name)")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """``cxr retrain``: the scheduled retraining, as one Ray job: prepare-data -> train-segmenter
+    (optional) -> pretrain (optional) -> finetune with the tuned config -> evaluate -> register as
+    challenger -> promote. Idempotent per data snapshot: a snapshot already retrained is skipped."""
+
+    NAME: ClassVar[str] = "retrain"
+    data_root: str = option("", "curated data root (default: $CXR_DATA, else ../shared/data, else the sample)")
+    manifests: str = option("out/manifests", "where prepare-data writes the manifests")
+    train_segmenter: bool = option(False, "retrain the segmenter too (else use the segmenter champion)")
+    pretrain: bool = option(True, "pretrain on the source task first (else fine-tune from scratch or init_weights)")
+    segmenter_config: str | None = option(None, "train-segmenter YAML (over its defaults)")
+    pretrain_config: str | None = option(None, "pretrain YAML (over its defaults)")
+    finetune_config: str | None = option("out/tune/best-finetune.yaml", "finetune YAML, e.g. the one cxr tune wrote")
+    promote: bool = option(True, "run the gated promotion of the new classifier (and segmenter)")
+    force: bool = option(False, "retrain even if this data snapshot was retrained before")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """``cxr ablation``: the paper's tables and the ablation, as repeated ``cxr finetune`` runs
+    over seeds; writes a Markdown table of mean +- std (and the per-run JSON) for docs/RESULTS.md."""
+
+    NAME: ClassVar[str] = "ablation"
+    finetune_config: str | None = option(None, "finetune YAML every run starts from (e.g. a CPU preset)")
+    pretrain_run: str | None = option(None, "MLflow run id of the pretraining run the 'pretrained' variants start from")
+    manifests: str = option("out/manifests", "folder of the task manifests")
+    variants: tuple[str, ...] = option(
+        ("paper-4class", "paper-3class", "scratch-4class", "nomask-4class", "deconfounded-4class"),
+        "variants to run (see cxr/ablation.py for their definitions)")
+    seeds: tuple[int, ...] = option((0, 1, 2), "seeds: each variant runs once per seed")
+    out: str = option("out/ablation", "folder for results.json and table.md")
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def config_fields(cls: type) -> list[dataclasses.Field]:
@@ -156,6 +376,7 @@ class PlatformConfig:
     experiments: dict[str, str]
     registered_models: dict[str, str]
     aliases: dict[str, str]
+    promotion: dict = field(default_factory=dict)
 
 
 def load_platform(path: str | None = None) -> PlatformConfig:
@@ -174,4 +395,5 @@ def load_platform(path: str | None = None) -> PlatformConfig:
         experiments=dict(raw.get("experiments") or {}),
         registered_models=dict(raw.get("registered_models") or {}),
         aliases=dict(raw.get("aliases") or {}),
+        promotion=dict(raw.get("promotion") or {}),
     )

@@ -1,10 +1,15 @@
-"""Metrics and plots. Segmentation: per-image Dice and its summary."""
+"""Metrics. Segmentation: per-image Dice and its summary. Classification: scikit-learn metrics
+with percentile-bootstrap confidence intervals."""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 
 def dice_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,3 +33,57 @@ def dice_report(per_image: pd.DataFrame) -> dict[str, dict[str, float]]:
     for source, group in per_image.groupby("source"):
         report[str(source)] = dice_summary(group["dice"])
     return report
+
+
+# --- classification ---------------------------------------------------------------------------
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                           positive: str = "covid") -> dict[str, float]:
+    """Flat scalar metrics (scikit-learn): accuracy, per-class precision/recall/F1, one-vs-rest
+    AUROC, macro AUROC, and ``positive``-vs-rest sensitivity/specificity. Undefined values
+    (a class absent from ``y_true``) are NaN."""
+    labels = list(range(len(classes)))
+    y_pred = probs.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    present = set(np.unique(y_true).tolist())
+    for i, name in enumerate(classes):
+        defined = i in present
+        out[f"precision_{name}"] = float(precision[i]) if (y_pred == i).any() else float("nan")
+        out[f"recall_{name}"] = float(recall[i]) if defined else float("nan")
+        out[f"f1_{name}"] = float(f1[i]) if defined else float("nan")
+        one_vs_rest = y_true == i
+        out[f"auroc_{name}"] = (float(roc_auc_score(one_vs_rest, probs[:, i]))
+                                if 0 < one_vs_rest.sum() < len(y_true) else float("nan"))
+    aurocs = [out[f"auroc_{c}"] for c in classes]
+    out["auroc_macro"] = float(np.mean(aurocs)) if not np.isnan(aurocs).any() else float("nan")
+    if positive in classes:
+        p = list(classes).index(positive)
+        truth, called = y_true == p, y_pred == p
+        out[f"{positive}_sensitivity"] = float((called & truth).sum() / truth.sum()) if truth.any() else float("nan")
+        out[f"{positive}_specificity"] = float((~called & ~truth).sum() / (~truth).sum()) if (~truth).any() else float("nan")
+    return out
+
+
+def bootstrap_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], n_boot: int = 1000,
+                      seed: int = 0, positive: str = "covid") -> dict[str, dict[str, float]]:
+    """Every metric of ``classification_metrics`` with a 95% percentile-bootstrap interval:
+    {name: {"value", "low", "high"}}. Resamples images with replacement, ``n_boot`` times."""
+    point = classification_metrics(y_true, probs, classes, positive)
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in point}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n_boot):
+            idx = rng.integers(0, len(y_true), len(y_true))
+            for k, v in classification_metrics(y_true[idx], probs[idx], classes, positive).items():
+                draws[k].append(v)
+        return {k: {"value": v,
+                    "low": float(np.nanpercentile(draws[k], 2.5)) if not np.all(np.isnan(draws[k])) else float("nan"),
+                    "high": float(np.nanpercentile(draws[k], 97.5)) if not np.all(np.isnan(draws[k])) else float("nan")}
+                for k, v in point.items()}
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarray:
+    """Confusion matrix counts, rows = truth, columns = prediction."""
+    return confusion_matrix(y_true, probs.argmax(axis=1), labels=list(range(n_classes)))

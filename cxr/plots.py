@@ -43,3 +43,44 @@ def mask_overlays(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, 
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def confusion_matrix_figure(matrix: np.ndarray, classes: list[str]) -> plt.Figure:
+    """Counts, rows = truth, columns = prediction (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> plt.Figure:
+    """One-vs-rest ROC curve per class (scikit-learn's display)."""
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for i, name in enumerate(classes):
+        truth = y_true == i
+        if 0 < truth.sum() < len(truth):
+            RocCurveDisplay.from_predictions(truth, probs[:, i], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
+    fig.tight_layout()
+    return fig
+
+
+def cam_overlays(images: np.ndarray, heatmaps: np.ndarray, titles: list[str]) -> plt.Figure:
+    """One panel per case: the model's input image with its Grad-CAM heatmap over it (Fig. 8)."""
+    n = max(1, len(images))
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, title in zip(axes.flat, images, heatmaps, titles):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1,
+                  extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig

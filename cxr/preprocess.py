@@ -13,6 +13,9 @@ import torch
 
 PREPROCESS_VERSION = "1"
 SEGMENTER_MEAN, SEGMENTER_STD = 0.5, 0.25
+# The classifier sees 3 identical channels with ImageNet statistics, so an optional ImageNet
+# weights file (the paper's init) fits without change.
+CLASSIFIER_MEAN, CLASSIFIER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def segmenter_input(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -20,11 +23,22 @@ def segmenter_input(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float() / 255.0 - SEGMENTER_MEAN) / SEGMENTER_STD
 
 
-def preprocessing_spec(kind: str, size: int) -> dict:
+def classifier_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) uint8 (or float in [0, 255]) images -> (B, 3, H, W) normalised float32."""
+    x = images.float() / 255.0
+    mean = torch.tensor(CLASSIFIER_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLASSIFIER_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def preprocessing_spec(kind: str, size: int, **extra) -> dict:
     """What the model card records about the input, with a hash to compare cards by."""
     spec = {"version": PREPROCESS_VERSION, "kind": kind, "letterbox_size": size, "letterbox_fill": 128,
             "grayscale": "8-bit, decoded from JPEG/PNG/TIFF/DICOM (VOI LUT, MONOCHROME1 inverted)"}
     if kind == "segmenter":
         spec.update(channels=1, mean=SEGMENTER_MEAN, std=SEGMENTER_STD, scale="x/255")
+    else:
+        spec.update(channels=3, mean=list(CLASSIFIER_MEAN), std=list(CLASSIFIER_STD), scale="x/255")
+    spec.update(extra)
     spec["sha256"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return spec

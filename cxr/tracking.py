@@ -105,8 +105,11 @@ def register_model(tracking_uri: str, name: str, run_id: str, checkpoint_dir: Pa
     """Log the checkpoint as an MLflow model (custom ``cxr`` flavor, with signature) and register it.
 
     Returns the new version number. The card becomes the version's description, tags and
-    ``card.json``.
+    ``card.json``. A run holds one model: a second registration from the same run would
+    overwrite the first one's files, so it is refused.
     """
+    if client(tracking_uri).list_artifacts(run_id, "model"):
+        raise ValueError(f"run {run_id} already holds a model; register each model from its own run")
     card = {**card, "intended_use": INTENDED_USE, "run_id": run_id, "git_commit": git_commit()}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
@@ -167,3 +170,38 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
         model, _ = load_checkpoint(local, map_location)
         card = json.loads((local / CARD).read_text())
     return model, card, version
+
+
+def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:
+    """Attach a safetensors checkpoint (weights + meta.json) to a run, e.g. a pretraining run's best."""
+    for f in (WEIGHTS, META):
+        client(tracking_uri).log_artifact(run_id, str(Path(checkpoint_dir) / f), artifact_path)
+
+
+def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "checkpoint",
+                        map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """The checkpoint a run logged with ``log_checkpoint``; like ``load_registered``, it refuses
+    anything but safetensors + JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
+                                        tracking_uri=tracking_uri))
+        unexpected = sorted(p.name for p in local.iterdir() if p.name not in SAFE_FILES)
+        if unexpected:
+            raise ValueError(f"run {run_id} {artifact_path}/ holds unexpected files {unexpected}: refusing to load")
+        return load_checkpoint(local, map_location)
+
+
+def log_figures(tracking_uri: str, run_id: str, figures: dict, folder: str) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        client(tracking_uri).log_figure(run_id, figure, f"{folder}/{name}")
+        plt.close(figure)
+
+
+def load_card(tracking_uri: str, model_uri: str) -> dict:
+    """The model card of a registered version, without its weights."""
+    version = resolve_version(tracking_uri, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifacts(artifact_uri=f"{version.source}/{CARD}", dst_path=tmp, tracking_uri=tracking_uri)
+        return json.loads(Path(local).read_text())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import typing
 
-from cxr.config import PrepareDataConfig, SegmenterTrainConfig, config_fields, load_config
+from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, EvaluateConfig, FinetuneConfig, PrepareDataConfig, PretrainConfig, PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig,
+                        SegmenterTrainConfig, TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
 # so `cxr --help` stays fast.
@@ -17,6 +19,28 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                      "build Parquet manifests (curated data, a CSV, or a folder/S3 prefix) with patient-grouped splits"),
     "train-segmenter": (SegmenterTrainConfig, "jobs.train_segmenter",
                         "train the lung UNet with Ray Train, log to MLflow, register cxr-segmenter"),
+    "pretrain": (PretrainConfig, "jobs.pretrain",
+                 "pretrain the classifier on the source task (kermany/train, 3 classes) with Ray Train"),
+    "finetune": (FinetuneConfig, "jobs.finetune",
+                 "fine-tune on lung-masked dataset II, evaluate the test split, register cxr-classifier"),
+    "tune": (TuneJobConfig, "jobs.tune",
+             "tune the fine-tuning learning rates, dropout and weight decay with Optuna on Ray Tune"),
+    "ablation": (AblationConfig, "jobs.ablation",
+                 "the paper's tables and the ablation: finetune over variants x seeds, mean +- std"),
+    "evaluate": (EvaluateConfig, "jobs.evaluate",
+                 "evaluate a registered classifier on a labeled manifest: metrics with CIs, plots, Grad-CAM"),
+    "score": (ScoreConfig, "jobs.score",
+              "the nightly job: score a folder, s3:// prefix or manifest into Parquet (predictions, heatmaps, QC)"),
+    "promote": (PromoteConfig, "jobs.promote",
+                "gated promotion of a registered version to champion (or --rollback), with an audit record"),
+    "retrain": (RetrainConfig, "jobs.retrain",
+                "scheduled retraining: prepare-data -> (segmenter) -> (pretrain) -> finetune -> challenger -> promote"),
+    "benchmark": (BenchmarkConfig, "jobs.benchmark",
+                  "images/s and peak memory of the scoring pipeline against a naive per-image loop"),
+    "bootstrap": (BootstrapConfig, "jobs.bootstrap",
+                  "train and promote small champion models on the shipped sample if the registry has none"),
+    "report": (ReportConfig, "jobs.report",
+               "write the HTML review page of a scoring run (summary, top COVID, flagged, errors)"),
 }
 
 DESCRIPTION = """\
@@ -66,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.exit(2, f"cxr {args.command}: {e}\n")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Batch jobs log to files: MLflow's download progress bars would only be noise there.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return importlib.import_module(module_name).main(cfg)
 
 

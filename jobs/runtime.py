@@ -11,11 +11,16 @@ from cxr.data.storage import StorageConfig, filesystem_for, is_s3
 
 
 def init_ray() -> None:
-    """Join ``$RAY_ADDRESS`` (a cluster) if set, else start a local Ray without the dashboard."""
+    """Join ``$RAY_ADDRESS`` (a cluster) if set, else start a local Ray.
+
+    The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether a
+    training controller is still alive. Without it, every Tune trial that ASHA stops leaks its
+    workers' CPUs/GPUs until the driver exits, and the next trials wait for resources forever.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=True)
 
 
 def ray_storage(path: str, storage: StorageConfig) -> dict:

@@ -26,6 +26,21 @@ log = logging.getLogger("cxr.jobs.train_segmenter")
 
 
 def main(cfg: SegmenterTrainConfig) -> int:
+    if model_spec(cfg.model).task != "segmenter":
+        print(f"cxr train-segmenter: {cfg.model} is not a segmenter", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    report, version = result["report"], result["version"]
+    a = report["all"]
+    print(f"test Dice mean {a['mean']:.4f} median {a['median']:.4f} p05 {a['p05']:.4f} (n={a['n']}); "
+          + "; ".join(f"{s} {r['mean']:.4f}" for s, r in report.items() if s != "all")
+          + f"; trained in {result['train_seconds'] / 60:.1f} min; run {result['run_id']}"
+          + (f"; registered {result['model_name']} version {version}" if version else ""))
+    return 0
+
+
+def run(cfg: SegmenterTrainConfig) -> dict:
+    """Train, evaluate, log and register; returns run_id, version (or None), report, train_seconds."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -33,9 +48,6 @@ def main(cfg: SegmenterTrainConfig) -> int:
 
     platform = load_platform()
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
-    if model_spec(cfg.model).task != "segmenter":
-        print(f"cxr train-segmenter: {cfg.model} is not a segmenter", file=sys.stderr)
-        return 2
     manifest = read_manifest(cfg.manifest, platform.storage)
     uri = platform.tracking_uri
     run_id = tracking.start_run(uri, platform.experiments["segmenter"], cfg.run_name,
@@ -80,12 +92,8 @@ def main(cfg: SegmenterTrainConfig) -> int:
         ok = True
     finally:
         tracking.end_run(uri, run_id, ok)
-    a = report["all"]
-    print(f"test Dice mean {a['mean']:.4f} median {a['median']:.4f} p05 {a['p05']:.4f} (n={a['n']}); "
-          + "; ".join(f"{s} {r['mean']:.4f}" for s, r in report.items() if s != "all")
-          + f"; trained in {train_seconds / 60:.1f} min; run {run_id}"
-          + (f"; registered {platform.registered_models['segmenter']} version {version}" if version else ""))
-    return 0
+    return {"run_id": run_id, "version": version, "report": report, "train_seconds": train_seconds,
+            "model_name": platform.registered_models["segmenter"]}
 
 
 def _log_evaluation(uri: str, run_id: str, history: pd.DataFrame, per_image: pd.DataFrame, arrays: dict,

@@ -46,4 +46,4 @@ def model_names(task: str | None = None) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from cxr.models import segmenter  # noqa: F401  (registers on import)
+    from cxr.models import classifier, segmenter  # noqa: F401  (registers on import)

@@ -20,7 +20,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, folder: Path, meta: dict) -> Path:
-    """Write the weights and ``meta`` (must name the ``model`` architecture) into ``folder``."""
+    """Write the weights and ``meta`` into ``folder``. ``meta`` names the ``model`` architecture
+    and, where its builder takes any, the ``model_kwargs`` (e.g. num_classes) to rebuild it."""
     assert "model" in meta, "a checkpoint must name its architecture"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,6 @@ def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu") -> t
     """Rebuild the architecture named in ``meta.json`` and load its safetensors weights."""
     folder = Path(folder)
     meta = json.loads((folder / META).read_text())
-    model = build_model(meta["model"])
+    model = build_model(meta["model"], **meta.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(map_location)))
     return model.eval(), meta

@@ -1,0 +1,61 @@
+"""The variants of ``cxr ablation``: each is a set of finetune overrides."""
+
+from __future__ import annotations
+
+import numpy as np
+
+LABELS_4 = ["covid", "normal", "bacterial", "viral"]
+LABELS_3 = ["covid", "normal", "pneumonia"]
+
+# name -> (task manifest, classes, uses the pretraining run, lung masking)
+VARIANTS: dict[str, tuple[str, list[str], bool, bool]] = {
+    "paper-4class": ("dataset2-4class", LABELS_4, True, True),
+    "paper-3class": ("dataset2-3class", LABELS_3, True, True),
+    "scratch-4class": ("dataset2-4class", LABELS_4, False, True),
+    "scratch-3class": ("dataset2-3class", LABELS_3, False, True),
+    "nomask-4class": ("dataset2-4class", LABELS_4, True, False),
+    "deconfounded-4class": ("deconfounded-4class", LABELS_4, True, True),
+}
+
+
+def check_variants(names) -> None:
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choices: {sorted(VARIANTS)}")
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per variant, mean +- std over its seeds of the headline test metrics."""
+    columns = [("accuracy", "accuracy"), ("f1_covid", "COVID F1"), ("covid_sensitivity", "COVID sens."),
+               ("covid_specificity", "COVID spec."), ("auroc_macro", "macro AUROC")]
+    lines = ["| variant | seeds | " + " | ".join(c for _, c in columns) + " | adult COVID sens. | adult COVID spec. |",
+             "|---|---|" + "---|" * (len(columns) + 2)]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+
+        def stat(get) -> str:
+            values = np.array([get(r) for r in runs], dtype=float)
+            values = values[np.isfinite(values)]
+            return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}" if len(values) else "n/a"
+
+        cells = [stat(lambda r, k=k: r["report"]["metrics"][k]["value"]) for k, _ in columns]
+        adult = [stat(lambda r, k=k: r["report"].get("adult", {}).get(k, {}).get("value", np.nan))
+                 for k in ("covid_sensitivity", "covid_specificity")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells + adult) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(results: list[dict], variant: str) -> str:
+    """The paper's Tables 2-4 layout: per-class precision / recall / F1, mean +- std over seeds."""
+    runs = [r for r in results if r["variant"] == variant]
+    if not runs:
+        return ""
+    classes = runs[0]["report"]["classes"]
+    lines = [f"| {variant} class | precision | recall | F1 |", "|---|---|---|---|"]
+    for c in classes:
+        cells = []
+        for m in ("precision", "recall", "f1"):
+            v = np.array([r["report"]["metrics"][f"{m}_{c}"]["value"] for r in runs], dtype=float)
+            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Benchmark pieces: the naive per-image baseline the pipeline is compared with, and a peak
+memory sampler over a process tree (the driver, and the Ray processes it started)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import torch
+from torch import nn
+
+from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.errors import BadImageError
+from cxr.data.letterbox import letterbox
+from cxr.data.storage import StorageConfig, read_bytes
+from cxr.masking import mask_lungs
+from cxr.models.classifier import logits_and_features
+from cxr.preprocess import classifier_input, segmenter_input
+
+
+def naive_score(uris: list[str], segmenter: nn.Module, seg_size: int, classifier: nn.Module, cls_size: int,
+                dilation_px: int, storage: StorageConfig | None = None) -> int:
+    """What a first version would do: one image at a time, fp32, decode -> segment -> mask ->
+    classify -> Grad-CAM by a backward pass to layer4. Returns the images scored."""
+    limits, done = DecodeLimits(), 0
+    segmenter.eval(), classifier.eval()
+    for uri in uris:
+        try:
+            gray = decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits)
+        except BadImageError:
+            continue
+        small = torch.from_numpy(letterbox(gray, seg_size))[None, None]
+        image = torch.from_numpy(letterbox(gray, cls_size))[None, None].float()
+        with torch.no_grad():
+            lung = torch.sigmoid(segmenter(segmenter_input(small)))
+        masked, _ = mask_lungs(image, lung, dilation_px=dilation_px)
+        logits, features = logits_and_features(classifier, classifier_input(masked.round()))
+        features.retain_grad()
+        target = int(logits.argmax(1))
+        logits[0, target].backward()
+        weights = features.grad.mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((weights * features).sum(1))
+        cam = nn.functional.interpolate(cam[:, None], size=(64, 64), mode="bilinear")
+        classifier.zero_grad(set_to_none=True)
+        done += int(cam.numel() > 0)
+    return done
+
+
+class PeakMemory:
+    """Samples the proportional set size (PSS: shared pages counted once across processes) of
+    this process and all its descendants; ``peak_bytes`` is the largest total seen."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peak_bytes = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _total(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._total())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - started

@@ -1,0 +1,85 @@
+"""Evaluating a classifier: metrics with 95% bootstrap intervals (overall, and COVID-vs-rest on
+adult images only, for the known pediatric/adult confound), and the figures that go with them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from cxr.classification import predict
+from cxr.metrics import bootstrap_metrics, confusion
+from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
+
+
+def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
+                        n_boot: int = 1000, seed: int = 0, batch_size: int = 32,
+                        cam_examples: int = 4) -> tuple[dict, dict, pd.DataFrame]:
+    """(report, figures, per-image predictions) for ``images`` (N, 1, S, S) uint8 and ``rows``
+    (``target``; ``age_group`` where known)."""
+    classes = list(classes)
+    probs, _ = predict(model, images, batch_size)
+    y = rows["target"].to_numpy()
+    report = {"n": int(len(y)), "classes": classes,
+              "metrics": bootstrap_metrics(y, probs, classes, n_boot, seed),
+              "confusion_matrix": confusion(y, probs, len(classes)).tolist()}
+    if "age_group" in rows and "covid" in classes:
+        adult = (rows["age_group"] == "adult").to_numpy()
+        if adult.any():
+            sub = bootstrap_metrics(y[adult], probs[adult], classes, n_boot, seed)
+            report["adult"] = {"n": int(adult.sum()),
+                               **{k: sub[k] for k in ("covid_sensitivity", "covid_specificity", "auroc_covid")}}
+    per_image = pd.DataFrame({"uri": rows["uri"].to_numpy(), "label": rows["label"].to_numpy(),
+                              "predicted": [classes[i] for i in probs.argmax(1)],
+                              **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}})
+    figures = {"confusion_matrix.png": confusion_matrix_figure(np.array(report["confusion_matrix"]), classes),
+               "roc.png": roc_figure(y, probs, classes)}
+    if cam_examples > 0 and len(y):
+        figures["gradcam.png"] = _cam_figure(model, images, y, probs, classes, cam_examples, batch_size)
+    return report, figures, per_image
+
+
+def _cam_figure(model: nn.Module, images: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str],
+                k: int, batch_size: int):
+    """Grad-CAM of the most confident correct and wrong predictions."""
+    predicted, confidence = probs.argmax(1), probs.max(1)
+    order = np.argsort(-confidence)
+    picks = [i for i in order if predicted[i] == y[i]][:k] + [i for i in order if predicted[i] != y[i]][:k]
+    _, cams = predict(model, images[picks], batch_size, cam_size=images.shape[-1])
+    titles = [f"{'ok' if predicted[i] == y[i] else 'WRONG'}: {classes[y[i]]} -> {classes[predicted[i]]} "
+              f"({confidence[i]:.2f})" for i in picks]
+    return cam_overlays(images[picks][:, 0], cams, titles)
+
+
+def summary_line(report: dict) -> str:
+    """One line for logs and the console."""
+    m = report["metrics"]
+
+    def ci(name: str) -> str:
+        v = m[name]
+        return f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+    parts = [f"n={report['n']}", f"accuracy {ci('accuracy')}"]
+    if "f1_covid" in m:
+        parts += [f"COVID F1 {ci('f1_covid')}", f"sensitivity {ci('covid_sensitivity')}",
+                  f"specificity {ci('covid_specificity')}"]
+    if "adult" in report:
+        a = report["adult"]
+        parts.append(f"adult (n={a['n']}) sensitivity {a['covid_sensitivity']['value']:.3f} "
+                     f"specificity {a['covid_specificity']['value']:.3f}")
+    return "; ".join(parts)
+
+
+def flat_metrics(report: dict, prefix: str = "test_") -> dict[str, float]:
+    """MLflow metrics: each value and its interval ends."""
+    out = {}
+    for name, v in report["metrics"].items():
+        out[f"{prefix}{name}"] = v["value"]
+        out[f"{prefix}{name}_ci_low"] = v["low"]
+        out[f"{prefix}{name}_ci_high"] = v["high"]
+    for name, v in report.get("adult", {}).items():
+        if isinstance(v, dict):
+            out[f"{prefix}adult_{name}"] = v["value"]
+    return out

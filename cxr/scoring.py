@@ -1,0 +1,273 @@
+"""The Ray Data scoring pipeline: inputs -> bytes -> decoded, letterboxed images (CPU tasks) ->
+segment, mask, classify and Grad-CAM (one actor pool) -> Parquet, committed atomically.
+
+Exactly-once: a row's key is (uri, sha256) for a (segmenter version, classifier version) pair.
+A run first reads the keys already committed under the output and drops those inputs after
+hashing them, so a rerun scores nothing new and a run killed at any point, started again,
+fills exactly the gaps. Each write task commits one file: written under ``_tmp/`` and renamed
+into place on local disk, or one S3 PUT, which S3 makes visible only when complete. Readers
+(pyarrow datasets) ignore files whose names start with ``_``, so they never see a half-written part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.errors import BadImageError
+from cxr.data.letterbox import letterbox
+from cxr.data.storage import StorageConfig, filesystem_for, is_s3, read_bytes
+from cxr.preprocess import PREPROCESS_VERSION
+
+log = logging.getLogger(__name__)
+
+# Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
+SCHEMA_VERSION = "1"
+SCHEMA = pa.schema([
+    ("uri", pa.string()), ("sha256", pa.string()),
+    ("status", pa.string()),                     # ok | flagged | error
+    ("error", pa.string()),
+    ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float32())),
+    ("predicted_label", pa.string()), ("covid_probability", pa.float32()),
+    ("heatmap_png", pa.binary()), ("heatmap_size", pa.int32()),
+    ("lung_fraction", pa.float32()), ("qc_flags", pa.list_(pa.string())),
+    ("segmenter_name", pa.string()), ("segmenter_version", pa.string()), ("segmenter_alias", pa.string()),
+    ("segmenter_run_id", pa.string()),
+    ("classifier_name", pa.string()), ("classifier_version", pa.string()), ("classifier_alias", pa.string()),
+    ("classifier_run_id", pa.string()),
+    ("preprocess_version", pa.string()), ("schema_version", pa.string()),
+    ("job_id", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC")),
+])
+TMP_DIR = "_tmp"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model resolved once by the driver: actors load this exact version, even if
+    the alias moves while the job runs."""
+
+    uri: str
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+
+    @property
+    def pinned_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def key(uri: str, sha256: str | None) -> str:
+    return f"{uri}\t{sha256 or ''}"
+
+
+# --- reading what was scored ------------------------------------------------------------------
+
+def read_scores(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every committed row under ``output`` (with its ``scored_date`` partition); empty if none."""
+    fs, path = filesystem_for(output, storage)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return SCHEMA.empty_table()
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    if not dataset.files:
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+    return dataset.to_table(columns=columns)
+
+
+def scored_keys(output: str, segmenter: ModelRef, classifier: ModelRef, storage: StorageConfig | None = None) -> set[str]:
+    """Keys of the rows already committed for this pair of model versions."""
+    table = read_scores(output, storage, ["uri", "sha256", "segmenter_version", "classifier_version"])
+    if table.num_rows == 0:
+        return set()
+    df = table.to_pandas()
+    df = df[(df["segmenter_version"] == segmenter.version) & (df["classifier_version"] == classifier.version)]
+    return {key(u, s) for u, s in zip(df["uri"], df["sha256"])}
+
+
+# --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------
+
+def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int], skip: set[str], max_bytes: int,
+                 storage: StorageConfig | None) -> dict[str, np.ndarray]:
+    """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size.
+
+    Inputs whose key is in ``skip`` are dropped. A bad file becomes an ``error`` row with the
+    reason; it never fails the batch. Storage errors that survive pyarrow's retries do fail it:
+    they are not a property of the file, and writing no row lets the next run score it.
+    """
+    limits = DecodeLimits(max_bytes=max_bytes)
+    out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": []}
+    blank = [np.zeros((s, s), np.uint8) for s in sizes]
+    for uri in batch["uri"]:
+        uri = str(uri)
+        sha, error, images = None, None, blank
+        try:
+            data = read_bytes(uri, storage, max_bytes)
+            sha = hashlib.sha256(data).hexdigest()
+            if key(uri, sha) in skip:
+                continue
+            gray = decode_image(data, uri, limits)
+            images = [letterbox(gray, s) for s in sizes]
+        except BadImageError as e:
+            error = e.reason
+            if sha is None and key(uri, None) in skip:
+                continue
+        out["uri"].append(uri)
+        out["sha256"].append(sha)
+        out["status"].append("error" if error else "ok")
+        out["error"].append(error)
+        out["image"].append(images[0])
+        out["seg_image"].append(images[1])
+    n = len(out["uri"])
+    return {"uri": np.array(out["uri"], dtype=object), "sha256": np.array(out["sha256"], dtype=object),
+            "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),
+            "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8),
+            "seg_image": np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)}
+
+
+# --- stage 2: models (an actor pool) ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QualityLimits:
+    no_lungs: float = 0.01
+    low: float = 0.10
+    high: float = 0.70
+
+    def flags(self, fraction: float) -> list[str]:
+        if fraction < self.no_lungs:
+            return ["no_lungs_found"]
+        if fraction < self.low or fraction > self.high:
+            return ["lung_fraction_out_of_range"]
+        return []
+
+
+class ScoringPredictor:
+    """Loads the two pinned models once; maps a batch of decoded images to score rows."""
+
+    def __init__(self, tracking_uri: str, segmenter: dict, classifier: dict, heatmap_size: int,
+                 quality: dict, job_id: str, threads: int = 1, use_gpu: bool = False):
+        import torch
+
+        from cxr import tracking
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.seg_ref, self.cls_ref = ModelRef(**segmenter), ModelRef(**classifier)
+        self.segmenter, seg_card, _ = tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri, str(self.device))
+        self.classifier, cls_card, _ = tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri, str(self.device))
+        self.labels = list(cls_card["labels"])
+        self.dilation = int(cls_card["preprocessing"].get("dilation_px", seg_card.get("mask_dilation_px", 3)))
+        self.heatmap_size = heatmap_size
+        self.quality = QualityLimits(**quality)
+        self.job_id = job_id
+        if self.device.type == "cuda":
+            self.classifier = self.classifier.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from cxr.explain import heatmap_png, heatmap_to_uint8, predict_with_cam
+        from cxr.masking import mask_lungs
+        from cxr.preprocess import classifier_input, segmenter_input
+
+        n = len(batch["uri"])
+        status = batch["status"].copy()
+        ok = np.flatnonzero(status == "ok")
+        probs = np.full((n, len(self.labels)), np.nan, np.float32)
+        fraction = np.full(n, np.nan, np.float32)
+        heatmaps: list[bytes | None] = [None] * n
+        if len(ok):
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.device.type == "cuda"):
+                seg_in = segmenter_input(torch.from_numpy(batch["seg_image"][ok][:, None]).to(self.device))
+                lung = torch.sigmoid(self.segmenter(seg_in).float())
+                masked, frac = mask_lungs(torch.from_numpy(batch["image"][ok][:, None]).to(self.device).float(), lung,
+                                          dilation_px=self.dilation)
+                x = classifier_input(masked.round())
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                p, cams = predict_with_cam(self.classifier, x, self.heatmap_size)
+            probs[ok] = p.cpu().numpy()
+            fraction[ok] = frac.cpu().numpy()
+            for i, heat in zip(ok, heatmap_to_uint8(cams)):
+                heatmaps[i] = heatmap_png(heat)
+        flags = [self.quality.flags(float(fraction[i])) if status[i] == "ok" else [] for i in range(n)]
+        status = np.array(["flagged" if f else s for s, f in zip(status, flags)], dtype=object)
+        predicted = [self.labels[int(np.argmax(probs[i]))] if status[i] != "error" else None for i in range(n)]
+        covid = self.labels.index("covid") if "covid" in self.labels else None
+        now = datetime.now(timezone.utc)
+        seg, cls = self.seg_ref, self.cls_ref
+        scored = [s != "error" for s in status]
+        # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle
+        # list and bytes columns into opaque binary in some blocks.
+        return pa.Table.from_pydict({
+            "uri": list(batch["uri"]), "sha256": _strings(batch["sha256"]), "status": list(status),
+            "error": _strings(batch["error"]),
+            "labels": [self.labels if ok_ else None for ok_ in scored],
+            "probabilities": [probs[i].tolist() if scored[i] else None for i in range(n)],
+            "predicted_label": predicted,
+            "covid_probability": (probs[:, covid] if covid is not None else np.full(n, np.nan, np.float32)).tolist(),
+            "heatmap_png": heatmaps, "heatmap_size": [self.heatmap_size] * n,
+            "lung_fraction": fraction.tolist(), "qc_flags": flags,
+            "segmenter_name": [seg.name] * n, "segmenter_version": [seg.version] * n,
+            "segmenter_alias": [seg.alias] * n, "segmenter_run_id": [seg.run_id] * n,
+            "classifier_name": [cls.name] * n, "classifier_version": [cls.version] * n,
+            "classifier_alias": [cls.alias] * n, "classifier_run_id": [cls.run_id] * n,
+            "preprocess_version": [PREPROCESS_VERSION] * n, "schema_version": [SCHEMA_VERSION] * n,
+            "job_id": [self.job_id] * n, "scored_at": [now] * n,
+        }, schema=SCHEMA)
+
+
+def _strings(values: np.ndarray) -> list[str | None]:
+    """Nullable strings from a batch column (Ray may hand a null over as NaN)."""
+    return [v if isinstance(v, str) else None for v in values]
+
+
+# --- stage 3: atomic Parquet commits -------------------------------------------------------------
+
+def to_schema(table: pa.Table) -> pa.Table:
+    """Columns in SCHEMA order and types (Ray may reorder columns or widen string types)."""
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in SCHEMA], schema=SCHEMA)
+
+
+class AtomicParquetSink(Datasink):
+    """A Ray Data datasink: each write task commits one Parquet file under
+    ``output/scored_date=DATE/``, named by a digest of its rows' keys, so a retried task rewrites
+    the same file instead of adding a duplicate."""
+
+    def __init__(self, output: str, run_date: str, job_id: str, storage: StorageConfig | None):
+        self.output, self.run_date, self.job_id, self.storage = output.rstrip("/"), run_date, job_id, storage
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> int:
+        tables = [to_schema(b) for b in blocks if b.num_rows]
+        if not tables:
+            return 0
+        table = pa.concat_tables(tables)
+        digest = hashlib.sha1("\n".join(sorted(key(u, s) for u, s in zip(
+            table.column("uri").to_pylist(), table.column("sha256").to_pylist()))).encode()).hexdigest()[:16]
+        fs, root = filesystem_for(self.output, self.storage)
+        final = f"{root}/scored_date={self.run_date}/part-{self.job_id}-{digest}.parquet"
+        fs.create_dir(f"{root}/scored_date={self.run_date}", recursive=True)
+        if is_s3(self.output):
+            pq.write_table(table, final, filesystem=fs)   # one object, visible only when complete
+        else:
+            tmp = f"{root}/{TMP_DIR}/_{uuid.uuid4().hex}.parquet"   # "_": readers skip it
+            fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
+            pq.write_table(table, tmp, filesystem=fs)
+            fs.move(tmp, final)                           # rename(2): atomic on one filesystem
+        return table.num_rows
+
+
+def model_ref_dict(ref: ModelRef) -> dict:
+    return asdict(ref)

@@ -1,0 +1,149 @@
+"""The classifier's ``train_loop_per_worker``, for pretraining and fine-tuning alike.
+
+Training runs in stages (``ClassifierTrainConfig.stages``): each sets which top-level modules
+train, a fresh Adam optimiser and a step decay. Images arrive as uint8 tensors from the object
+store; augmentation and normalisation run batch-wise on the training device, so the CPU side
+only slices tensors. The checkpoint with the lowest validation loss is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cxr import tracking
+from cxr.config import ClassifierTrainConfig, PlatformConfig, config_fields
+from cxr.data.augment import classifier_augment_batch
+from cxr.models import build_model
+from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
+from cxr.preprocess import classifier_input
+from cxr.train.checkpoints import unwrap
+from cxr.train.common import all_reduce_sum, autocast, report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    epochs: int
+    lr: float
+    trainable: tuple[str, ...]
+
+
+def stages(cfg: ClassifierTrainConfig) -> list[Stage]:
+    out = [Stage(cfg.stage1_epochs, cfg.stage1_lr, cfg.stage1_trainable)]
+    if cfg.stage2_epochs > 0:
+        out.append(Stage(cfg.stage2_epochs, cfg.stage2_lr, cfg.stage2_trainable))
+    return [s for s in out if s.epochs > 0]
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """``w_i = N / (C * n_i)`` (the paper); a class with no example gets weight 0."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def model_meta(cfg: ClassifierTrainConfig) -> dict:
+    """What a checkpoint needs to rebuild and use the model."""
+    return {"model": cfg.model, "model_kwargs": {"num_classes": len(cfg.classes), "dropout": cfg.dropout},
+            "classes": list(cfg.classes), "image_size": cfg.image_size}
+
+
+def _loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+    return ray.train.torch.prepare_data_loader(
+        DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """``config``: {"cfg": config fields, "platform": PlatformConfig, "run_id": MLflow run or None,
+    "data": ObjectRef of {"train": (images, labels), "val": (images, labels)},
+    "init_state": ObjectRef of a state_dict or None}."""
+    names = {f.name for f in config_fields(ClassifierTrainConfig)}
+    cfg = ClassifierTrainConfig(**{k: v for k, v in config["cfg"].items() if k in names})
+    platform: PlatformConfig = config["platform"]
+    run_id: str | None = config.get("run_id")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+    data = ray.get(config["data"])
+    train_loader = _loader(*data["train"], cfg.batch_size, shuffle=True)
+    val_loader = _loader(*data["val"], cfg.batch_size, shuffle=False)
+
+    model = build_model(cfg.model, num_classes=len(cfg.classes), dropout=cfg.dropout)
+    if config.get("init_state") is not None:
+        load_matching(model, ray.get(config["init_state"]), "initial weights")
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    weights = class_weights(data["train"][1], len(cfg.classes)) if cfg.class_weighted else None
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    meta = model_meta(cfg)
+    best_val_loss, epoch = float("inf"), 0
+
+    for stage_index, stage in enumerate(stages(cfg)):
+        bare = unwrap(model)
+        set_trainable(bare, stage.trainable)
+        # A fresh DDP wrapper per stage: DDP fixes the set of trained parameters when it is built.
+        model = ray.train.torch.prepare_model(bare)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+        for _ in range(stage.epochs):
+            started = time.perf_counter()
+            if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            model.train()
+            freeze_batchnorm(model)
+            loss_sum, n_seen = 0.0, 0
+            for images, labels in train_loader:
+                x = images.float()
+                if cfg.augment:
+                    x = classifier_augment_batch(x, generator=generator)
+                x = classifier_input(x).contiguous(memory_format=memory_format)
+                with autocast(device):
+                    loss = criterion(model(x).float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(labels)
+                n_seen += len(labels)
+            scheduler.step()
+            train_seconds = time.perf_counter() - started
+
+            model.eval()
+            val_loss_sum, correct, n_val = 0.0, 0, 0
+            with torch.no_grad():
+                for images, labels in val_loader:
+                    x = classifier_input(images).contiguous(memory_format=memory_format)
+                    with autocast(device):
+                        logits = model(x).float()
+                    val_loss_sum += criterion(logits, labels).item() * len(labels)
+                    correct += (logits.argmax(1) == labels).sum().item()
+                    n_val += len(labels)
+            loss_sum, n_seen, val_loss_sum, correct, n_val = all_reduce_sum(
+                [loss_sum, n_seen, val_loss_sum, correct, n_val], device)
+            metrics = {"epoch": epoch, "stage": stage_index + 1, "train_loss": loss_sum / n_seen,
+                       "val_loss": val_loss_sum / n_val, "val_accuracy": correct / n_val,
+                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started,
+                       "train_images_per_s": n_seen / train_seconds}
+            improved = metrics["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, metrics["val_loss"])
+            if rank == 0:
+                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+                if run_id:
+                    tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
+            report(metrics, model, {**meta, "epoch": epoch, "val_loss": metrics["val_loss"],
+                                    "val_accuracy": metrics["val_accuracy"]}, save=improved)
+            epoch += 1

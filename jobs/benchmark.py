@@ -1,0 +1,83 @@
+"""``cxr benchmark``: the scoring pipeline (Ray Data, batched, forward-only Grad-CAM) against a
+naive sequential loop on the same registered models and images. Prints images/s of both, the
+ratio and peak memory, and writes them to OUT/benchmark.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as host
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cxr import tracking
+from cxr.benchmark import PeakMemory, naive_score, timed
+from cxr.config import BenchmarkConfig, ScoreConfig, load_platform
+from cxr.data.manifest import read_manifest
+from cxr.data.storage import absolute_uri, list_files
+
+
+def main(cfg: BenchmarkConfig) -> int:
+    from jobs import score
+
+    platform = load_platform()
+    source = absolute_uri(cfg.input)
+    uris = (read_manifest(source, platform.storage)["uri"].tolist() if source.endswith(".parquet")
+            else list_files(source, platform.storage))
+    if not uris:
+        print(f"cxr benchmark: no images in {cfg.input}", file=sys.stderr)
+        return 1
+    uris = (uris * (cfg.images // len(uris) + 1))[:cfg.images]
+    out = Path(cfg.out)
+    scratch = out / "scores"
+    shutil.rmtree(scratch, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "inputs.parquet"
+    pd.DataFrame({"uri": uris}).to_parquet(manifest)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
+              "images": len(uris), "config": cfg.__dict__}
+
+    with PeakMemory() as memory:
+        summary, seconds = timed(score.run, ScoreConfig(
+            input=str(manifest), output=str(scratch), segmenter=cfg.segmenter, classifier=cfg.classifier,
+            batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
+            decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu))
+    result["pipeline"] = {"images_per_s": summary["scored"] / seconds, "seconds": seconds, "scored": summary["scored"],
+                          "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"]}
+
+    naive_uris = uris[:cfg.naive_images or len(uris)]
+    segmenter, seg_card, _ = tracking.load_registered(platform.tracking_uri, cfg.segmenter)
+    classifier, cls_card, _ = tracking.load_registered(platform.tracking_uri, cfg.classifier)
+    torch.set_num_threads(os.cpu_count() or 1)
+    with PeakMemory() as memory:
+        done, seconds = timed(naive_score, naive_uris, segmenter, int(seg_card["input"]["shape"][-1]), classifier,
+                              int(cls_card["preprocessing"]["letterbox_size"]),
+                              int(cls_card["preprocessing"].get("dilation_px", 3)), platform.storage)
+    result["naive"] = {"images_per_s": done / seconds, "seconds": seconds, "scored": done,
+                       "peak_memory_gib": memory.peak_bytes / 2**30}
+    result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]
+    result["models"] = {"segmenter": f"{cfg.segmenter} ({seg_card['architecture']} @ {seg_card['input']['shape'][-1]} px)",
+                        "classifier": f"{cfg.classifier} ({cls_card['architecture']} @ "
+                                      f"{cls_card['preprocessing']['letterbox_size']} px)"}
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str))
+    p, n = result["pipeline"], result["naive"]
+    print(f"benchmark on {len(uris)} images ({result['machine']}): pipeline {p['images_per_s']:.2f} images/s, "
+          f"peak {p['peak_memory_gib']:.2f} GiB; naive loop {n['images_per_s']:.2f} images/s on {n['scored']}, "
+          f"peak {n['peak_memory_gib']:.2f} GiB; speed-up {result['speedup']:.2f}x; wrote {out / 'benchmark.json'}")
+    return 0
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{host.node()}: {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main(["benchmark", *sys.argv[1:]]))

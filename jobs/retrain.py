@@ -1,0 +1,108 @@
+"""``cxr retrain``: scheduled retraining as one Ray job (submit it with ``ray job submit -- cxr
+retrain`` or the KubeRay RayJob in infra/k8s). It only ever registers a ``challenger``; the
+gated ``cxr promote`` decides whether it becomes ``champion``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+from cxr import tracking
+from cxr.config import (FinetuneConfig, PrepareDataConfig, PretrainConfig, PromoteConfig, RetrainConfig,
+                        SegmenterTrainConfig, config_to_dict, load_config, load_platform)
+from cxr.data.manifest import manifest_digest, read_manifest
+
+
+def snapshot_digest(paths: list[Path]) -> str:
+    """One digest of the manifests a retraining reads (content, not location)."""
+    parts = [f"{p.name}:{manifest_digest(read_manifest(str(p)))}" for p in paths]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def earlier_run(tracking_uri: str, experiment: str, snapshot: str) -> str | None:
+    c = tracking.client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.`cxr.snapshot` = '{snapshot}' and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
+def _promote(model: str, version: str, snapshot: str) -> tuple[bool, str]:
+    """The gated promotion; a refusal (lock held, frozen set changed) is an outcome, not a crash."""
+    from cxr.promotion import PromotionError
+    from jobs import promote
+
+    try:
+        return promote.run(PromoteConfig(model=model, version=version, reason=f"retrain {snapshot[:12]}"))
+    except PromotionError as e:
+        return False, f"refused: {e}"
+
+
+def main(cfg: RetrainConfig) -> int:
+    from jobs import finetune, prepare_data, pretrain, train_segmenter
+
+    platform = load_platform()
+    uri, names, aliases = platform.tracking_uri, platform.registered_models, platform.aliases
+    manifests = Path(cfg.manifests)
+    if prepare_data.main(PrepareDataConfig(data_root=cfg.data_root, out=str(manifests))) != 0:
+        print("cxr retrain: prepare-data failed", file=sys.stderr)
+        return 1
+    finetune_cfg = load_config(FinetuneConfig, cfg.finetune_config if cfg.finetune_config and
+                               Path(cfg.finetune_config).exists() else None)
+    # The task of the finetune config (e.g. dataset2-4class), from this run's fresh manifests.
+    finetune_manifest = manifests / "tasks" / Path(finetune_cfg.manifest).name
+    finetune_cfg = dataclasses.replace(finetune_cfg, manifest=str(finetune_manifest))
+    inputs = [finetune_manifest] + ([manifests / "lungseg.parquet"] if cfg.train_segmenter else []) + \
+        ([manifests / "tasks" / "source.parquet"] if cfg.pretrain else [])
+    snapshot = snapshot_digest(inputs)
+    done = earlier_run(uri, platform.experiments["retrain"], snapshot)
+    if done and not cfg.force:
+        print(f"retrain: snapshot {snapshot[:12]} was retrained by run {done}; nothing new")
+        return 0
+    run_id = tracking.start_run(uri, platform.experiments["retrain"], f"retrain-{snapshot[:8]}",
+                                tags={"cxr.job": "retrain", "cxr.snapshot": snapshot},
+                                artifact_location=platform.artifact_location)
+    ok, steps = False, {}
+    try:
+        tracking.log_params(uri, run_id, {**config_to_dict(cfg), "finetune": str(config_to_dict(finetune_cfg))})
+        segmenter_uri = finetune_cfg.segmenter
+        if cfg.train_segmenter:
+            seg_cfg = load_config(SegmenterTrainConfig, cfg.segmenter_config,
+                                  {"manifest": str(manifests / "lungseg.parquet"), "run_name": f"retrain-{snapshot[:8]}"})
+            seg = train_segmenter.run(seg_cfg)
+            tracking.set_alias(uri, names["segmenter"], aliases["challenger"], seg["version"])
+            segmenter_uri = f"models:/{names['segmenter']}/{seg['version']}"
+            steps["segmenter"] = {"version": seg["version"], "test_dice_mean": seg["report"]["all"]["mean"]}
+            if cfg.promote:
+                ok_seg, line = _promote(names["segmenter"], seg["version"], snapshot)
+                steps["segmenter"]["promotion"] = line
+                if ok_seg:
+                    segmenter_uri = f"models:/{names['segmenter']}@{aliases['champion']}"
+        pretrain_run = finetune_cfg.pretrain_run
+        if cfg.pretrain:
+            pre = pretrain.run(load_config(PretrainConfig, cfg.pretrain_config, {
+                "manifest": str(manifests / "tasks" / "source.parquet"), "run_name": f"retrain-{snapshot[:8]}"}))
+            pretrain_run = pre["run_id"]
+            steps["pretrain"] = {"run_id": pretrain_run, "best_val_loss": pre["meta"]["val_loss"]}
+        cls = finetune.run(dataclasses.replace(finetune_cfg, segmenter=segmenter_uri, pretrain_run=pretrain_run,
+                                               register=True, run_name=f"retrain-{snapshot[:8]}"))
+        tracking.set_alias(uri, names["classifier"], aliases["challenger"], cls["version"])
+        steps["classifier"] = {"version": cls["version"], "test_accuracy": cls["report"]["metrics"]["accuracy"]["value"]}
+        if cfg.promote:
+            _, line = _promote(names["classifier"], cls["version"], snapshot)
+            steps["classifier"]["promotion"] = line
+        tracking.log_dict(uri, run_id, steps, "steps.json")
+        ok = True
+    finally:
+        tracking.end_run(uri, run_id, ok)
+    print(f"retrain {snapshot[:12]}: " + "; ".join(f"{k}: {v}" for k, v in steps.items()) + f"; run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main(["retrain", *sys.argv[1:]]))

@@ -1,0 +1,201 @@
+"""Classification: unit checks of the pieces, then tiny twins end to end through Ray Train (2
+CPU workers), the loopback MLflow server and Ray Tune: pretrain -> finetune (lung-masked by a
+registered segmenter) -> evaluate, and a 2-trial Optuna study that resumes."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score
+
+from cxr import tracking
+from cxr.config import (EvaluateConfig, FinetuneConfig, PretrainConfig, TuneJobConfig, load_config,
+                        load_platform)
+from cxr.data.augment import classifier_augment_batch
+from cxr.metrics import bootstrap_metrics, classification_metrics
+from cxr.models import build_model, model_names
+from cxr.models.classifier import freeze_batchnorm, load_matching, read_state_file, set_trainable
+from cxr.train.classifier import class_weights
+from cxr.train.classifier_data import task_rows
+from jobs import evaluate, finetune, pretrain, tune
+
+
+def test_registry_has_classifier_and_twin():
+    assert {"resnet50", "resnet18-tiny"} <= set(model_names("classifier"))
+    model = build_model("resnet50", num_classes=3, dropout=0.2)
+    assert model.fc[0].p == 0.2 and model.fc[1].out_features == 3
+
+
+def test_set_trainable_freezes_by_module_name_and_lists_choices():
+    model = build_model("resnet18-tiny", num_classes=4)
+    set_trainable(model, ["layer4", "fc"])
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "fc"}
+    model.train()
+    freeze_batchnorm(model)
+    assert not model.layer1[0].bn1.training and model.layer4[0].bn1.training
+    with pytest.raises(ValueError, match="choices: .*layer3"):
+        set_trainable(model, ["layer9"])
+    set_trainable(model, ["all"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_class_weights_follow_the_paper():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    assert torch.allclose(class_weights(labels, 3), torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    assert class_weights(np.array([0, 0]), 2)[1] == 0
+
+
+def test_augmentation_is_per_sample_and_identity_without_range():
+    x = torch.rand(4, 1, 32, 32) * 255
+    same = classifier_augment_batch(x, degrees=0, scale=(1, 1), jitter=0)
+    assert torch.allclose(same, x, atol=1e-3)
+    g = torch.Generator().manual_seed(0)
+    out = classifier_augment_batch(x[:1].repeat(4, 1, 1, 1), generator=g)
+    assert out.shape == (4, 1, 32, 32) and out.min() >= 0 and out.max() <= 255
+    assert not torch.allclose(out[0], out[1])          # each image draws its own parameters
+
+
+def test_init_from_a_torchvision_style_file_skips_the_mismatched_head(tmp_path):
+    source = build_model("resnet18-tiny", num_classes=3)
+    state = {("fc." + k[5:] if k.startswith("fc.1.") else k): v for k, v in source.state_dict().items()}
+    torch.save(state, tmp_path / "imagenet-like.pth")
+    target = build_model("resnet18-tiny", num_classes=4)
+    loaded = load_matching(target, read_state_file(tmp_path / "imagenet-like.pth"))
+    assert "conv1.weight" in loaded and "fc.1.weight" not in loaded
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+
+
+def test_metrics_agree_with_sklearn_and_intervals_cover_the_value():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    probs = rng.dirichlet(np.ones(3), 200)
+    probs[np.arange(100), y[:100]] += 1.5                  # half of them right on purpose
+    probs /= probs.sum(1, keepdims=True)
+    classes = ["covid", "normal", "pneumonia"]
+    m = classification_metrics(y, probs, classes)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert m["f1_normal"] == pytest.approx(f1_score(y, probs.argmax(1), average=None)[1])
+    ci = bootstrap_metrics(y, probs, classes, n_boot=200)
+    for v in ci.values():
+        assert v["low"] <= v["value"] <= v["high"]
+    assert 0 < ci["accuracy"]["high"] - ci["accuracy"]["low"] < 0.3
+
+
+def test_task_rows_refuse_labels_outside_the_classes():
+    df = pd.DataFrame({"uri": ["a", "b"], "label": ["covid", "viral"], "split": ["train", "val"]})
+    with pytest.raises(ValueError, match=r"labels \['viral'\].*not among classes"):
+        task_rows(df, ["covid", "normal"])
+
+
+# --- end to end on tiny twins -----------------------------------------------------------------
+
+TINY = dict(model="resnet18-tiny", image_size=64, batch_size=8, num_workers=2, load_threads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tiny_models):
+    return tiny_models["segmenter"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(local_stack, ray_local, sample_manifests, tmp_path_factory):
+    cfg = load_config(PretrainConfig, overrides=dict(
+        TINY, manifest=str(sample_manifests / "tasks" / "source.parquet"), stage1_epochs=2,
+        run_name="tiny-pretrain", storage_path=str(tmp_path_factory.mktemp("ray"))))
+    assert pretrain.main(cfg) == 0
+    client = MlflowClient(load_platform().tracking_uri)
+    exp = client.get_experiment_by_name(load_platform().experiments["pretrain"])
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny-pretrain'")
+    return run
+
+
+def test_pretrain_logs_epochs_and_a_safe_checkpoint(pretrained):
+    client = MlflowClient(load_platform().tracking_uri)
+    assert pretrained.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(pretrained.info.run_id, "val_loss")] == [0, 1]
+    assert {a.path for a in client.list_artifacts(pretrained.info.run_id, "checkpoint")} == {
+        "checkpoint/meta.json", "checkpoint/model.safetensors"}
+    model, meta = tracking.load_run_checkpoint(load_platform().tracking_uri, pretrained.info.run_id)
+    assert meta["classes"] == ["normal", "bacterial", "viral"] and model.fc[1].out_features == 3
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tiny_segmenter, sample_manifests, tmp_path_factory):
+    cfg = load_config(FinetuneConfig, overrides=dict(
+        TINY, manifest=str(sample_manifests / "tasks" / "dataset2-4class.parquet"), stage1_epochs=1,
+        stage2_epochs=1, pretrain_run=pretrained.info.run_id, segmenter=tiny_segmenter, n_boot=50,
+        run_name="tiny-finetune", storage_path=str(tmp_path_factory.mktemp("ray"))))
+    assert finetune.main(cfg) == 0
+    platform = load_platform()
+    client = MlflowClient(platform.tracking_uri)
+    versions = client.search_model_versions(f"name='{platform.registered_models['classifier']}'")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretrained, tiny_segmenter):
+    platform = load_platform()
+    client = MlflowClient(platform.tracking_uri)
+    run = client.get_run(finetuned.run_id)
+    assert run.data.params["init"] == f"pretrain run {pretrained.info.run_id}"
+    assert [m.step for m in client.get_metric_history(finetuned.run_id, "stage")] == [0, 1]
+    assert [m.value for m in client.get_metric_history(finetuned.run_id, "stage")] == [1, 2]
+    assert "test_accuracy_ci_low" in run.data.metrics and "test_f1_covid" in run.data.metrics
+    plots = {a.path for a in client.list_artifacts(finetuned.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/gradcam.png", "plots/loss_curves.png"} <= plots
+    model, card, _ = tracking.load_registered(platform.tracking_uri,
+                                              f"models:/{platform.registered_models['classifier']}/{finetuned.version}")
+    assert card["labels"] == ["covid", "normal", "bacterial", "viral"]
+    assert card["preprocessing"]["lung_mask"] is True
+    assert f"models:/{card['preprocessing']['segmenter_name']}/{card['preprocessing']['segmenter_version']}" == tiny_segmenter
+    assert card["intended_use"] == "research use, not for diagnosis"
+    assert model.fc[1].out_features == 4
+
+
+def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_manifests, tmp_path):
+    platform = load_platform()
+    cfg = EvaluateConfig(manifest=str(sample_manifests / "tasks" / "deconfounded-4class.parquet"),
+                         classifier=f"models:/{platform.registered_models['classifier']}/{finetuned.version}",
+                         out=str(tmp_path), n_boot=50, cam_examples=2, load_threads=2)
+    assert evaluate.main(cfg) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    test_rows = pd.read_parquet(sample_manifests / "tasks" / "deconfounded-4class.parquet").query("split == 'test'")
+    assert report["n"] == len(test_rows)
+    assert np.array(report["confusion_matrix"]).sum() == len(test_rows)
+    assert set(report["metrics"]["accuracy"]) == {"value", "low", "high"}
+    assert report["adult"]["n"] == int((test_rows["age_group"] == "adult").sum())
+    for name in ("confusion_matrix.png", "roc.png", "gradcam.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(test_rows)
+
+
+def test_tune_runs_nested_trials_writes_a_finetune_yaml_and_resumes(pretrained, tiny_segmenter, sample_manifests,
+                                                                    tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(dict(
+        TINY, manifest=str(sample_manifests / "tasks" / "dataset2-3class.parquet"),
+        classes=["covid", "normal", "pneumonia"], stage1_epochs=1, stage2_epochs=1, segmenter=tiny_segmenter,
+        pretrain_run=pretrained.info.run_id)))
+    cfg = TuneJobConfig(finetune_config=str(base), num_samples=2, study_name="tiny-study", grace_epochs=1,
+                        study_storage=f"sqlite:///{tmp_path}/optuna.db", best_config_out=str(tmp_path / "best.yaml"),
+                        run_name="tiny-study", storage_path=str(tmp_path / "ray"))
+    assert tune.main(cfg) == 0
+    best = load_config(FinetuneConfig, str(tmp_path / "best.yaml"))   # finetune accepts it
+    assert best.classes == ("covid", "normal", "pneumonia") and 1e-4 <= best.stage1_lr <= 1e-2
+    client = MlflowClient(load_platform().tracking_uri)
+    exp = client.get_experiment_by_name(load_platform().experiments["tune"])
+    (study,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny-study'")
+    trials = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{study.info.run_id}'")
+    assert len(trials) == 2 and {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+    assert all(t.data.tags["cxr.stopped_by"] == "scheduler" for t in trials if t.info.status == "KILLED")
+    assert all(t.data.metrics["epoch"] >= 0 for t in trials)          # each logged its epochs
+    # The study persisted: asking for 3 samples again runs only the one missing trial.
+    import optuna
+    assert tune.main(dataclasses.replace(cfg, num_samples=3)) == 0
+    study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.trials) == 3

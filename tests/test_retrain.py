@@ -1,0 +1,66 @@
+"""``cxr retrain`` end to end on tiny twins on CPU: prepare-data -> train-segmenter -> pretrain
+-> finetune -> challenger -> gated promotion; a rerun of the same data snapshot does nothing."""
+
+import yaml
+from mlflow import MlflowClient
+
+from cxr.config import REPO_ROOT, PrepareDataConfig, RetrainConfig, load_platform
+from cxr.data.manifest import manifest_digest, read_manifest
+from cxr.promotion import alias_version
+from jobs import prepare_data, retrain
+
+TINY = {"num_workers": 2, "batch_size": 8}
+
+
+def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample_root, tmp_path, monkeypatch, capsys):
+    manifests = tmp_path / "manifests"
+    # Freeze the promotion sets on the sample's test splits, under this test's own model names.
+    assert prepare_data.main(PrepareDataConfig(data_root=str(sample_root), out=str(manifests), threads=2)) == 0
+
+    def frozen(path):
+        rows = read_manifest(str(path))
+        return manifest_digest(rows[rows["split"] == "test"])
+
+    raw = yaml.safe_load((REPO_ROOT / "mlflow.yaml").read_text())
+    raw["registered_models"] = {"segmenter": "r-segmenter", "classifier": "r-classifier"}
+    task = manifests / "tasks" / "dataset2-4class.parquet"
+    raw["promotion"].update(n_boot=100, segmenter={
+        "evaluation_manifest": str(manifests / "lungseg.parquet"), "evaluation_split": "test",
+        "evaluation_sha256": frozen(manifests / "lungseg.parquet"), "gates": {"dice_mean": 0.0},
+        "non_inferiority": {"metric": "dice_mean", "margin": 0.05}}, classifier={
+        "evaluation_manifest": str(task), "evaluation_split": "test", "evaluation_sha256": frozen(task),
+        "gates": {"accuracy": 0.0}, "non_inferiority": {"metric": "accuracy", "margin": 0.05}})
+    (tmp_path / "mlflow.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("CXR_PLATFORM_CONFIG", str(tmp_path / "mlflow.yaml"))
+    configs = {
+        "segmenter": dict(TINY, model="unet-tiny", image_size=64, epochs=1, loader_workers=0,
+                          storage_path=str(tmp_path / "ray")),
+        "pretrain": dict(TINY, model="resnet18-tiny", image_size=64, stage1_epochs=1, load_threads=2,
+                         storage_path=str(tmp_path / "ray")),
+        "finetune": dict(TINY, model="resnet18-tiny", image_size=64, stage1_epochs=1, stage2_epochs=1,
+                         manifest="dataset2-4class.parquet", load_threads=2, n_boot=50,
+                         storage_path=str(tmp_path / "ray")),
+    }
+    for name, values in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    cfg = RetrainConfig(data_root=str(sample_root), manifests=str(manifests), train_segmenter=True, pretrain=True,
+                        segmenter_config=str(tmp_path / "segmenter.yaml"), pretrain_config=str(tmp_path / "pretrain.yaml"),
+                        finetune_config=str(tmp_path / "finetune.yaml"))
+    assert retrain.main(cfg) == 0
+    out = capsys.readouterr().out
+    uri = load_platform().tracking_uri
+    # Both new models are challengers, and the gated promotion made them champions.
+    for model in ("r-segmenter", "r-classifier"):
+        assert alias_version(uri, model, "challenger") == alias_version(uri, model, "champion") == "1", out
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(load_platform().experiments["retrain"])
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and len(run.data.tags["cxr.snapshot"]) == 64
+    # Classifier v1 was fine-tuned on lungs masked by segmenter v1 (pinned in its card).
+    card = client.get_model_version("r-classifier", "1").tags
+    assert '"segmenter_name": "r-segmenter"' in card["preprocessing"]
+
+    # The same data snapshot again: nothing new is trained or registered.
+    assert retrain.main(cfg) == 0
+    assert "nothing new" in capsys.readouterr().out
+    assert len(client.search_model_versions("name='r-classifier'")) == 1

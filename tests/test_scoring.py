@@ -1,0 +1,156 @@
+"""The scoring job against the loopback S3 server, a real local Ray and registered tiny models:
+good and bad images, reruns, a kill -9 halfway, a flaky endpoint, systemic failures."""
+
+import dataclasses
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.config import REPO_ROOT, ReportConfig, ScoreConfig, load_platform
+from cxr.scoring import SCHEMA, read_scores
+from jobs import report, score
+from tests.flaky_proxy import FlakyProxy
+from tests.inputs import BAD_INPUTS, dicom_bytes
+
+BUCKET = "cxr-score"
+
+
+def _real_images(sample_root, n):
+    return sorted((sample_root / "kermany").rglob("*.jpg"))[:n // 2] + sorted((sample_root / "covid").rglob("*.jpg"))[:n - n // 2]
+
+
+@pytest.fixture(scope="module")
+def archive(local_stack, sample_root):
+    """s3://cxr-score/archive: 12 real X-rays, one real DICOM and every bad-input kind."""
+    s3 = local_stack.s3_client()
+    local_stack.create_bucket(BUCKET)
+    good = {}
+    for path in _real_images(sample_root, 12):
+        good[f"archive/good/{path.name}"] = path.read_bytes()
+    good["archive/good/xray.dcm"] = dicom_bytes()
+    bad = {f"archive/bad/{name}": make() for name, make in BAD_INPUTS.values()}
+    for k, v in {**good, **bad}.items():
+        s3.put_object(Bucket=BUCKET, Key=k, Body=v)
+    return {"prefix": f"s3://{BUCKET}/archive", "good": {f"s3://{BUCKET}/{k}" for k in good},
+            "bad": {f"s3://{BUCKET}/{k}": name for k, name in zip(bad, bad)}}
+
+
+def _cfg(tiny_models, **kw) -> ScoreConfig:
+    return ScoreConfig(segmenter=tiny_models["segmenter"], classifier=tiny_models["classifier"], batch_size=4,
+                       heatmap_size=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def scored(archive, tiny_models, ray_local, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("scored") / "scores")
+    return out, score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
+
+
+def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
+    out, summary = scored
+    rows = read_scores(out).to_pandas()
+    assert summary["scored"] == len(rows) == len(archive["good"]) + len(archive["bad"])
+    assert sorted(rows["uri"]) == sorted(archive["good"] | set(archive["bad"]))
+    assert list(read_scores(out).schema.names[:len(SCHEMA)]) == SCHEMA.names
+    bad = rows[rows["uri"].isin(archive["bad"])]
+    assert (bad["status"] == "error").all() and bad["error"].str.len().gt(5).all()
+    assert bad["probabilities"].isna().all() and bad["heatmap_png"].isna().all()
+    assert "empty file" in bad.set_index("uri").loc[f"s3://{BUCKET}/archive/bad/empty.jpg", "error"]
+    good = rows[rows["uri"].isin(archive["good"])]
+    assert good["status"].isin(["ok", "flagged"]).all() and good["error"].isna().all()
+    for _, row in good.iterrows():
+        assert abs(sum(row["probabilities"]) - 1) < 1e-4
+        assert row["predicted_label"] == row["labels"][int(np.argmax(row["probabilities"]))]
+        assert np.array(Image.open(io.BytesIO(row["heatmap_png"]))).shape == (32, 32)
+        assert 0 <= row["lung_fraction"] <= 1 and len(row["sha256"]) == 64
+        assert (row["status"] == "flagged") == bool(len(row["qc_flags"]))
+    assert set(rows["classifier_version"]) == {tiny_models["classifier"].rsplit("/", 1)[1]}
+    assert rows["job_id"].nunique() == 1 and rows["scored_date"].nunique() == 1
+    # Incremental: a second run scores nothing new.
+    again = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
+    assert again["scored"] == 0 and again["skipped"] == again["inputs"] and len(read_scores(out)) == len(rows)
+
+
+def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, archive, tiny_models, sample_root,
+                                                                  tmp_path):
+    s3 = local_stack.s3_client()
+    uris = []
+    for i, path in enumerate(_real_images(sample_root, 40) * 2):      # 80 inputs
+        key = f"big/{i:03d}-{path.name}"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+        uris.append(f"s3://{BUCKET}/{key}")
+    out = tmp_path / "scores"
+    args = [sys.executable, "-m", "jobs.score", "--input", f"s3://{BUCKET}/big", "--output", str(out),
+            "--segmenter", tiny_models["segmenter"], "--classifier", tiny_models["classifier"], "--batch-size", "2"]
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(read_scores(str(out))) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make the input bigger"
+    os.killpg(proc.pid, signal.SIGKILL)                                # kill -9, driver and all
+    proc.wait()
+    partial = len(read_scores(str(out)))
+    assert 0 < partial < len(uris)
+    summary = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/big", output=str(out)))
+    rows = read_scores(str(out)).to_pandas()
+    assert summary["scored"] == len(uris) - partial
+    assert sorted(rows["uri"]) == sorted(uris)                         # no duplicates, no gaps
+
+
+def test_flaky_storage_endpoint_still_completes(local_stack, archive, tiny_models, ray_local, tmp_path, monkeypatch):
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=3) as proxy:
+        monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
+        assert load_platform().storage.s3_endpoint == proxy.endpoint
+        out = str(tmp_path / "scores")
+        summary = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
+        assert proxy.failed > 5
+    assert summary["scored"] == len(read_scores(out)) == len(archive["good"]) + len(archive["bad"])
+
+
+def test_systemic_failures_exit_1_with_one_line(tiny_models, archive, ray_local, tmp_path, capsys):
+    missing = dataclasses.replace(_cfg(tiny_models, input=archive["prefix"], output=str(tmp_path / "a")),
+                                  classifier="models:/cxr-classifier@no-such-alias")
+    assert score.main(missing) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cxr score: cannot resolve models:/cxr-classifier@no-such-alias") and "\n" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert score.main(_cfg(tiny_models, input=archive["prefix"], output=str(blocker / "scores"))) == 1
+    assert "not writable" in capsys.readouterr().err
+
+
+
+def test_report_is_a_self_contained_page_of_the_run(scored, tmp_path):
+    out, summary = scored
+    page = tmp_path / "report.html"
+    assert report.main(ReportConfig(scores=out, out=str(page), top=3)) == 0
+    text = page.read_text()
+    assert summary["job_id"] in text and "Research use, not for diagnosis" in text
+    assert text.count("data:image/png;base64,") >= 3                  # overlays are inline
+    assert "empty file (0 bytes)" in text                             # errors are listed with reasons
+    assert "http" not in text.replace("http://127.0.0.1", "")         # nothing fetched from elsewhere
+
+
+def test_review_notebook_runs(scored, monkeypatch):
+    """notebooks/review_scores.ipynb, every code cell in order, on the run above."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    monkeypatch.setenv("CXR_SCORES", scored[0])
+    notebook = json.loads((REPO_ROOT / "notebooks" / "review_scores.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "review_scores.ipynb", "exec"), namespace)
+    assert len(namespace["rows"]) == scored[1]["scored"]
