@@ -27,11 +27,21 @@ def dice_summary(dice: pd.Series) -> dict[str, float]:
             "p05": float(np.percentile(values, 5)), "n": int(len(values))}
 
 
+def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(n_boot)]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def dice_report(per_image: pd.DataFrame) -> dict[str, dict[str, float]]:
     """``per_image`` has columns dice and source: summaries overall and per source."""
     report = {"all": dice_summary(per_image["dice"])}
     for source, group in per_image.groupby("source"):
         report[str(source)] = dice_summary(group["dice"])
+    for source, summary in report.items():
+        rows = per_image if source == "all" else per_image[per_image["source"] == source]
+        summary["mean_ci_low"], summary["mean_ci_high"] = mean_interval(rows["dice"].to_numpy(dtype=float))
     return report
 
 

@@ -12,7 +12,6 @@ import getpass
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -22,7 +21,7 @@ import pandas as pd
 from cxr import tracking
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import StorageConfig, absolute_uri
-from cxr.metrics import bootstrap_metrics, classification_metrics, dice_summary
+from cxr.metrics import bootstrap_metrics, classification_metrics, dice_summary, mean_interval
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,8 @@ class Outputs:
     def with_intervals(self, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
         if self.kind == "classifier":
             return bootstrap_metrics(self.y, self.probs, self.classes, n_boot, seed)
-        rng = np.random.default_rng(seed)
-        draws = [self.dice[rng.integers(0, len(self.dice), len(self.dice))].mean() for _ in range(n_boot)]
-        return {"dice_mean": {"value": float(self.dice.mean()), "low": float(np.percentile(draws, 2.5)),
-                              "high": float(np.percentile(draws, 97.5))}}
+        low, high = mean_interval(self.dice, n_boot, seed)
+        return {"dice_mean": {"value": float(self.dice.mean()), "low": low, "high": high}}
 
 
 def paired_difference(candidate: Outputs, champion: Outputs, metric: str, n_boot: int, seed: int) -> dict[str, float]:
@@ -226,5 +223,3 @@ def move_aliases(tracking_uri: str, model: str, aliases: dict, champion: str, pr
         c.set_registered_model_alias(model, aliases["previous_champion"], previous)
     c.set_registered_model_alias(model, aliases["champion"], champion)
 
-
-Evaluator = Callable[[str], Outputs]

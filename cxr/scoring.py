@@ -15,7 +15,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -156,13 +156,14 @@ class ScoringPredictor:
     """Loads the two pinned models once; maps a batch of decoded images to score rows."""
 
     def __init__(self, tracking_uri: str, segmenter: dict, classifier: dict, heatmap_size: int,
-                 quality: dict, job_id: str, threads: int = 1, use_gpu: bool = False):
+                 quality: dict, job_id: str, threads: int = 1, use_gpu: bool = False, cpu_bf16: bool = False):
         import torch
 
         from cxr import tracking
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.bf16 = self.device.type == "cuda" or cpu_bf16
         self.seg_ref, self.cls_ref = ModelRef(**segmenter), ModelRef(**classifier)
         self.segmenter, seg_card, _ = tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri, str(self.device))
         self.classifier, cls_card, _ = tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri, str(self.device))
@@ -188,8 +189,7 @@ class ScoringPredictor:
         fraction = np.full(n, np.nan, np.float32)
         heatmaps: list[bytes | None] = [None] * n
         if len(ok):
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                 enabled=self.device.type == "cuda"):
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 seg_in = segmenter_input(torch.from_numpy(batch["seg_image"][ok][:, None]).to(self.device))
                 lung = torch.sigmoid(self.segmenter(seg_in).float())
                 masked, frac = mask_lungs(torch.from_numpy(batch["image"][ok][:, None]).to(self.device).float(), lung,
@@ -268,6 +268,3 @@ class AtomicParquetSink(Datasink):
             fs.move(tmp, final)                           # rename(2): atomic on one filesystem
         return table.num_rows
 
-
-def model_ref_dict(ref: ModelRef) -> dict:
-    return asdict(ref)

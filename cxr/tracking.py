@@ -205,3 +205,17 @@ def load_card(tracking_uri: str, model_uri: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(artifact_uri=f"{version.source}/{CARD}", dst_path=tmp, tracking_uri=tracking_uri)
         return json.loads(Path(local).read_text())
+
+
+def metric_history(tracking_uri: str, run_id: str | None, keys: list[str]):
+    """A run's per-step metrics as a frame (column ``epoch`` = step); empty if none."""
+    import pandas as pd
+
+    if not run_id:
+        return pd.DataFrame()
+    c = client(tracking_uri)
+    series = {k: {m.step: m.value for m in c.get_metric_history(run_id, k)} for k in keys}
+    if not any(series.values()):
+        return pd.DataFrame()
+    frame = pd.DataFrame(series).sort_index()
+    return frame.rename_axis("epoch").reset_index()

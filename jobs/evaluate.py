@@ -16,6 +16,7 @@ from cxr.config import EvaluateConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
 from cxr.evaluation import evaluate_classifier, flat_metrics, summary_line
+from cxr.plots import loss_curves
 from cxr.train.classifier_data import build_arrays
 
 log = logging.getLogger("cxr.jobs.evaluate")
@@ -46,6 +47,9 @@ def main(cfg: EvaluateConfig) -> int:
                              segmenter, seg_size, dilation)
     report, figures, per_image = evaluate_classifier(model, images, rows, classes, cfg.n_boot, cfg.seed,
                                                      cfg.batch_size, cfg.cam_examples)
+    history = tracking.metric_history(uri, version.run_id, ["train_loss", "val_loss", "val_accuracy"])
+    if not history.empty:                # the training run's loss curves (the paper's Fig. 7)
+        figures["loss_curves.png"] = loss_curves(history, extra="val_accuracy")
     report.update(classifier=cfg.classifier, classifier_version=str(version.version), manifest=cfg.manifest,
                   manifest_sha256=manifest_digest(manifest), split=cfg.split)
     out = Path(cfg.out)

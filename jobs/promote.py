@@ -62,8 +62,8 @@ def run(cfg: PromoteConfig) -> tuple[bool, str]:
         record["outcome"] = "promoted" if decision.passed else "rejected"
         run_id = write_audit(uri, experiment, record)
     if decision.passed:
-        return True, (f"v{version} is now {aliases['champion']} (was v{before['champion']}): {decision.reason} "
-                      f"(audit run {run_id})")
+        was = f"was v{before['champion']}" if before["champion"] else "first champion"
+        return True, f"v{version} is now {aliases['champion']} ({was}): {decision.reason} (audit run {run_id})"
     return False, f"v{version} rejected, nothing changed: {decision.reason} (audit run {run_id})"
 
 

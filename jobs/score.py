@@ -13,7 +13,6 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-import pandas as pd
 
 from cxr import tracking
 from cxr.config import ScoreConfig, load_platform
@@ -95,7 +94,7 @@ def run(cfg: ScoreConfig) -> dict:
                                    "quality": {"no_lungs": cfg.no_lung_fraction, "low": cfg.min_lung_fraction,
                                                "high": cfg.max_lung_fraction},
                                    "job_id": job_id, "threads": max(1, int(cfg.cpus_per_actor)),
-                                   "use_gpu": cfg.use_gpu})
+                                   "use_gpu": cfg.use_gpu, "cpu_bf16": cfg.cpu_bf16})
         try:
             ds.write_datasink(AtomicParquetSink(output, run_date, job_id, storage))
         except Exception as e:  # a task failed beyond Ray's retries: storage down, a model that cannot run

@@ -10,10 +10,8 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MPEG2MPML, SecondaryCaptureImageStorage, generate_uid

@@ -169,7 +169,7 @@ def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_mani
     assert np.array(report["confusion_matrix"]).sum() == len(test_rows)
     assert set(report["metrics"]["accuracy"]) == {"value", "low", "high"}
     assert report["adult"]["n"] == int((test_rows["age_group"] == "adult").sum())
-    for name in ("confusion_matrix.png", "roc.png", "gradcam.png"):
+    for name in ("confusion_matrix.png", "roc.png", "gradcam.png", "loss_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(test_rows)
 

@@ -154,3 +154,18 @@ def test_review_notebook_runs(scored, monkeypatch):
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), "review_scores.ipynb", "exec"), namespace)
     assert len(namespace["rows"]) == scored[1]["scored"]
+
+
+def test_benchmark_compares_pipeline_and_naive_loop_on_the_same_images(tiny_models, sample_root, ray_local, tmp_path):
+    """Runs, and reports what it measured; the figures themselves belong in docs/RESULTS.md."""
+    import json
+
+    from cxr.config import BenchmarkConfig
+    from jobs import benchmark
+
+    cfg = BenchmarkConfig(input=str(sample_root / "covid"), images=6, segmenter=tiny_models["segmenter"],
+                          classifier=tiny_models["classifier"], batch_size=4, out=str(tmp_path))
+    assert benchmark.main(cfg) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["pipeline"]["scored"] == result["naive"]["scored"] == 6
+    assert result["speedup"] > 0 and result["pipeline"]["peak_memory_gib"] > 0
