@@ -193,9 +193,12 @@ class ScoreConfig:
     batch_size: int = option(32, "images per model batch")
     actors: int = option(1, "model actors (one GPU each with use_gpu)")
     use_gpu: bool = option(False, "run the models on GPUs (bf16)")
-    cpus_per_actor: float = option(1.0, "CPUs reserved per model actor (on CPU: also its torch threads)")
+    cpus_per_actor: float = option(1.0, "CPUs Ray reserves per model actor")
+    torch_threads: int | None = option(None, "torch threads per model actor (default: cpus_per_actor); may exceed "
+                                             "it, so the decode tasks keep CPUs to run on")
     cpu_bf16: bool = option(False, "bf16 autocast on CPU too (CPUs with AVX512-BF16/AMX; measure with cxr benchmark)")
-    decode_tasks: int | None = option(None, "parallel decode tasks (default: Ray's choice)")
+    decode_tasks: int | None = option(None, "parallel decode tasks (default: 2 per model actor; never equal to "
+                                            "actors, or Ray would fuse decoding into the model actors)")
     heatmap_size: int = option(64, "side of the stored Grad-CAM heatmap (uint8 PNG)")
     min_lung_fraction: float = option(0.08, "flag an image whose lung area fraction is below this")
     max_lung_fraction: float = option(0.50, "flag an image whose lung area fraction is above this")
@@ -252,9 +255,10 @@ class BenchmarkConfig:
     classifier: str = option("models:/cxr-classifier@champion", "registered classifier")
     batch_size: int = option(32, "pipeline batch size")
     actors: int = option(1, "pipeline model actors")
-    cpus_per_actor: float = option(1.0, "CPUs (and torch threads) per model actor")
+    cpus_per_actor: float = option(1.0, "CPUs Ray reserves per model actor")
+    torch_threads: int | None = option(None, "torch threads per model actor (default: cpus_per_actor)")
     cpu_bf16: bool = option(False, "bf16 autocast on CPU in the pipeline")
-    decode_tasks: int | None = option(None, "parallel decode tasks (default: Ray's choice)")
+    decode_tasks: int | None = option(None, "parallel decode tasks (default: as cxr score)")
     use_gpu: bool = option(False, "run the pipeline's models on GPUs")
     out: str = option("out/benchmark", "folder for benchmark.json and the pipeline's scratch output")
 

@@ -46,6 +46,7 @@ def main(cfg: BenchmarkConfig) -> int:
         summary, seconds = timed(score.run, ScoreConfig(
             input=str(manifest), output=str(scratch), segmenter=cfg.segmenter, classifier=cfg.classifier,
             batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
+            torch_threads=cfg.torch_threads,
             decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu, cpu_bf16=cfg.cpu_bf16))
     result["pipeline"] = {"images_per_s": summary["scored"] / seconds, "seconds": seconds, "scored": summary["scored"],
                           "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"]}

@@ -79,12 +79,18 @@ def run(cfg: ScoreConfig) -> dict:
              segmenter.name, segmenter.version, classifier.name, classifier.version)
     started = time.perf_counter()
     init_ray()
+    # Decoding runs in its own tasks, beside the model actors: Ray Data fuses a task stage into
+    # an actor stage whose pool size equals the task stage's, and a fused actor would decode
+    # and infer in turn on one core.
+    decode_tasks = cfg.decode_tasks or 2 * cfg.actors
+    if decode_tasks == cfg.actors:
+        decode_tasks += 1
     if inputs:
         ds = ray.data.from_items([{"uri": u} for u in inputs])
         ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
                             fn_kwargs={"sizes": (cls_size, seg_size), "skip": skip,
                                        "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage},
-                            compute=TaskPoolStrategy(size=cfg.decode_tasks) if cfg.decode_tasks else None)
+                            compute=TaskPoolStrategy(size=decode_tasks))
         ds = ds.map_batches(
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.use_gpu else 0,
@@ -93,7 +99,7 @@ def run(cfg: ScoreConfig) -> dict:
                                    "classifier": classifier.__dict__, "heatmap_size": cfg.heatmap_size,
                                    "quality": {"no_lungs": cfg.no_lung_fraction, "low": cfg.min_lung_fraction,
                                                "high": cfg.max_lung_fraction},
-                                   "job_id": job_id, "threads": max(1, int(cfg.cpus_per_actor)),
+                                   "job_id": job_id, "threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
                                    "use_gpu": cfg.use_gpu, "cpu_bf16": cfg.cpu_bf16})
         try:
             ds.write_datasink(AtomicParquetSink(output, run_date, job_id, storage))
