@@ -6,16 +6,9 @@ import sys
 from pathlib import Path
 
 from cxr import tracking
+from cxr.promotion import alias_version
 from cxr.config import (SAMPLE_DATA, BootstrapConfig, FinetuneConfig, PrepareDataConfig, SegmenterTrainConfig,
                         load_config, load_platform)
-
-
-def champion(tracking_uri: str, name: str, alias: str) -> str | None:
-    """The champion's version, or None if the model or the alias does not exist."""
-    try:
-        return str(tracking.resolve_version(tracking_uri, f"models:/{name}@{alias}").version)
-    except Exception:  # MLflow: RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER_VALUE for a missing alias
-        return None
 
 
 def main(cfg: BootstrapConfig) -> int:
@@ -24,7 +17,7 @@ def main(cfg: BootstrapConfig) -> int:
     platform = load_platform()
     uri, alias = platform.tracking_uri, platform.aliases["champion"]
     names = platform.registered_models
-    current = {kind: champion(uri, names[kind], alias) for kind in ("segmenter", "classifier")}
+    current = {kind: alias_version(uri, names[kind], alias) for kind in ("segmenter", "classifier")}
     if all(current.values()) and not cfg.force:
         print(f"bootstrap: champions exist ({names['segmenter']} v{current['segmenter']}, "
               f"{names['classifier']} v{current['classifier']}); nothing to do")

@@ -15,7 +15,7 @@ import yaml
 from cxr import tracking
 from cxr.config import FinetuneConfig, TuneJobConfig, config_to_dict, load_config, load_platform
 from cxr.data.storage import absolute_uri
-from cxr.tune import METRIC, MODE, finished_trials, scheduler, search_space, searcher
+from cxr.tune import METRIC, MODE, finished_trials, scheduler, search_space, searcher, study_storage
 from jobs.classifier_training import initial_state, load_task, make_trainer, put_task
 from jobs.runtime import init_ray, ray_storage
 
@@ -116,8 +116,6 @@ def _close_trial_runs(tracking_uri: str, experiment: str, study_run: str, result
 def _best_params(cfg: TuneJobConfig) -> dict:
     """The best finished trial of the whole study, this run's and earlier ones'."""
     import optuna
-
-    from cxr.tune import study_storage
 
     study = optuna.load_study(study_name=cfg.study_name, storage=study_storage(cfg.study_storage))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
