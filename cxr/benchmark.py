@@ -20,18 +20,18 @@ from cxr.preprocess import classifier_input, segmenter_input
 
 
 def naive_score(uris: list[str], segmenter: nn.Module, seg_size: int, classifier: nn.Module, cls_size: int,
-                dilation_px: int, storage: StorageConfig | None = None) -> int:
+                dilation_px: int, storage: StorageConfig | None = None, device: str = "cpu") -> int:
     """What a first version would do: one image at a time, fp32, decode -> segment -> mask ->
-    classify -> Grad-CAM by a backward pass to layer4. Returns the images scored."""
+    classify -> Grad-CAM by a backward pass to layer4, on ``device``. Returns the images scored."""
     limits, done = DecodeLimits(), 0
-    segmenter.eval(), classifier.eval()
+    segmenter, classifier = segmenter.to(device).eval(), classifier.to(device).eval()
     for uri in uris:
         try:
             gray = decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits)
         except BadImageError:
             continue
-        small = torch.from_numpy(letterbox(gray, seg_size))[None, None]
-        image = torch.from_numpy(letterbox(gray, cls_size))[None, None].float()
+        small = torch.from_numpy(letterbox(gray, seg_size))[None, None].to(device)
+        image = torch.from_numpy(letterbox(gray, cls_size))[None, None].float().to(device)
         with torch.no_grad():
             lung = torch.sigmoid(segmenter(segmenter_input(small)))
         masked, _ = mask_lungs(image, lung, dilation_px=dilation_px)
@@ -43,7 +43,7 @@ def naive_score(uris: list[str], segmenter: nn.Module, seg_size: int, classifier
         cam = torch.relu((weights * features).sum(1))
         cam = nn.functional.interpolate(cam[:, None], size=(64, 64), mode="bilinear")
         classifier.zero_grad(set_to_none=True)
-        done += int(cam.numel() > 0)
+        done += int(cam.cpu().numel() > 0)     # .cpu(): wait for the GPU, as a real loop would
     return done
 
 

@@ -22,6 +22,12 @@ from cxr.preprocess import classifier_input
 from cxr.segmentation import predict_probs
 
 
+def inference_device() -> str:
+    """Where a driver runs its own inference (lung masking of a training set, evaluation):
+    the GPU when the process sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_letterboxed(uris: Sequence[str], sizes: Sequence[int], storage: StorageConfig | None = None,
                      threads: int = 8) -> list[np.ndarray]:
     """Decode each image once and letterbox it at every size: one (N, 1, S, S) uint8 array per size.

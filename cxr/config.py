@@ -191,8 +191,10 @@ class ScoreConfig:
     segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter (models:/NAME@ALIAS or /VERSION)")
     classifier: str = option("models:/cxr-classifier@champion", "registered classifier (models:/NAME@ALIAS or /VERSION)")
     batch_size: int = option(32, "images per model batch")
-    actors: int = option(1, "model actors (one GPU each with use_gpu)")
+    actors: int = option(1, "model actors")
     use_gpu: bool = option(False, "run the models on GPUs (bf16)")
+    gpus_per_actor: float = option(1.0, "GPU share per model actor with use_gpu; below 1, several actors share a GPU "
+                                        "so their CPU-side work (batch assembly, PNG heatmaps) runs in parallel")
     cpus_per_actor: float = option(1.0, "CPUs Ray reserves per model actor")
     torch_threads: int | None = option(None, "torch threads per model actor (default: cpus_per_actor); may exceed "
                                              "it, so the decode tasks keep CPUs to run on")
@@ -260,6 +262,7 @@ class BenchmarkConfig:
     cpu_bf16: bool = option(False, "bf16 autocast on CPU in the pipeline")
     decode_tasks: int | None = option(None, "parallel decode tasks (default: as cxr score)")
     use_gpu: bool = option(False, "run the pipeline's models on GPUs")
+    gpus_per_actor: float = option(1.0, "GPU share per model actor (as cxr score)")
     out: str = option("out/benchmark", "folder for benchmark.json and the pipeline's scratch output")
 
 

@@ -69,6 +69,7 @@ def heatmap_to_uint8(heatmaps: torch.Tensor) -> np.ndarray:
 
 def heatmap_png(heatmap: np.ndarray) -> bytes:
     """One uint8 heatmap as PNG bytes."""
+    # No optimize=True: on smooth 64 px heatmaps it cost 60% more time for the same size.
     buffer = io.BytesIO()
-    Image.fromarray(heatmap).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(heatmap).save(buffer, format="PNG")
     return buffer.getvalue()

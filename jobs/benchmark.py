@@ -47,7 +47,8 @@ def main(cfg: BenchmarkConfig) -> int:
             input=str(manifest), output=str(scratch), segmenter=cfg.segmenter, classifier=cfg.classifier,
             batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
             torch_threads=cfg.torch_threads,
-            decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu, cpu_bf16=cfg.cpu_bf16))
+            decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
+            cpu_bf16=cfg.cpu_bf16))
     result["pipeline"] = {"images_per_s": summary["scored"] / seconds, "seconds": seconds, "scored": summary["scored"],
                           "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"]}
 
@@ -62,7 +63,8 @@ def main(cfg: BenchmarkConfig) -> int:
         with PeakMemory() as memory:
             done, seconds = timed(naive_score, naive_uris, segmenter, int(seg_card["input"]["shape"][-1]), classifier,
                                   int(cls_card["preprocessing"]["letterbox_size"]),
-                                  int(cls_card["preprocessing"].get("dilation_px", 3)), platform.storage)
+                                  int(cls_card["preprocessing"].get("dilation_px", 3)), platform.storage,
+                                  "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         result["naive"] = {"images_per_s": done / seconds, "seconds": seconds, "scored": done,
                            "peak_memory_gib": memory.peak_bytes / 2**30}
         result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]

@@ -12,6 +12,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
+from cxr.classification import inference_device
 from cxr.config import ClassifierTrainConfig, FinetuneConfig, PlatformConfig, config_to_dict
 from cxr.data.manifest import read_manifest
 from cxr.models.classifier import read_state_file
@@ -30,7 +31,7 @@ def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple[pd.
     if not segmenter_uri:
         images, _ = build_arrays(rows, cfg.image_size, platform.storage, cfg.load_threads)
         return rows, images, {"lung_mask": False}
-    segmenter, card, version = tracking.load_registered(platform.tracking_uri, segmenter_uri)
+    segmenter, card, version = tracking.load_registered(platform.tracking_uri, segmenter_uri, inference_device())
     dilation = cfg.dilation_px if cfg.dilation_px is not None else int(card.get("mask_dilation_px", 3))
     images, fraction = build_arrays(rows, cfg.image_size, platform.storage, cfg.load_threads, segmenter,
                                     int(card["input"]["shape"][-1]), dilation)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr import tracking
+from cxr.classification import inference_device
 from cxr.config import EvaluateConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
@@ -26,7 +27,7 @@ def main(cfg: EvaluateConfig) -> int:
     platform = load_platform()
     uri = platform.tracking_uri
     manifest = read_manifest(absolute_uri(cfg.manifest), platform.storage)
-    model, card, version = tracking.load_registered(uri, cfg.classifier)
+    model, card, version = tracking.load_registered(uri, cfg.classifier, inference_device())
     classes = list(card["labels"])
     rows = manifest[manifest["label"].notna()]
     if cfg.split:
@@ -41,7 +42,7 @@ def main(cfg: EvaluateConfig) -> int:
     segmenter, seg_size, dilation = None, 256, 3
     if prep.get("lung_mask"):
         seg_uri = cfg.segmenter or f"models:/{prep['segmenter_name']}/{prep['segmenter_version']}"
-        segmenter, seg_card, _ = tracking.load_registered(uri, seg_uri)
+        segmenter, seg_card, _ = tracking.load_registered(uri, seg_uri, inference_device())
         seg_size, dilation = int(seg_card["input"]["shape"][-1]), int(prep["dilation_px"])
     images, _ = build_arrays(rows, int(prep["letterbox_size"]), platform.storage, cfg.load_threads,
                              segmenter, seg_size, dilation)

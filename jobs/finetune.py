@@ -10,6 +10,7 @@ import sys
 import time
 
 from cxr import tracking
+from cxr.classification import inference_device
 from cxr.config import FinetuneConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
@@ -57,7 +58,7 @@ def run(cfg: FinetuneConfig) -> dict:
         minutes = (time.perf_counter() - started) / 60
         history = result.metrics_dataframe
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
-            model, meta = load_checkpoint(folder)
+            model, meta = load_checkpoint(folder, inference_device())
             test = rows["split"] == "test"
             if not test.any():
                 raise ValueError(f"{cfg.manifest}: no test rows to evaluate")

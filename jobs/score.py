@@ -93,7 +93,7 @@ def run(cfg: ScoreConfig) -> dict:
                             compute=TaskPoolStrategy(size=decode_tasks))
         ds = ds.map_batches(
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=cfg.actors), num_gpus=1 if cfg.use_gpu else 0,
+            compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs={"tracking_uri": uri, "segmenter": segmenter.__dict__,
                                    "classifier": classifier.__dict__, "heatmap_size": cfg.heatmap_size,

@@ -1,0 +1,121 @@
+"""The GPU figures of docs/RESULTS.md in one process, for a GPU machine held for minutes:
+
+1. manifests of the curated data (``cxr prepare-data``);
+2. the lung UNet (``segmenter-gpu`` preset), registered;
+3. pretraining on the source task (``pretrain-gpu``): its images/s is the throughput figure;
+4. one fine-tune from it (``finetune-gpu``), registered, so the scorer has a classifier;
+5. ``cxr benchmark --use-gpu`` on ``--score-images`` images (the scoring throughput figure);
+6. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation),
+   in that order, until done or killed.
+
+Every step's result is appended to ``OUT/figures.json`` as soon as it ends, and the ablation
+keeps ``OUT/ablation/results.json`` current, so a run cut off by the machine's time limit keeps
+what it measured. ``--smoke`` shrinks every step to seconds, for a CPU check of the whole chain.
+
+    python -m jobs.gpu_figures --out DIR [--pretrain-epochs 30] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from cxr.config import CONFIG_DIR, FinetuneConfig, PretrainConfig, SegmenterTrainConfig, load_config
+from jobs.cli import main as cxr
+
+PRESETS = CONFIG_DIR / "presets"
+SMOKE = {"image_size": 64, "max_train_images": 32, "num_workers": 1}
+
+
+def record(out: Path, step: str, result: dict, started: float) -> None:
+    """Append one step's result to OUT/figures.json (rewritten whole: readers never see half)."""
+    path = out / "figures.json"
+    figures = json.loads(path.read_text()) if path.exists() else []
+    figures.append({"step": step, "seconds": round(time.perf_counter() - started, 1), **result})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(figures, indent=2, default=str))
+    tmp.replace(path)
+    print(f"gpu_figures: {step} done in {figures[-1]['seconds']} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs import finetune, pretrain, train_segmenter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for figures.json and ablation/")
+    p.add_argument("--manifests", default="out/manifests")
+    p.add_argument("--segmenter-epochs", type=int, default=30)
+    p.add_argument("--pretrain-epochs", type=int, default=30, help="the recipe's 100 take about 4 minutes more")
+    p.add_argument("--score-images", type=int, default=20000)
+    p.add_argument("--score-args", default="--batch-size 256 --actors 4 --gpus-per-actor 0.25 --decode-tasks 10 "
+                                           "--naive-images 300", help="extra cxr benchmark flags")
+    p.add_argument("--variants", default="paper-4class,paper-3class,deconfounded-4class,scratch-4class,nomask-4class")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the chain, measures nothing")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    smoke = SMOKE if args.smoke else {}
+    gpu = not args.smoke
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    record(out, "machine", {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+                            "torch": torch.__version__, "argv": sys.argv[1:]}, time.perf_counter())
+
+    t = time.perf_counter()
+    if cxr(["prepare-data", "--out", args.manifests]) != 0:
+        return 1
+    record(out, "prepare-data", {}, t)
+
+    t = time.perf_counter()
+    seg = train_segmenter.run(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
+        "manifest": f"{args.manifests}/lungseg.parquet", "epochs": 1 if args.smoke else args.segmenter_epochs,
+        "use_gpu": gpu, **({"image_size": 64, "max_train_images": 16, "loader_workers": 0} if args.smoke else {})}))
+    seg_uri = f"models:/{seg['model_name']}/{seg['version']}"
+    record(out, "train-segmenter", {"model": seg_uri, "run_id": seg["run_id"], "report": seg["report"],
+                                    "train_seconds": seg["train_seconds"]}, t)
+
+    t = time.perf_counter()
+    pre = pretrain.run(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
+        "manifest": f"{args.manifests}/tasks/source.parquet", "stage1_epochs": 1 if args.smoke else args.pretrain_epochs,
+        "use_gpu": gpu, **smoke}))
+    record(out, "pretrain", {"run_id": pre["run_id"], "best": pre["meta"], "minutes": pre["minutes"],
+                             "median_train_images_per_s": pre["images_per_s"]}, t)
+
+    finetune_yaml = out / "finetune.yaml"
+    preset = yaml.safe_load((PRESETS / "finetune-gpu.yaml").read_text())
+    preset.update({"segmenter": seg_uri, "use_gpu": gpu,
+                   **({**smoke, "stage1_epochs": 1, "stage2_epochs": 1, "n_boot": 50} if args.smoke else {})})
+    finetune_yaml.write_text(yaml.safe_dump(preset))
+    t = time.perf_counter()
+    ft = finetune.run(load_config(FinetuneConfig, str(finetune_yaml), {
+        "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pre["run_id"],
+        "register": True, "run_name": "gpu-figures-registered"}))
+    cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
+    record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],
+                             "accuracy": ft["report"]["metrics"]["accuracy"]}, t)
+
+    t = time.perf_counter()
+    bench_out = Path("out/benchmark-gpu")
+    flags = ["--images", str(64 if args.smoke else args.score_images), "--segmenter", seg_uri,
+             "--classifier", cls_uri, "--input", f"{args.manifests}/tasks/dataset2-4class.parquet", "--out", str(bench_out)]
+    flags += ["--batch-size", "16", "--naive-images", "8"] if args.smoke else ["--use-gpu", *args.score_args.split()]
+    if cxr(["benchmark", *flags]) == 0:
+        record(out, "benchmark", json.loads((bench_out / "benchmark.json").read_text()), t)
+
+    t = time.perf_counter()
+    code = cxr(["ablation", "--pretrain-run", pre["run_id"], "--finetune-config", str(finetune_yaml),
+                "--manifests", args.manifests, "--variants", args.variants,
+                "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")])
+    record(out, "ablation", {"exit_code": code}, t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
