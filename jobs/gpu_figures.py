@@ -10,7 +10,9 @@
 
 Every step's result is appended to ``OUT/figures.json`` as soon as it ends, and the ablation
 keeps ``OUT/ablation/results.json`` current, so a run cut off by the machine's time limit keeps
-what it measured. ``--smoke`` shrinks every step to seconds, for a CPU check of the whole chain.
+what it measured, and the same command run again resumes: finished steps are reused, the
+ablation runs only the (variant, seed) pairs still missing. ``--smoke`` shrinks every step to
+seconds, for a CPU check of the whole chain.
 
     python -m jobs.gpu_figures --out DIR [--pretrain-epochs 30] [--smoke]
 """
@@ -45,6 +47,12 @@ def record(out: Path, step: str, result: dict, started: float) -> None:
     print(f"gpu_figures: {step} done in {figures[-1]['seconds']} s", flush=True)
 
 
+def finished(out: Path) -> dict[str, dict]:
+    """Steps a previous run of the same command completed: {step: its record}."""
+    path = out / "figures.json"
+    return {f["step"]: f for f in json.loads(path.read_text())} if path.exists() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs import finetune, pretrain, train_segmenter
 
@@ -68,25 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     record(out, "machine", {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                             "torch": torch.__version__, "argv": sys.argv[1:]}, time.perf_counter())
 
+    done = finished(out)
     t = time.perf_counter()
-    if cxr(["prepare-data", "--out", args.manifests]) != 0:
-        return 1
-    record(out, "prepare-data", {}, t)
+    if "prepare-data" not in done:
+        if cxr(["prepare-data", "--out", args.manifests]) != 0:
+            return 1
+        record(out, "prepare-data", {}, t)
 
     t = time.perf_counter()
-    seg = train_segmenter.run(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
-        "manifest": f"{args.manifests}/lungseg.parquet", "epochs": 1 if args.smoke else args.segmenter_epochs,
-        "use_gpu": gpu, **({"image_size": 64, "max_train_images": 16, "loader_workers": 0} if args.smoke else {})}))
-    seg_uri = f"models:/{seg['model_name']}/{seg['version']}"
-    record(out, "train-segmenter", {"model": seg_uri, "run_id": seg["run_id"], "report": seg["report"],
-                                    "train_seconds": seg["train_seconds"]}, t)
+    if "train-segmenter" in done:
+        seg_uri = done["train-segmenter"]["model"]
+    else:
+        seg = train_segmenter.run(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
+            "manifest": f"{args.manifests}/lungseg.parquet", "epochs": 1 if args.smoke else args.segmenter_epochs,
+            "use_gpu": gpu, **({"image_size": 64, "max_train_images": 16, "loader_workers": 0} if args.smoke else {})}))
+        seg_uri = f"models:/{seg['model_name']}/{seg['version']}"
+        record(out, "train-segmenter", {"model": seg_uri, "run_id": seg["run_id"], "report": seg["report"],
+                                        "train_seconds": seg["train_seconds"]}, t)
 
     t = time.perf_counter()
-    pre = pretrain.run(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
-        "manifest": f"{args.manifests}/tasks/source.parquet", "stage1_epochs": 1 if args.smoke else args.pretrain_epochs,
-        "use_gpu": gpu, **smoke}))
-    record(out, "pretrain", {"run_id": pre["run_id"], "best": pre["meta"], "minutes": pre["minutes"],
-                             "median_train_images_per_s": pre["images_per_s"]}, t)
+    if "pretrain" in done:
+        pretrain_run = done["pretrain"]["run_id"]
+    else:
+        pre = pretrain.run(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
+            "manifest": f"{args.manifests}/tasks/source.parquet",
+            "stage1_epochs": 1 if args.smoke else args.pretrain_epochs, "use_gpu": gpu, **smoke}))
+        pretrain_run = pre["run_id"]
+        record(out, "pretrain", {"run_id": pretrain_run, "best": pre["meta"], "minutes": pre["minutes"],
+                                 "median_train_images_per_s": pre["images_per_s"]}, t)
 
     finetune_yaml = out / "finetune.yaml"
     preset = yaml.safe_load((PRESETS / "finetune-gpu.yaml").read_text())
@@ -94,23 +111,26 @@ def main(argv: list[str] | None = None) -> int:
                    **({**smoke, "stage1_epochs": 1, "stage2_epochs": 1, "n_boot": 50} if args.smoke else {})})
     finetune_yaml.write_text(yaml.safe_dump(preset))
     t = time.perf_counter()
-    ft = finetune.run(load_config(FinetuneConfig, str(finetune_yaml), {
-        "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pre["run_id"],
-        "register": True, "run_name": "gpu-figures-registered"}))
-    cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
-    record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],
-                             "accuracy": ft["report"]["metrics"]["accuracy"]}, t)
+    if "finetune" in done:
+        cls_uri = done["finetune"]["model"]
+    else:
+        ft = finetune.run(load_config(FinetuneConfig, str(finetune_yaml), {
+            "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pretrain_run,
+            "register": True, "run_name": "gpu-figures-registered"}))
+        cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
+        record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],
+                                 "accuracy": ft["report"]["metrics"]["accuracy"]}, t)
 
     t = time.perf_counter()
     bench_out = Path("out/benchmark-gpu")
     flags = ["--images", str(64 if args.smoke else args.score_images), "--segmenter", seg_uri,
              "--classifier", cls_uri, "--input", f"{args.manifests}/tasks/dataset2-4class.parquet", "--out", str(bench_out)]
     flags += ["--batch-size", "16", "--naive-images", "8"] if args.smoke else ["--use-gpu", *args.score_args.split()]
-    if cxr(["benchmark", *flags]) == 0:
+    if "benchmark" not in done and cxr(["benchmark", *flags]) == 0:
         record(out, "benchmark", json.loads((bench_out / "benchmark.json").read_text()), t)
 
     t = time.perf_counter()
-    code = cxr(["ablation", "--pretrain-run", pre["run_id"], "--finetune-config", str(finetune_yaml),
+    code = cxr(["ablation", "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml),
                 "--manifests", args.manifests, "--variants", args.variants,
                 "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")])
     record(out, "ablation", {"exit_code": code}, t)
