@@ -6,6 +6,7 @@ in every scored row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -26,9 +27,16 @@ def segmenter_input(images_uint8: torch.Tensor) -> torch.Tensor:
 def classifier_input(images: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) uint8 (or float in [0, 255]) images -> (B, 3, H, W) normalised float32."""
     x = images.float() / 255.0
-    mean = torch.tensor(CLASSIFIER_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLASSIFIER_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _classifier_stats(x.device)
     return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+@functools.cache
+def _classifier_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, 3, 1, 1) tensors, copied to each device once: a fresh copy per batch
+    is a blocking host-to-device transfer, which stalls a training step on the GPU."""
+    return (torch.tensor(CLASSIFIER_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CLASSIFIER_STD, device=device).view(1, 3, 1, 1))
 
 
 def preprocessing_spec(kind: str, size: int, **extra) -> dict:

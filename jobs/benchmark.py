@@ -48,7 +48,7 @@ def main(cfg: BenchmarkConfig) -> int:
             batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
             torch_threads=cfg.torch_threads,
             decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
-            cpu_bf16=cfg.cpu_bf16))
+            cpu_bf16=cfg.cpu_bf16, object_store_mb=cfg.object_store_mb))
     result["pipeline"] = {"images_per_s": summary["scored"] / seconds, "seconds": seconds, "scored": summary["scored"],
                           "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"]}
 

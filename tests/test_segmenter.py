@@ -31,6 +31,14 @@ def test_checkpoint_roundtrip_is_exact(tmp_path):
     assert torch.equal(model(x), again(x))
 
 
+def test_checkpoint_loads_onto_the_device_asked_for(tmp_path):
+    # The GPU scorer once got CPU weights here: the state was loaded onto the device but copied
+    # into a CPU module. "meta" stands in for a GPU on a machine without one.
+    save_checkpoint(build_model("unet-tiny"), tmp_path, {"model": "unet-tiny"})
+    again, _ = load_checkpoint(tmp_path, "meta")
+    assert {p.device.type for p in again.parameters()} == {"meta"}
+
+
 @pytest.fixture(scope="module")
 def trained(local_stack, ray_local, sample_manifests, tmp_path_factory):
     cfg = SegmenterTrainConfig(manifest=str(sample_manifests / "lungseg.parquet"), model="unet-tiny", image_size=64,

@@ -23,12 +23,14 @@ def classifier_augment_batch(images: torch.Tensor, degrees: float = 10.0, scale:
     Hand-written over ``affine_grid``/``grid_sample`` because torchvision's v2 transforms draw
     one set of parameters per call, i.e. per batch; this draws one per image and runs on the
     GPU with the batch, so the input pipeline only moves uint8 tensors. ``images``: (B, C, H, W)
-    float in [0, 255]; returns the same.
+    float in [0, 255]; returns the same. ``generator``, if given, must live on the images' device:
+    parameters drawn on the CPU and copied over would make every step wait for the GPU (a
+    blocking host-to-device copy synchronises the stream).
     """
     b, device = images.shape[0], images.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator).to(device) * (high - low) + low
+        return torch.rand(b, generator=generator, device=device) * (high - low) + low
 
     angle = torch.deg2rad(uniform(-degrees, degrees))
     zoom = uniform(*scale)

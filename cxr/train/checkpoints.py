@@ -36,5 +36,5 @@ def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu") -> t
     folder = Path(folder)
     meta = json.loads((folder / META).read_text())
     model = build_model(meta["model"], **meta.get("model_kwargs", {}))
-    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(map_location)))
-    return model.eval(), meta
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))   # copies into the module's own (CPU) tensors
+    return model.to(map_location).eval(), meta

@@ -79,8 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     device = ray.train.torch.get_device()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)   # augmentation draws on the device
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda       # fixed input size: let cuDNN pick its fastest kernels
     data = ray.get(config["data"])
