@@ -56,7 +56,8 @@ def run(cfg: FinetuneConfig) -> dict:
         started = time.perf_counter()
         result = make_trainer(cfg, platform, put_task(cfg, rows, images, init_state), run_id, f"finetune-{run_id[:8]}").fit()
         minutes = (time.perf_counter() - started) / 60
-        history = result.metrics_dataframe
+        # Not result.metrics_dataframe: in Ray Train V2 it holds only the epochs that saved a checkpoint.
+        history = tracking.metric_history(uri, run_id, ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
             model, meta = load_checkpoint(folder, inference_device())
             test = rows["split"] == "test"

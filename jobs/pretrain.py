@@ -54,7 +54,8 @@ def run(cfg: PretrainConfig) -> dict:
         started = time.perf_counter()
         result = make_trainer(cfg, platform, put_task(cfg, rows, images, init_state), run_id, f"pretrain-{run_id[:8]}").fit()
         minutes = (time.perf_counter() - started) / 60
-        history = result.metrics_dataframe
+        # Not result.metrics_dataframe: in Ray Train V2 it holds only the epochs that saved a checkpoint.
+        history = tracking.metric_history(uri, run_id, ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
         best = result.get_best_checkpoint("val_loss", "min")
         with best.as_directory() as folder:
             tracking.log_checkpoint(uri, run_id, folder)

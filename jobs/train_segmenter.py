@@ -67,7 +67,8 @@ def run(cfg: SegmenterTrainConfig) -> dict:
                                                                     checkpoint_score_order="max")))
         result = trainer.fit()
         train_seconds = time.perf_counter() - started
-        history = result.metrics_dataframe
+        # Not result.metrics_dataframe: in Ray Train V2 it holds only the epochs that saved a checkpoint.
+        history = tracking.metric_history(uri, run_id, ["train_loss", "val_loss", "val_dice", "train_images_per_s"])
         best = result.get_best_checkpoint("val_dice", "max")
         with best.as_directory() as folder:
             model, meta = load_checkpoint(folder)
