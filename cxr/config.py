@@ -202,9 +202,9 @@ class ScoreConfig:
     decode_tasks: int | None = option(None, "parallel decode tasks (default: 2 per model actor; never equal to "
                                             "actors, or Ray would fuse decoding into the model actors)")
     heatmap_size: int = option(64, "side of the stored Grad-CAM heatmap (uint8 PNG)")
-    object_store_mb: int | None = option(512, "cap on the pipeline's Ray object store use (decoded images waiting "
-                                              "for the models), so memory stays flat as the archive grows; "
-                                              "0: Ray Data's default (a share of the object store)")
+    object_store_mb: int = option(512, "cap on the pipeline's Ray object store use (decoded images waiting "
+                                       "for the models), so memory stays flat as the archive grows; "
+                                       "0: Ray Data's default (a share of the object store)")
     min_lung_fraction: float = option(0.08, "flag an image whose lung area fraction is below this")
     max_lung_fraction: float = option(0.50, "flag an image whose lung area fraction is above this")
     no_lung_fraction: float = option(0.01, "below this lung fraction: no lungs found")
