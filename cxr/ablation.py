@@ -15,6 +15,9 @@ VARIANTS: dict[str, tuple[str, list[str], bool, bool]] = {
     "scratch-3class": ("dataset2-3class", LABELS_3, False, True),
     "nomask-4class": ("dataset2-4class", LABELS_4, True, False),
     "deconfounded-4class": ("deconfounded-4class", LABELS_4, True, True),
+    # Tells the two readings of "no mask beats mask" apart: a shortcut through the source
+    # (gone once adult negatives are added) vs the mask cutting away consolidated lung.
+    "nomask-deconfounded-4class": ("deconfounded-4class", LABELS_4, True, False),
 }
 
 
