@@ -64,9 +64,11 @@ def main(cfg: TuneJobConfig) -> int:
         if remaining > 0:
             max_epochs = base.stage1_epochs + base.stage2_epochs
             tuner = tune.Tuner(
-                # The trial function only drives a Ray Train run, whose workers hold the CPUs/GPUs;
-                # Tune refuses an empty request, so it reserves a token share of one CPU.
-                tune.with_resources(trial, {"cpu": 0.1}),
+                # The trial function only drives a Ray Train run, whose workers hold the CPUs/GPUs.
+                # Tune refuses an empty request, and any share of a CPU would leave a Train run
+                # that uses every CPU (2 workers on 2 cores) waiting forever: it reserves 1 MiB of
+                # Ray's logical memory instead.
+                tune.with_resources(trial, {"memory": 2**20}),
                 param_space=search_space(cfg),
                 tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg, max_epochs),
                                             num_samples=remaining, max_concurrent_trials=cfg.max_concurrent),
