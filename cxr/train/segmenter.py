@@ -62,7 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
         if ctx.get_world_size() > 1 and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
-        loss_sum, n_seen = 0.0, 0
+        # Sums stay on the device (as in the classifier loop): a .item() per step would stall the GPU.
+        loss_sum, n_seen = torch.zeros((), device=device), 0
         for images, masks in train_loader:
             with autocast(device):
                 logits = model(images)
@@ -70,19 +71,20 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(images)
+            loss_sum += loss.detach() * len(images)
             n_seen += len(images)
         scheduler.step()
 
         model.eval()
-        val_loss_sum, dice_sum, n_val = 0.0, 0.0, 0
+        val_loss_sum, dice_sum, n_val = torch.zeros((), device=device), torch.zeros((), device=device), 0
         with torch.no_grad():
             for images, masks in val_loader:
                 with autocast(device):
                     logits = model(images)
-                val_loss_sum += (dice_loss(logits.float(), masks) + bce(logits.float(), masks)).item() * len(images)
-                dice_sum += dice_per_image((logits.float() > 0).float(), masks).sum().item()
+                val_loss_sum += (dice_loss(logits.float(), masks) + bce(logits.float(), masks)) * len(images)
+                dice_sum += dice_per_image((logits.float() > 0).float(), masks).sum()
                 n_val += len(images)
+        loss_sum, val_loss_sum, dice_sum = loss_sum.item(), val_loss_sum.item(), dice_sum.item()
         loss_sum, n_seen, val_loss_sum, dice_sum, n_val = all_reduce_sum(
             [loss_sum, n_seen, val_loss_sum, dice_sum, n_val], device)
         seconds = time.perf_counter() - started
