@@ -4,17 +4,17 @@ classifier loop, and the data and initial weights it is given."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
 import ray
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
 from cxr.classification import inference_device
 from cxr.config import ClassifierTrainConfig, FinetuneConfig, PlatformConfig, config_to_dict
-from cxr.data.manifest import read_manifest
 from cxr.models.classifier import read_state_file
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import build_arrays, by_split, task_rows
@@ -23,10 +23,12 @@ from jobs.runtime import ray_storage
 log = logging.getLogger(__name__)
 
 
-def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    """(rows, images, masking info) of the task manifest; lung-masked for a finetune config
-    with a segmenter. The masking info names the segmenter version, for the model card."""
-    rows = task_rows(read_manifest(cfg.manifest, platform.storage), cfg.classes, cfg.max_train_images, cfg.seed)
+def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig,
+              manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """(rows, images, masking info) of the task manifest (``cfg.manifest``, already read: the
+    jobs also hash it); lung-masked for a finetune config with a segmenter. The masking info
+    names the segmenter version, for the model card."""
+    rows = task_rows(manifest, cfg.classes, cfg.max_train_images, cfg.seed)
     segmenter_uri = getattr(cfg, "segmenter", None)
     if not segmenter_uri:
         images, _ = build_arrays(rows, cfg.image_size, platform.storage, cfg.load_threads)
@@ -61,6 +63,19 @@ def put_task(cfg: ClassifierTrainConfig, rows: pd.DataFrame, images: np.ndarray,
     if missing:
         raise ValueError(f"{cfg.manifest}: no rows in split(s) {sorted(missing)}")
     return ray.put({k: data[k] for k in ("train", "val")}), (ray.put(init_state) if init_state is not None else None)
+
+
+def fit(cfg: ClassifierTrainConfig, platform: PlatformConfig, task: tuple[ray.ObjectRef, ray.ObjectRef | None],
+        run_id: str, name: str) -> tuple[Result, float, pd.DataFrame]:
+    """Train on ``task``; returns the Ray Train result, the minutes it took and the per-epoch
+    history. The history comes from the MLflow run, not ``result.metrics_dataframe``: in Ray
+    Train V2 that holds only the epochs that saved a checkpoint."""
+    started = time.perf_counter()
+    result = make_trainer(cfg, platform, task, run_id, name).fit()
+    minutes = (time.perf_counter() - started) / 60
+    history = tracking.metric_history(platform.tracking_uri, run_id,
+                                      ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
+    return result, minutes, history
 
 
 def make_trainer(cfg: ClassifierTrainConfig, platform: PlatformConfig, task: tuple[ray.ObjectRef, ray.ObjectRef | None],

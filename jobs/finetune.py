@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 
 from cxr import tracking
 from cxr.classification import inference_device
@@ -20,7 +19,7 @@ from cxr.plots import loss_curves
 from cxr.preprocess import preprocessing_spec
 from cxr.train.checkpoints import load_checkpoint
 from cxr.train.classifier_data import by_split
-from jobs.classifier_training import initial_state, load_task, make_trainer, put_task
+from jobs.classifier_training import fit, initial_state, load_task, put_task
 from jobs.runtime import init_ray
 
 log = logging.getLogger("cxr.jobs.finetune")
@@ -46,18 +45,16 @@ def run(cfg: FinetuneConfig) -> dict:
     ok, version = False, None
     try:
         init_ray()
-        rows, images, masking = load_task(cfg, platform)
+        manifest = read_manifest(cfg.manifest, platform.storage)
+        rows, images, masking = load_task(cfg, platform, manifest)
         init_state, init_origin = initial_state(cfg, platform)
-        digest = manifest_digest(read_manifest(cfg.manifest, platform.storage))
+        digest = manifest_digest(manifest)
         tracking.log_params(uri, run_id, {**config_to_dict(cfg), "init": init_origin, "manifest_sha256": digest,
                                           **{f"masking_{k}": v for k, v in masking.items()},
                                           **{f"n_{s}": int((rows["split"] == s).sum()) for s in ("train", "val", "test")}})
         tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
-        started = time.perf_counter()
-        result = make_trainer(cfg, platform, put_task(cfg, rows, images, init_state), run_id, f"finetune-{run_id[:8]}").fit()
-        minutes = (time.perf_counter() - started) / 60
-        # Not result.metrics_dataframe: in Ray Train V2 it holds only the epochs that saved a checkpoint.
-        history = tracking.metric_history(uri, run_id, ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
+        result, minutes, history = fit(cfg, platform, put_task(cfg, rows, images, init_state), run_id,
+                                       f"finetune-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
             model, meta = load_checkpoint(folder, inference_device())
             test = rows["split"] == "test"

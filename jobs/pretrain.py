@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from cxr import tracking
@@ -18,7 +17,7 @@ from cxr.data.storage import absolute_uri
 from cxr.models import model_spec
 from cxr.plots import loss_curves
 from cxr.train.checkpoints import META
-from jobs.classifier_training import initial_state, load_task, make_trainer, put_task
+from jobs.classifier_training import fit, initial_state, load_task, put_task
 from jobs.runtime import init_ray
 
 log = logging.getLogger("cxr.jobs.pretrain")
@@ -46,16 +45,14 @@ def run(cfg: PretrainConfig) -> dict:
     ok = False
     try:
         init_ray()
-        rows, images, _ = load_task(cfg, platform)
+        manifest = read_manifest(cfg.manifest, platform.storage)
+        rows, images, _ = load_task(cfg, platform, manifest)
         init_state, init_origin = initial_state(cfg, platform)
         tracking.log_params(uri, run_id, {**config_to_dict(cfg), "init": init_origin, "n_train": int((rows["split"] == "train").sum()),
-                                          "manifest_sha256": manifest_digest(read_manifest(cfg.manifest, platform.storage))})
+                                          "manifest_sha256": manifest_digest(manifest)})
         tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
-        started = time.perf_counter()
-        result = make_trainer(cfg, platform, put_task(cfg, rows, images, init_state), run_id, f"pretrain-{run_id[:8]}").fit()
-        minutes = (time.perf_counter() - started) / 60
-        # Not result.metrics_dataframe: in Ray Train V2 it holds only the epochs that saved a checkpoint.
-        history = tracking.metric_history(uri, run_id, ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
+        result, minutes, history = fit(cfg, platform, put_task(cfg, rows, images, init_state), run_id,
+                                       f"pretrain-{run_id[:8]}")
         best = result.get_best_checkpoint("val_loss", "min")
         with best.as_directory() as folder:
             tracking.log_checkpoint(uri, run_id, folder)

@@ -14,6 +14,7 @@ import yaml
 
 from cxr import tracking
 from cxr.config import FinetuneConfig, TuneJobConfig, config_to_dict, load_config, load_platform
+from cxr.data.manifest import read_manifest
 from cxr.data.storage import absolute_uri
 from cxr.tune import METRIC, MODE, finished_trials, scheduler, search_space, searcher, study_storage
 from jobs.classifier_training import initial_state, load_task, make_trainer, put_task
@@ -44,7 +45,7 @@ def main(cfg: TuneJobConfig) -> int:
         tracking.log_params(uri, study_run, {**config_to_dict(cfg), "finetune_base": str(config_to_dict(base)),
                                              "resumed_finished_trials": done})
         init_ray()
-        rows, images, _ = load_task(base, platform)
+        rows, images, _ = load_task(base, platform, read_manifest(base.manifest, platform.storage))
         init_state, _ = initial_state(base, platform)
         task = put_task(base, rows, images, init_state)
 
