@@ -9,9 +9,28 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from cxr.classification import predict
+from cxr import tracking
+from cxr.classification import inference_device, predict
+from cxr.data.storage import StorageConfig
 from cxr.metrics import bootstrap_metrics, confusion
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
+from cxr.train.classifier_data import build_arrays
+
+
+def card_inputs(tracking_uri: str, card: dict, rows: pd.DataFrame, storage: StorageConfig | None = None,
+                threads: int = 8, segmenter_uri: str | None = None) -> np.ndarray:
+    """(N, 1, S, S) uint8 images of ``rows["uri"]`` as the registered classifier with ``card``
+    saw its training images: letterboxed at its size and, if it was trained on lungs, masked by
+    the segmenter its card pins (or ``segmenter_uri``) with the card's dilation."""
+    prep = card["preprocessing"]
+    segmenter, seg_size = None, 256
+    if prep.get("lung_mask"):
+        uri = segmenter_uri or f"models:/{prep['segmenter_name']}/{prep['segmenter_version']}"
+        segmenter, seg_card, _ = tracking.load_registered(tracking_uri, uri, inference_device())
+        seg_size = int(seg_card["input"]["shape"][-1])
+    images, _ = build_arrays(rows, int(prep["letterbox_size"]), storage, threads, segmenter, seg_size,
+                             int(prep.get("dilation_px", 3)))
+    return images
 
 
 def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],

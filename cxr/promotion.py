@@ -121,21 +121,15 @@ def model_outputs(tracking_uri: str, model_uri: str, kind: str, rows: pd.DataFra
                   storage: StorageConfig | None) -> Outputs:
     """Run a registered model on the evaluation rows."""
     from cxr.classification import predict
+    from cxr.evaluation import card_inputs
     from cxr.segmentation import evaluate_segmenter
-    from cxr.train.classifier_data import build_arrays
 
     model, card, _ = tracking.load_registered(tracking_uri, model_uri)
     if kind == "segmenter":
         per_image, _ = evaluate_segmenter(model, rows, int(card["input"]["shape"][-1]), storage)
         return Outputs("segmenter", dice=per_image["dice"].to_numpy())
-    classes, prep = list(card["labels"]), card["preprocessing"]
-    segmenter, seg_size = None, 256
-    if prep.get("lung_mask"):
-        segmenter, seg_card, _ = tracking.load_registered(
-            tracking_uri, f"models:/{prep['segmenter_name']}/{prep['segmenter_version']}")
-        seg_size = int(seg_card["input"]["shape"][-1])
-    images, _ = build_arrays(rows, int(prep["letterbox_size"]), storage, 4, segmenter, seg_size,
-                             int(prep.get("dilation_px", 3)))
+    classes = list(card["labels"])
+    images = card_inputs(tracking_uri, card, rows, storage, threads=4)
     probs, _ = predict(model, images)
     y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     if np.isnan(y.astype(float)).any():

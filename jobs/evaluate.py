@@ -16,9 +16,8 @@ from cxr.classification import inference_device
 from cxr.config import EvaluateConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
-from cxr.evaluation import evaluate_classifier, flat_metrics, summary_line
+from cxr.evaluation import card_inputs, evaluate_classifier, flat_metrics, summary_line
 from cxr.plots import loss_curves
-from cxr.train.classifier_data import build_arrays
 
 log = logging.getLogger("cxr.jobs.evaluate")
 
@@ -38,14 +37,7 @@ def main(cfg: EvaluateConfig) -> int:
               else f"no labeled rows{' in split ' + cfg.split if cfg.split else ''}"), file=sys.stderr)
         return 2
     rows = rows.assign(target=rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)).reset_index(drop=True)
-    prep = card["preprocessing"]
-    segmenter, seg_size, dilation = None, 256, 3
-    if prep.get("lung_mask"):
-        seg_uri = cfg.segmenter or f"models:/{prep['segmenter_name']}/{prep['segmenter_version']}"
-        segmenter, seg_card, _ = tracking.load_registered(uri, seg_uri, inference_device())
-        seg_size, dilation = int(seg_card["input"]["shape"][-1]), int(prep["dilation_px"])
-    images, _ = build_arrays(rows, int(prep["letterbox_size"]), platform.storage, cfg.load_threads,
-                             segmenter, seg_size, dilation)
+    images = card_inputs(uri, card, rows, platform.storage, cfg.load_threads, cfg.segmenter)
     report, figures, per_image = evaluate_classifier(model, images, rows, classes, cfg.n_boot, cfg.seed,
                                                      cfg.batch_size, cfg.cam_examples)
     history = tracking.metric_history(uri, version.run_id, ["train_loss", "val_loss", "val_accuracy"])
