@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
+
+import pandas as pd
 
 import psutil
 import torch
@@ -79,6 +82,23 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def phases(started_at: datetime, scored_at: pd.Series) -> dict:
+    """Start-up and steady state of a scoring run, from its rows' ``scored_at`` stamps (the
+    moment an actor finished a batch; one stamp per batch).
+
+    ``startup_s``: from the job's start to the first scored batch (Ray, the model actors'
+    imports and model loading, the first decoded batch). ``steady_images_per_s``: the rows
+    scored after the first batch, over the time from the first batch to the last one.
+    """
+    stamps = pd.to_datetime(scored_at, utc=True).dropna().sort_values()
+    if stamps.empty:
+        return {"startup_s": None, "steady_seconds": None, "steady_images_per_s": None}
+    first, last = stamps.iloc[0], stamps.iloc[-1]
+    steady_s = (last - first).total_seconds()
+    return {"startup_s": (first - pd.Timestamp(started_at)).total_seconds(), "steady_seconds": steady_s,
+            "steady_images_per_s": int((stamps > first).sum()) / steady_s if steady_s > 0 else None}
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

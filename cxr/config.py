@@ -271,6 +271,23 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class TrainBenchmarkConfig:
+    """``cxr benchmark-train``: images/s of the classifier's training step, taken apart (the
+    step alone, with augmentation, with the input pipeline of ``cxr pretrain``) in one Ray Train
+    worker on synthetic images: where a pretraining epoch's time goes."""
+
+    NAME: ClassVar[str] = "benchmark_train"
+    model: str = option("resnet50", "architecture name (cxr.models registry)")
+    image_size: int = option(224, "image size in px")
+    batch_size: int = option(32, "batch size (the paper's recipe: 32)")
+    steps: int = option(50, "timed steps per measurement")
+    warmup_steps: int = option(10, "untimed steps before each measurement (cuDNN autotuning, allocator)")
+    use_gpu: bool = option(False, "run the worker on a GPU (bf16 autocast, channels_last, as training)")
+    compile: bool = option(False, "also time the step with the model under torch.compile")
+    out: str = option("out/benchmark-train", "folder for benchmark_train.json")
+
+
+@dataclass(frozen=True)
 class PromoteConfig:
     """``cxr promote``: gated, audited, reversible promotion of a registered version to
     ``champion`` (gates and the frozen evaluation set in mlflow.yaml); or ``--rollback``."""

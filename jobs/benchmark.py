@@ -16,10 +16,11 @@ import pandas as pd
 import torch
 
 from cxr import tracking
-from cxr.benchmark import PeakMemory, naive_score, timed
+from cxr.benchmark import PeakMemory, naive_score, phases, timed
 from cxr.config import BenchmarkConfig, ScoreConfig, load_platform
 from cxr.data.manifest import read_manifest
 from cxr.data.storage import absolute_uri, list_files
+from cxr.scoring import read_scores
 
 
 def main(cfg: BenchmarkConfig) -> int:
@@ -50,7 +51,9 @@ def main(cfg: BenchmarkConfig) -> int:
             decode_tasks=cfg.decode_tasks, use_gpu=cfg.use_gpu, gpus_per_actor=cfg.gpus_per_actor,
             cpu_bf16=cfg.cpu_bf16, object_store_mb=cfg.object_store_mb))
     result["pipeline"] = {"images_per_s": summary["scored"] / seconds, "seconds": seconds, "scored": summary["scored"],
-                          "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"]}
+                          "peak_memory_gib": memory.peak_bytes / 2**30, "by_status": summary["by_status"],
+                          **phases(summary["started_at"], read_scores(str(scratch), columns=["scored_at"])
+                                   .column("scored_at").to_pandas())}
 
     naive_uris = uris[:len(uris) if cfg.naive_images is None else cfg.naive_images]
     segmenter, seg_card, _ = tracking.load_registered(platform.tracking_uri, cfg.segmenter)
@@ -70,8 +73,11 @@ def main(cfg: BenchmarkConfig) -> int:
         result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]
     (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=str))
     p = result["pipeline"]
-    line = (f"benchmark on {len(uris)} images ({result['machine']}): pipeline {p['images_per_s']:.2f} images/s, "
-            f"peak {p['peak_memory_gib']:.2f} GiB")
+    line = (f"benchmark on {len(uris)} images ({result['machine']}): pipeline {p['images_per_s']:.2f} images/s "
+            f"end to end, peak {p['peak_memory_gib']:.2f} GiB")
+    if p["steady_images_per_s"]:
+        line += (f" (start-up to the first scored batch {p['startup_s']:.1f} s, then "
+                 f"{p['steady_images_per_s']:.2f} images/s)")
     if "naive" in result:
         n = result["naive"]
         line += (f"; naive loop {n['images_per_s']:.2f} images/s on {n['scored']}, peak {n['peak_memory_gib']:.2f} GiB; "

@@ -10,7 +10,7 @@ import sys
 import typing
 
 from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, EvaluateConfig, FinetuneConfig, PrepareDataConfig, PretrainConfig, PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig,
-                        SegmenterTrainConfig, TuneJobConfig, config_fields, load_config)
+                        SegmenterTrainConfig, TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
 # so `cxr --help` stays fast.
@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                 "scheduled retraining: prepare-data -> (segmenter) -> (pretrain) -> finetune -> challenger -> promote"),
     "benchmark": (BenchmarkConfig, "jobs.benchmark",
                   "images/s and peak memory of the scoring pipeline against a naive per-image loop"),
+    "benchmark-train": (TrainBenchmarkConfig, "jobs.benchmark_train",
+                        "images/s of the classifier's training step, taken apart (step, augmentation, input pipeline)"),
     "bootstrap": (BootstrapConfig, "jobs.bootstrap",
                   "train and promote small champion models on the shipped sample if the registry has none"),
     "report": (ReportConfig, "jobs.report",

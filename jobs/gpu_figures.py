@@ -1,11 +1,14 @@
 """The GPU figures of docs/RESULTS.md in one process, for a GPU machine held for minutes:
 
-1. manifests of the curated data (``cxr prepare-data``);
-2. the lung UNet (``segmenter-gpu`` preset), registered;
-3. pretraining on the source task (``pretrain-gpu``): its images/s is the throughput figure;
-4. one fine-tune from it (``finetune-gpu``), registered, so the scorer has a classifier;
-5. ``cxr benchmark --use-gpu`` on ``--score-images`` images (the scoring throughput figure);
-6. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation),
+1. ``cxr benchmark-train --use-gpu`` at each of ``--train-batch-sizes`` (the training step
+   taken apart, ``torch.compile`` included at the first size): where pretraining time goes;
+2. manifests of the curated data (``cxr prepare-data``);
+3. the lung UNet (``segmenter-gpu`` preset), registered;
+4. pretraining on the source task (``pretrain-gpu``): its images/s is the throughput figure;
+5. one fine-tune from it (``finetune-gpu``), registered, so the scorer has a classifier;
+6. ``cxr benchmark --use-gpu`` on ``--score-images`` images (the scoring throughput figure,
+   with its start-up and steady state);
+7. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation),
    in that order, until done or killed.
 
 Every step's result is appended to ``OUT/figures.json`` as soon as it ends, and the ablation
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for figures.json and ablation/")
     p.add_argument("--manifests", default="out/manifests")
+    p.add_argument("--train-batch-sizes", default="32,128", help="cxr benchmark-train batch sizes")
     p.add_argument("--segmenter-epochs", type=int, default=30)
     p.add_argument("--pretrain-epochs", type=int, default=30, help="the recipe's 100 take about 4 minutes more")
     p.add_argument("--score-images", type=int, default=20000)
@@ -77,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                             "torch": torch.__version__, "argv": sys.argv[1:]}, time.perf_counter())
 
     done = finished(out)
+    for i, batch in enumerate(args.train_batch_sizes.split(",")):
+        t, step, bench_train = time.perf_counter(), f"benchmark-train-{batch}", out / f"benchmark-train-{batch}"
+        flags = ["--batch-size", batch, "--out", str(bench_train)]
+        flags += (["--model", "resnet18-tiny", "--image-size", "64", "--steps", "3", "--warmup-steps", "1"] if args.smoke
+                  else ["--use-gpu", *(["--compile"] if i == 0 else [])])
+        if step not in done and cxr(["benchmark-train", *flags]) == 0:
+            record(out, step, json.loads((bench_train / "benchmark_train.json").read_text()), t)
+
     t = time.perf_counter()
     if "prepare-data" not in done:
         if cxr(["prepare-data", "--out", args.manifests]) != 0:

@@ -77,7 +77,7 @@ def run(cfg: ScoreConfig) -> dict:
     cls_size = int(tracking.load_card(uri, classifier.pinned_uri)["preprocessing"]["letterbox_size"])
     log.info("job %s: %d inputs, %d already scored with %s v%s + %s v%s", job_id, len(inputs), len(skip),
              segmenter.name, segmenter.version, classifier.name, classifier.version)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     init_ray()
     # Decoding runs in its own tasks, beside the model actors: Ray Data fuses a task stage into
     # an actor stage whose pool size equals the task stage's, and a fused actor would decode
@@ -118,7 +118,7 @@ def run(cfg: ScoreConfig) -> dict:
     return {"job_id": job_id, "inputs": len(inputs), "skipped": len(inputs) - len(mine), "scored": len(mine),
             "by_status": mine["status"].value_counts().to_dict(),
             "by_label": mine["predicted_label"].value_counts().to_dict(), "seconds": seconds,
-            "images_per_s": len(mine) / seconds if seconds > 0 else 0.0, "output": output,
+            "images_per_s": len(mine) / seconds if seconds > 0 else 0.0, "started_at": started_at, "output": output,
             "segmenter": f"{segmenter.name} v{segmenter.version}", "classifier": f"{classifier.name} v{classifier.version}"}
 
 

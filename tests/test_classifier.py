@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score
 
 from cxr import tracking
-from cxr.config import (EvaluateConfig, FinetuneConfig, PretrainConfig, TuneJobConfig, load_config,
-                        load_platform)
+from cxr.config import (EvaluateConfig, FinetuneConfig, PretrainConfig, TrainBenchmarkConfig, TuneJobConfig,
+                        load_config, load_platform)
 from cxr.data.augment import classifier_augment_batch
 from cxr.metrics import bootstrap_metrics, classification_metrics
 from cxr.models import build_model, model_names
@@ -136,6 +136,18 @@ def finetuned(pretrained, tiny_segmenter, sample_manifests, tmp_path_factory):
     client = MlflowClient(platform.tracking_uri)
     versions = client.search_model_versions(f"name='{platform.registered_models['classifier']}'")
     return max(versions, key=lambda v: int(v.version))
+
+
+def test_benchmark_train_times_each_part_of_the_step(ray_local, tmp_path):
+    """Runs the parts in a Ray Train worker and records each; the figures belong in RESULTS.md."""
+    from jobs import benchmark_train
+
+    cfg = TrainBenchmarkConfig(model="resnet18-tiny", image_size=64, batch_size=8, steps=3, warmup_steps=1,
+                               out=str(tmp_path))
+    assert benchmark_train.main(cfg) == 0
+    rates = json.loads((tmp_path / "benchmark_train.json").read_text())["images_per_s"]
+    assert set(rates) == {"step", "step_augment", "loader_augment_step"}
+    assert all(v > 0 for v in rates.values())
 
 
 def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretrained, tiny_segmenter):

@@ -169,3 +169,4 @@ def test_benchmark_compares_pipeline_and_naive_loop_on_the_same_images(tiny_mode
     result = json.loads((tmp_path / "benchmark.json").read_text())
     assert result["pipeline"]["scored"] == result["naive"]["scored"] == 6
     assert result["speedup"] > 0 and result["pipeline"]["peak_memory_gib"] > 0
+    assert result["pipeline"]["startup_s"] > 0 and result["pipeline"]["steady_seconds"] >= 0

@@ -59,13 +59,30 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
             "classes": list(cfg.classes), "image_size": cfg.image_size}
 
 
-def _loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, pin: bool) -> DataLoader:
+def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, pin: bool) -> DataLoader:
     # Pinned host memory lets Ray Train's loader copy the next batch to the GPU on its own
     # stream while the current one trains.
     dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     return ray.train.torch.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
                    pin_memory=pin))
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, device: torch.device, memory_format: torch.memory_format,
+               augment_generator: torch.Generator | None) -> torch.Tensor:
+    """One optimiser step on a batch of (B, 1, H, W) uint8 images already on ``device``;
+    augmented when a generator is given. Returns the detached loss, left on the device."""
+    x = images.float()
+    if augment_generator is not None:
+        x = classifier_augment_batch(x, generator=augment_generator)
+    x = classifier_input(x).contiguous(memory_format=memory_format)
+    with autocast(device):
+        loss = criterion(model(x).float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -84,8 +101,8 @@ def train_loop_per_worker(config: dict) -> None:
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda       # fixed input size: let cuDNN pick its fastest kernels
     data = ray.get(config["data"])
-    train_loader = _loader(*data["train"], cfg.batch_size, shuffle=True, pin=cuda)
-    val_loader = _loader(*data["val"], cfg.batch_size, shuffle=False, pin=cuda)
+    train_loader = make_loader(*data["train"], cfg.batch_size, shuffle=True, pin=cuda)
+    val_loader = make_loader(*data["val"], cfg.batch_size, shuffle=False, pin=cuda)
 
     model = build_model(cfg.model, num_classes=len(cfg.classes), dropout=cfg.dropout)
     if config.get("init_state") is not None:
@@ -114,16 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
             # Sums stay on the device: a .item() per step would stall the GPU once a step.
             loss_sum, n_seen = torch.zeros((), device=device), 0
             for images, labels in train_loader:
-                x = images.float()
-                if cfg.augment:
-                    x = classifier_augment_batch(x, generator=generator)
-                x = classifier_input(x).contiguous(memory_format=memory_format)
-                with autocast(device):
-                    loss = criterion(model(x).float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(labels)
+                loss = train_step(model, criterion, optimizer, images, labels, device, memory_format,
+                                  generator if cfg.augment else None)
+                loss_sum += loss * len(labels)
                 n_seen += len(labels)
             scheduler.step()
             loss_sum = loss_sum.item()                  # waits for the epoch's last step
