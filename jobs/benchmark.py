@@ -5,6 +5,7 @@ ratio and peak memory, and writes them to OUT/benchmark.json."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform as host
 import shutil
@@ -19,8 +20,10 @@ from cxr import tracking
 from cxr.benchmark import PeakMemory, naive_score, phases, timed
 from cxr.config import BenchmarkConfig, ScoreConfig, load_platform
 from cxr.data.manifest import read_manifest
-from cxr.data.storage import absolute_uri, list_files
+from cxr.data.storage import absolute_uri, is_s3, list_files
 from cxr.scoring import read_scores
+
+log = logging.getLogger("cxr.jobs.benchmark")
 
 
 def main(cfg: BenchmarkConfig) -> int:
@@ -33,11 +36,11 @@ def main(cfg: BenchmarkConfig) -> int:
     if not uris:
         print(f"cxr benchmark: no images in {cfg.input}", file=sys.stderr)
         return 1
-    uris = (uris * (cfg.images // len(uris) + 1))[:cfg.images]
     out = Path(cfg.out)
     scratch = out / "scores"
     shutil.rmtree(scratch, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    uris = distinct_inputs(uris, cfg.images, out / "inputs")
     manifest = out / "inputs.parquet"
     pd.DataFrame({"uri": uris}).to_parquet(manifest)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
@@ -84,6 +87,28 @@ def main(cfg: BenchmarkConfig) -> int:
                  f"speed-up {result['speedup']:.2f}x")
     print(f"{line}; wrote {out / 'benchmark.json'}")
     return 0
+
+
+def distinct_inputs(uris: list[str], n: int, folder: Path) -> list[str]:
+    """``n`` inputs with distinct URIs. Where there are fewer files than ``n``, local files are
+    repeated as symbolic links under ``folder``: ``cxr score`` scores each URI once, so
+    repeating a URI would not repeat the work. S3 inputs cannot be linked: the benchmark then
+    uses each once."""
+    if n <= len(uris):
+        return uris[:n]
+    if any(is_s3(u) for u in uris):
+        log.warning("%d S3 inputs cannot be repeated to %d: benchmarking on %d", len(uris), n, len(uris))
+        return uris
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    folder = folder.resolve()
+    links = []
+    for i in range(n):
+        target = Path(uris[i % len(uris)]).resolve()
+        link = folder / f"{i:08d}{target.suffix}"
+        link.symlink_to(target)
+        links.append(str(link))
+    return links
 
 
 def _machine() -> str:

@@ -46,7 +46,10 @@ def list_inputs(cfg: ScoreConfig, storage) -> list[str]:
             uris = list_files(source, storage)
     except (OSError, FileNotFoundError) as e:
         raise SystemicFailure(f"cannot list input {cfg.input}: {e}") from e
-    return uris[:cfg.limit] if cfg.limit else uris
+    unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
+    if len(unique) < len(uris):
+        log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
+    return unique[:cfg.limit] if cfg.limit else unique
 
 
 def check_writable(output: str, storage) -> None:

@@ -170,3 +170,23 @@ def test_benchmark_compares_pipeline_and_naive_loop_on_the_same_images(tiny_mode
     assert result["pipeline"]["scored"] == result["naive"]["scored"] == 6
     assert result["speedup"] > 0 and result["pipeline"]["peak_memory_gib"] > 0
     assert result["pipeline"]["startup_s"] > 0 and result["pipeline"]["steady_seconds"] >= 0
+
+
+def test_benchmark_repeats_local_files_under_distinct_uris(sample_root, tmp_path):
+    """cxr score scores a URI once, so a benchmark larger than its folder links each file again."""
+    from jobs.benchmark import distinct_inputs
+
+    files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:3]]
+    uris = distinct_inputs(files, 7, tmp_path / "inputs")
+    assert len(set(uris)) == 7
+    assert [open(u, "rb").read() for u in uris[3:6]] == [open(f, "rb").read() for f in files]
+    assert distinct_inputs(files, 2, tmp_path / "unused") == files[:2]
+
+
+def test_a_uri_named_twice_is_scored_once(sample_root, tmp_path):
+    import pandas as pd
+
+    files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:2]]
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"uri": files + files[:1]}).to_parquet(manifest)
+    assert score.list_inputs(ScoreConfig(input=str(manifest)), None) == files
