@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,11 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
 def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, pin: bool) -> DataLoader:
     # Pinned host memory lets Ray Train's loader copy the next batch to the GPU on its own
     # stream while the current one trains.
-    dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+    with warnings.catch_warnings():
+        # The arrays are zero-copy views of Ray's object store, hence read-only; batches are
+        # gathered into new tensors and nothing writes to these, so no copy is needed.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     return ray.train.torch.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
                    pin_memory=pin))
