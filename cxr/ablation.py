@@ -31,8 +31,9 @@ def table(results: list[dict]) -> str:
     """Markdown: one row per variant, mean +- std over its seeds of the headline test metrics."""
     columns = [("accuracy", "accuracy"), ("f1_covid", "COVID F1"), ("covid_sensitivity", "COVID sens."),
                ("covid_specificity", "COVID spec."), ("auroc_macro", "macro AUROC")]
-    lines = ["| variant | seeds | " + " | ".join(c for _, c in columns) + " | adult COVID sens. | adult COVID spec. |",
-             "|---|---|" + "---|" * (len(columns) + 2)]
+    lines = ["| variant | seeds | " + " | ".join(c for _, c in columns) + " | adult COVID sens. | adult COVID spec. | "
+             "adult sens. at val threshold | adult spec. at val threshold |",
+             "|---|---|" + "---|" * (len(columns) + 4)]
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
 
@@ -44,7 +45,11 @@ def table(results: list[dict]) -> str:
         cells = [stat(lambda r, k=k: r["report"]["metrics"][k]["value"]) for k, _ in columns]
         adult = [stat(lambda r, k=k: r["report"].get("adult", {}).get(k, {}).get("value", np.nan))
                  for k in ("covid_sensitivity", "covid_specificity")]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells + adult) + " |")
+        # The operating point chosen on validation (cxr.evaluation.screening_threshold); runs
+        # from before it existed have none.
+        screened = [stat(lambda r, k=k: r["report"].get("screening", {}).get("adult", {}).get(k, {}).get("value", np.nan))
+                    for k in ("sensitivity", "specificity")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells + adult + screened) + " |")
     return "\n".join(lines)
 
 

@@ -136,6 +136,9 @@ class FinetuneConfig(ClassifierTrainConfig):
     dilation_px: int | None = option(None, "lung-mask dilation (default: the segmenter card's)")
     register: bool = option(True, "register the best model as cxr-classifier")
     n_boot: int = option(1000, "bootstrap resamples for the test-set confidence intervals")
+    screening_specificity: float = option(
+        0.85, "COVID-vs-rest operating point: the threshold reaching this specificity on the validation split "
+              "(its adult images where it has enough), reported on the test split and kept in the card")
 
 
 @dataclass(frozen=True)

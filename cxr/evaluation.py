@@ -12,7 +12,7 @@ from torch import nn
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.data.storage import StorageConfig
-from cxr.metrics import bootstrap_metrics, confusion
+from cxr.metrics import bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
 from cxr.train.classifier_data import build_arrays
 
@@ -33,11 +33,40 @@ def card_inputs(tracking_uri: str, card: dict, rows: pd.DataFrame, storage: Stor
     return images
 
 
+MIN_PER_CLASS = 10   # images of each kind a split needs before a threshold is chosen on it
+
+
+def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
+                        min_specificity: float, batch_size: int = 32) -> dict | None:
+    """A COVID-vs-rest operating point chosen on a validation split (``images``, ``rows``): the
+    threshold on the COVID probability with the highest sensitivity at specificity >=
+    ``min_specificity``. Chosen on the split's adult images where it holds enough of both
+    classes (adults are the population a screening goal is about, and pediatric negatives are
+    easy), else on all of it. None without COVID or without both classes."""
+    classes = list(classes)
+    if "covid" not in classes or rows.empty:
+        return None
+    probs, _ = predict(model, images, batch_size)
+    positive, score = rows["target"].to_numpy() == classes.index("covid"), probs[:, classes.index("covid")]
+    population = "all"
+    if "age_group" in rows:
+        adult = (rows["age_group"] == "adult").to_numpy()
+        if positive[adult].sum() >= MIN_PER_CLASS and (~positive[adult]).sum() >= MIN_PER_CLASS:
+            positive, score, population = positive[adult], score[adult], "adult"
+    if positive.all() or not positive.any():
+        return None
+    # +inf (nothing reaches the specificity while calling anything positive) becomes the
+    # smallest float above 1: no probability reaches it either, and JSON and MLflow take it.
+    threshold = min(threshold_for_specificity(positive, score, min_specificity), float(np.nextafter(1.0, 2.0)))
+    return {"threshold": threshold, "min_specificity": min_specificity, "chosen_on": f"validation, {population} images (n={len(positive)})"}
+
+
 def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
                         n_boot: int = 1000, seed: int = 0, batch_size: int = 32,
-                        cam_examples: int = 4) -> tuple[dict, dict, pd.DataFrame]:
+                        cam_examples: int = 4, screening: dict | None = None) -> tuple[dict, dict, pd.DataFrame]:
     """(report, figures, per-image predictions) for ``images`` (N, 1, S, S) uint8 and ``rows``
-    (``target``; ``age_group`` where known)."""
+    (``target``; ``age_group`` where known). With ``screening`` (from ``screening_threshold``),
+    the report also holds COVID-vs-rest sensitivity and specificity at that threshold."""
     classes = list(classes)
     probs, _ = predict(model, images, batch_size)
     y = rows["target"].to_numpy()
@@ -50,6 +79,13 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
             sub = bootstrap_metrics(y[adult], probs[adult], classes, n_boot, seed)
             report["adult"] = {"n": int(adult.sum()),
                                **{k: sub[k] for k in ("covid_sensitivity", "covid_specificity", "auroc_covid")}}
+    if screening and "covid" in classes:
+        positive, score = y == classes.index("covid"), probs[:, classes.index("covid")]
+        report["screening"] = {**screening, "all": screening_metrics(positive, score, screening["threshold"], n_boot, seed)}
+        adult = (rows["age_group"] == "adult").to_numpy() if "age_group" in rows else np.zeros(len(y), bool)
+        if adult.any():
+            report["screening"]["adult"] = screening_metrics(positive[adult], score[adult], screening["threshold"],
+                                                             n_boot, seed)
     per_image = pd.DataFrame({"uri": rows["uri"].to_numpy(), "label": rows["label"].to_numpy(),
                               "predicted": [classes[i] for i in probs.argmax(1)],
                               **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}})
@@ -88,6 +124,13 @@ def summary_line(report: dict) -> str:
         a = report["adult"]
         parts.append(f"adult (n={a['n']}) sensitivity {a['covid_sensitivity']['value']:.3f} "
                      f"specificity {a['covid_specificity']['value']:.3f}")
+    if "screening" in report:
+        sc = report["screening"]
+        for population in ("all", "adult"):
+            if population in sc:
+                parts.append(f"at COVID threshold {sc['threshold']:.3f} (specificity >= {sc['min_specificity']} on "
+                             f"{sc['chosen_on']}): {population} sensitivity {sc[population]['sensitivity']['value']:.3f} "
+                             f"specificity {sc[population]['specificity']['value']:.3f}")
     return "; ".join(parts)
 
 
@@ -101,4 +144,11 @@ def flat_metrics(report: dict, prefix: str = "test_") -> dict[str, float]:
     for name, v in report.get("adult", {}).items():
         if isinstance(v, dict):
             out[f"{prefix}adult_{name}"] = v["value"]
+    screening = report.get("screening", {})
+    if screening:
+        out[f"{prefix}screening_threshold"] = screening["threshold"]
+    for population in ("all", "adult"):
+        for name in ("sensitivity", "specificity"):
+            if population in screening:
+                out[f"{prefix}screening_{population}_{name}"] = screening[population][name]["value"]
     return out

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score,
+                             roc_curve)
 
 
 def dice_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -97,3 +98,35 @@ def bootstrap_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[s
 def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarray:
     """Confusion matrix counts, rows = truth, columns = prediction."""
     return confusion_matrix(y_true, probs.argmax(axis=1), labels=list(range(n_classes)))
+
+
+# --- a screening operating point ---------------------------------------------------------------
+
+def threshold_for_specificity(is_positive: np.ndarray, score: np.ndarray, min_specificity: float) -> float:
+    """The score threshold (``score >= threshold`` calls positive) with the highest sensitivity
+    among those whose specificity is at least ``min_specificity``, from scikit-learn's ROC
+    curve. Meant for a validation split; the test split then measures it honestly."""
+    fpr, tpr, thresholds = roc_curve(is_positive, score)
+    allowed = np.flatnonzero(fpr <= 1 - min_specificity + 1e-12)   # never empty: (0, 0) at +inf
+    return float(thresholds[allowed[np.argmax(tpr[allowed])]])
+
+
+def screening_metrics(is_positive: np.ndarray, score: np.ndarray, threshold: float, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, dict[str, float]]:
+    """Sensitivity and specificity of ``score >= threshold``, each with a 95% percentile-bootstrap
+    interval: {"sensitivity": {"value", "low", "high"}, "specificity": {...}, "n": ...}."""
+    is_positive, called = np.asarray(is_positive, bool), np.asarray(score) >= threshold
+
+    def rates(idx: np.ndarray) -> tuple[float, float]:
+        t, c = is_positive[idx], called[idx]
+        return ((c & t).sum() / t.sum() if t.any() else np.nan, (~c & ~t).sum() / (~t).sum() if (~t).any() else np.nan)
+
+    point = rates(np.arange(len(is_positive)))
+    rng = np.random.default_rng(seed)
+    draws = np.array([rates(rng.integers(0, len(is_positive), len(is_positive))) for _ in range(n_boot)])
+    out: dict = {"n": int(len(is_positive))}
+    for j, name in enumerate(("sensitivity", "specificity")):
+        finite = draws[:, j][np.isfinite(draws[:, j])]
+        low, high = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan))
+        out[name] = {"value": float(point[j]), "low": float(low), "high": float(high)}
+    return out

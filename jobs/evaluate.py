@@ -38,8 +38,12 @@ def main(cfg: EvaluateConfig) -> int:
         return 2
     rows = rows.assign(target=rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)).reset_index(drop=True)
     images = card_inputs(uri, card, rows, platform.storage, cfg.load_threads, cfg.segmenter)
+    # The operating point fine-tuning chose on its validation split, if the card keeps one.
+    chosen = card.get("metrics", {}).get("test", {}).get("screening")
+    screening = ({"threshold": chosen["threshold"], "min_specificity": chosen["min_specificity"],
+                  "chosen_on": f"the model card ({chosen['chosen_on']})"} if chosen else None)
     report, figures, per_image = evaluate_classifier(model, images, rows, classes, cfg.n_boot, cfg.seed,
-                                                     cfg.batch_size, cfg.cam_examples)
+                                                     cfg.batch_size, cfg.cam_examples, screening)
     history = tracking.metric_history(uri, version.run_id, ["train_loss", "val_loss", "val_accuracy"])
     if not history.empty:                # the training run's loss curves (the paper's Fig. 7)
         figures["loss_curves.png"] = loss_curves(history, extra="val_accuracy")

@@ -13,7 +13,7 @@ from cxr.classification import inference_device
 from cxr.config import FinetuneConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
-from cxr.evaluation import evaluate_classifier, flat_metrics, summary_line
+from cxr.evaluation import evaluate_classifier, flat_metrics, screening_threshold, summary_line
 from cxr.models import model_spec
 from cxr.plots import loss_curves
 from cxr.preprocess import preprocessing_spec
@@ -60,8 +60,10 @@ def run(cfg: FinetuneConfig) -> dict:
             test = rows["split"] == "test"
             if not test.any():
                 raise ValueError(f"{cfg.manifest}: no test rows to evaluate")
-            report, figures, per_image = evaluate_classifier(model, by_split(rows, images)["test"][0], rows[test],
-                                                             cfg.classes, cfg.n_boot, cfg.seed)
+            splits, val = by_split(rows, images), rows["split"] == "val"
+            screening = screening_threshold(model, splits["val"][0], rows[val], cfg.classes, cfg.screening_specificity)
+            report, figures, per_image = evaluate_classifier(model, splits["test"][0], rows[test], cfg.classes,
+                                                             cfg.n_boot, cfg.seed, screening=screening)
             tracking.log_metrics(uri, run_id, {**flat_metrics(report), "train_minutes": minutes,
                                                "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]})
             tracking.log_dict(uri, run_id, report, "evaluation/test_metrics.json")

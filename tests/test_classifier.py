@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from cxr import tracking
 from cxr.config import (EvaluateConfig, FinetuneConfig, PretrainConfig, TrainBenchmarkConfig, TuneJobConfig,
                         load_config, load_platform)
 from cxr.data.augment import classifier_augment_batch
-from cxr.metrics import bootstrap_metrics, classification_metrics
+from cxr.metrics import bootstrap_metrics, classification_metrics, screening_metrics, threshold_for_specificity
 from cxr.models import build_model, model_names
 from cxr.models.classifier import freeze_batchnorm, load_matching, read_state_file, set_trainable
 from cxr.train.classifier import class_weights
@@ -85,6 +85,23 @@ def test_metrics_agree_with_sklearn_and_intervals_cover_the_value():
     for v in ci.values():
         assert v["low"] <= v["value"] <= v["high"]
     assert 0 < ci["accuracy"]["high"] - ci["accuracy"]["low"] < 0.3
+
+
+def test_screening_threshold_reaches_the_specificity_with_the_most_sensitivity():
+    rng = np.random.default_rng(0)
+    positive = rng.random(400) < 0.4
+    score = np.where(positive, rng.normal(1, 1, 400), rng.normal(-1, 1, 400))
+    t = threshold_for_specificity(positive, score, 0.85)
+    called = score >= t
+    assert (~called & ~positive).sum() / (~positive).sum() >= 0.85
+    # Lowering it far enough to catch one more positive would break the specificity.
+    lower = score[(score < t) & positive].max()
+    assert (~(score >= lower) & ~positive).sum() / (~positive).sum() < 0.85
+    m = screening_metrics(positive, score, t, n_boot=200)
+    tn, fp, fn, tp = confusion_matrix(positive, called).ravel()
+    assert m["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+    assert m["specificity"]["value"] == pytest.approx(tn / (tn + fp))
+    assert m["sensitivity"]["low"] <= m["sensitivity"]["value"] <= m["sensitivity"]["high"]
 
 
 def test_task_rows_refuse_labels_outside_the_classes():
@@ -167,6 +184,10 @@ def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretraine
     assert f"models:/{card['preprocessing']['segmenter_name']}/{card['preprocessing']['segmenter_version']}" == tiny_segmenter
     assert card["intended_use"] == "research use, not for diagnosis"
     assert model.fc[1].out_features == 4
+    # The sample's validation split has 5 COVID and 1 other image, no adults: chosen on all of it.
+    screening = card["metrics"]["test"]["screening"]
+    assert screening["chosen_on"] == "validation, all images (n=6)" and screening["min_specificity"] == 0.85
+    assert run.data.metrics["test_screening_threshold"] == pytest.approx(screening["threshold"])
 
 
 def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_manifests, tmp_path):
@@ -181,6 +202,8 @@ def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_mani
     assert np.array(report["confusion_matrix"]).sum() == len(test_rows)
     assert set(report["metrics"]["accuracy"]) == {"value", "low", "high"}
     assert report["adult"]["n"] == int((test_rows["age_group"] == "adult").sum())
+    assert report["screening"]["chosen_on"].startswith("the model card (validation")   # the card's threshold
+    assert report["screening"]["adult"]["n"] == report["adult"]["n"]
     for name in ("confusion_matrix.png", "roc.png", "gradcam.png", "loss_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "predictions.csv")) == len(test_rows)
