@@ -58,7 +58,8 @@ def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     # +inf (nothing reaches the specificity while calling anything positive) becomes the
     # smallest float above 1: no probability reaches it either, and JSON and MLflow take it.
     threshold = min(threshold_for_specificity(positive, score, min_specificity), float(np.nextafter(1.0, 2.0)))
-    return {"threshold": threshold, "min_specificity": min_specificity, "chosen_on": f"validation, {population} images (n={len(positive)})"}
+    return {"threshold": threshold, "min_specificity": min_specificity,
+            "chosen_on": f"validation, {population} images (n={len(positive)})"}
 
 
 def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
