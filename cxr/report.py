@@ -64,6 +64,14 @@ def _cards(rows: pd.DataFrame, size: int, storage: StorageConfig | None) -> str:
     return "<div class=grid>" + "".join(cards) + "</div>" if cards else "<p>none</p>"
 
 
+def _screening_counts(scored: pd.DataFrame) -> pd.Series:
+    """Screen-positive / negative counts per classifier threshold; rows without one (older
+    schema, or a card without an operating point) count as "no threshold"."""
+    threshold = scored["covid_threshold"].map(lambda t: "no threshold" if pd.isna(t) else f">= {t:.3f}")
+    result = scored["screen_positive"].map(lambda v: "" if pd.isna(v) else (": positive" if v else ": negative"))
+    return (threshold + result).value_counts()
+
+
 def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int,
            storage: StorageConfig | None = None) -> str:
     """The whole page for ``rows`` (scores as read by ``cxr.scoring.read_scores``)."""
@@ -80,7 +88,8 @@ def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int
 <p><b>Research use, not for diagnosis.</b> {len(rows)} images; jobs: {html.escape(', '.join(sorted(rows['job_id'].unique())))}.</p>
 <p>Models: {html.escape('; '.join(f'{m.segmenter_name} v{m.segmenter_version} + {m.classifier_name} v{m.classifier_version}' for m in models.itertuples()))}</p>
 <h2>Summary</h2><div class=grid>{_table(rows['status'].value_counts(), 'status')}
-{_table(scored['predicted_label'].value_counts(), 'predicted label')}</div>
+{_table(scored['predicted_label'].value_counts(), 'predicted label')}
+{_table(_screening_counts(scored), 'COVID screen at the card threshold')}</div>
 <h2>Highest COVID-19 probability ({len(highest)})</h2>{_cards(highest, size, storage)}
 <h2>Flagged by quality control ({len(rows[rows['status'] == 'flagged'])}, showing {len(flagged)})</h2>{_cards(flagged, size, storage)}
 <h2>Errors ({len(errors)})</h2><table><tr><th>uri</th><th>error</th></tr>{error_rows}</table>

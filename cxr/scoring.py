@@ -34,13 +34,14 @@ from cxr.preprocess import PREPROCESS_VERSION
 log = logging.getLogger(__name__)
 
 # Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 SCHEMA = pa.schema([
     ("uri", pa.string()), ("sha256", pa.string()),
     ("status", pa.string()),                     # ok | flagged | error
     ("error", pa.string()),
     ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float32())),
     ("predicted_label", pa.string()), ("covid_probability", pa.float32()),
+    ("covid_threshold", pa.float32()), ("screen_positive", pa.bool_()),      # added in version 2
     ("heatmap_png", pa.binary()), ("heatmap_size", pa.int32()),
     ("lung_fraction", pa.float32()), ("qc_flags", pa.list_(pa.string())),
     ("segmenter_name", pa.string()), ("segmenter_version", pa.string()), ("segmenter_alias", pa.string()),
@@ -51,6 +52,7 @@ SCHEMA = pa.schema([
     ("job_id", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC")),
 ])
 TMP_DIR = "_tmp"
+PARTITION = pa.schema([("scored_date", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     fs, path = filesystem_for(output, storage)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return SCHEMA.empty_table()
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    # The current schema, given explicitly: parts written under an older version read with
+    # nulls in the columns added since, whichever part the dataset happens to open first.
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
+                           partitioning=pads.partitioning(PARTITION, flavor="hive"))
     if not dataset.files:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
     return dataset.to_table(columns=columns)
@@ -168,6 +173,9 @@ class ScoringPredictor:
         self.segmenter, seg_card, _ = tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri, str(self.device))
         self.classifier, cls_card, _ = tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri, str(self.device))
         self.labels = list(cls_card["labels"])
+        # The operating point fine-tuning chose on validation (cxr.evaluation.screening_threshold).
+        screening = cls_card.get("metrics", {}).get("test", {}).get("screening") or {}
+        self.covid_threshold = screening.get("threshold") if "covid" in self.labels else None
         self.dilation = int(cls_card["preprocessing"].get("dilation_px", seg_card.get("mask_dilation_px", 3)))
         self.heatmap_size = heatmap_size
         self.quality = QualityLimits(**quality)
@@ -209,6 +217,8 @@ class ScoringPredictor:
         now = datetime.now(timezone.utc)
         seg, cls = self.seg_ref, self.cls_ref
         scored = [s != "error" for s in status]
+        screen = [bool(probs[i, covid] >= self.covid_threshold) if scored[i] and self.covid_threshold is not None
+                  else None for i in range(n)]
         # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle
         # list and bytes columns into opaque binary in some blocks.
         return pa.Table.from_pydict({
@@ -218,6 +228,7 @@ class ScoringPredictor:
             "probabilities": [probs[i].tolist() if scored[i] else None for i in range(n)],
             "predicted_label": predicted,
             "covid_probability": (probs[:, covid] if covid is not None else np.full(n, np.nan, np.float32)).tolist(),
+            "covid_threshold": [self.covid_threshold] * n, "screen_positive": screen,
             "heatmap_png": heatmaps, "heatmap_size": [self.heatmap_size] * n,
             "lung_fraction": fraction.tolist(), "qc_flags": flags,
             "segmenter_name": [seg.name] * n, "segmenter_version": [seg.version] * n,

@@ -115,7 +115,10 @@ def tiny_models(local_stack, tmp_path_factory) -> dict[str, str]:
                 "input": {"shape": [3, 64, 64]},
                 "preprocessing": preprocessing_spec("classifier", 64, lung_mask=True, dilation_px=3,
                                                     segmenter_name=platform.registered_models["segmenter"],
-                                                    segmenter_version=str(version))}
+                                                    segmenter_version=str(version)),
+                # An operating point as cxr finetune keeps one, for the scorer's screen_positive.
+                "metrics": {"test": {"screening": {"threshold": 0.25, "min_specificity": 0.85,
+                                                   "chosen_on": "validation, all images (n=6)"}}}}
     cls_version = tracking.register_model(platform.tracking_uri, platform.registered_models["classifier"], run_id,
                                           cls_dir, cls_card, (3, 64, 64), (4,), "logits")
     out["classifier"] = f"models:/{platform.registered_models['classifier']}/{cls_version}"

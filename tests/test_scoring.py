@@ -61,7 +61,7 @@ def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
     assert list(read_scores(out).schema.names[:len(SCHEMA)]) == SCHEMA.names
     bad = rows[rows["uri"].isin(archive["bad"])]
     assert (bad["status"] == "error").all() and bad["error"].str.len().gt(5).all()
-    assert bad["probabilities"].isna().all() and bad["heatmap_png"].isna().all()
+    assert bad["probabilities"].isna().all() and bad["heatmap_png"].isna().all() and bad["screen_positive"].isna().all()
     assert "empty file" in bad.set_index("uri").loc[f"s3://{BUCKET}/archive/bad/empty.jpg", "error"]
     good = rows[rows["uri"].isin(archive["good"])]
     assert good["status"].isin(["ok", "flagged"]).all() and good["error"].isna().all()
@@ -71,6 +71,8 @@ def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
         assert np.array(Image.open(io.BytesIO(row["heatmap_png"]))).shape == (32, 32)
         assert 0 <= row["lung_fraction"] <= 1 and len(row["sha256"]) == 64
         assert (row["status"] == "flagged") == bool(len(row["qc_flags"]))
+        assert row["covid_threshold"] == 0.25                         # the tiny classifier card's
+        assert row["screen_positive"] == (row["covid_probability"] >= 0.25)
     assert set(rows["classifier_version"]) == {tiny_models["classifier"].rsplit("/", 1)[1]}
     assert rows["job_id"].nunique() == 1 and rows["scored_date"].nunique() == 1
     # Incremental: a second run scores nothing new.
@@ -138,6 +140,7 @@ def test_report_is_a_self_contained_page_of_the_run(scored, tmp_path):
     assert summary["job_id"] in text and "Research use, not for diagnosis" in text
     assert text.count("data:image/png;base64,") >= 3                  # overlays are inline
     assert "empty file (0 bytes)" in text                             # errors are listed with reasons
+    assert "COVID screen at the card threshold" in text and "&gt;= 0.250: " in text
     assert "http" not in text.replace("http://127.0.0.1", "")         # nothing fetched from elsewhere
 
 
@@ -190,3 +193,26 @@ def test_a_uri_named_twice_is_scored_once(sample_root, tmp_path):
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"uri": files + files[:1]}).to_parquet(manifest)
     assert score.list_inputs(ScoreConfig(input=str(manifest)), None) == files
+
+
+def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
+    """Schema version 1 had no covid_threshold / screen_positive: an output holding parts of both
+    versions reads whole, whichever part comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def part(name: str, schema: pa.Schema, version: str) -> None:
+        row = {f.name: [None] for f in schema}
+        row.update(uri=[f"s3://b/{name}.jpg"], status=["ok"], schema_version=[version], screen_positive=[True])
+        folder = tmp_path / "scores" / "scored_date=2026-11-26"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pydict({k: row[k] for k in schema.names}, schema=schema), folder / f"{name}.parquet")
+
+    v1 = pa.schema([f for f in SCHEMA if f.name not in ("covid_threshold", "screen_positive")])
+    part("a-old", v1, "1")
+    part("b-new", SCHEMA, "2")
+    rows = read_scores(str(tmp_path / "scores")).to_pandas().set_index("uri")
+    assert list(rows["schema_version"]) == ["1", "2"]
+    assert rows.loc["s3://b/a-old.jpg", "screen_positive"] is None
+    assert bool(rows.loc["s3://b/b-new.jpg", "screen_positive"]) is True
+    assert set(rows["scored_date"]) == {"2026-11-26"}
