@@ -253,7 +253,8 @@ class BootstrapConfig:
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """``cxr benchmark``: the scoring pipeline against a naive per-image loop (batch 1, fp32,
-    Grad-CAM by backward), the same models and images, in one run: images/s, ratio, peak memory."""
+    Grad-CAM by backward), the same models and images, in one run: images/s, ratio, peak memory,
+    and the pipeline's start-up (to its first scored batch) and steady-state images/s."""
 
     NAME: ClassVar[str] = "benchmark"
     input: str = option("out/manifests/tasks/dataset2-4class.parquet", "manifest (uri column) or folder of images")

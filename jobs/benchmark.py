@@ -1,6 +1,7 @@
 """``cxr benchmark``: the scoring pipeline (Ray Data, batched, forward-only Grad-CAM) against a
 naive sequential loop on the same registered models and images. Prints images/s of both, the
-ratio and peak memory, and writes them to OUT/benchmark.json."""
+ratio, peak memory and the pipeline's start-up and steady state, and writes them to
+OUT/benchmark.json."""
 
 from __future__ import annotations
 
