@@ -258,7 +258,7 @@ class BenchmarkConfig:
 
     NAME: ClassVar[str] = "benchmark"
     input: str = option("out/manifests/tasks/dataset2-4class.parquet", "manifest (uri column) or folder of images")
-    images: int = option(500, "images to score (inputs are repeated if there are fewer)")
+    images: int = option(500, "images to score (fewer local files are repeated as distinct symlinks)")
     naive_images: int | None = option(None, "images for the naive loop (default: the same as images; 0: skip it)")
     segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter")
     classifier: str = option("models:/cxr-classifier@champion", "registered classifier")
