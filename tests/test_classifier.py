@@ -190,6 +190,25 @@ def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretraine
     assert run.data.metrics["test_screening_threshold"] == pytest.approx(screening["threshold"])
 
 
+def test_ablation_runs_variants_and_writes_the_tables(pretrained, tiny_segmenter, sample_manifests, tmp_path):
+    """One variant, one seed of the tiny twin: the job behind docs/RESULTS.md's tables."""
+    from cxr.config import AblationConfig
+    from jobs import ablation
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(dict(TINY, stage1_epochs=1, stage2_epochs=1, segmenter=tiny_segmenter, n_boot=20,
+                                        register=False, storage_path=str(tmp_path / "ray"))))
+    cfg = AblationConfig(finetune_config=str(base), pretrain_run=pretrained.info.run_id,
+                         manifests=str(sample_manifests), variants=("deconfounded-4class",), seeds=(0,),
+                         out=str(tmp_path / "ablation"))
+    assert ablation.main(cfg) == 0
+    (result,) = json.loads((tmp_path / "ablation" / "results.json").read_text())
+    assert (result["variant"], result["seed"]) == ("deconfounded-4class", 0)
+    assert result["report"]["screening"]["min_specificity"] == 0.85
+    table_md = (tmp_path / "ablation" / "table.md").read_text()
+    assert "| deconfounded-4class | 1 |" in table_md and "adult sens. at val threshold" in table_md
+
+
 def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_manifests, tmp_path):
     platform = load_platform()
     cfg = EvaluateConfig(manifest=str(sample_manifests / "tasks" / "deconfounded-4class.parquet"),
