@@ -116,11 +116,13 @@ def run(cfg: ScoreConfig) -> dict:
             raise SystemicFailure(f"pipeline failed (committed parts are kept; rerun to resume): "
                                   f"{str(e).strip().splitlines()[-1][:300]}") from e
     seconds = time.perf_counter() - started
-    rows = read_scores(output, storage, ["job_id", "status", "predicted_label"]).to_pandas()
+    rows = read_scores(output, storage, ["job_id", "status", "predicted_label", "screen_positive"]).to_pandas()
     mine = rows[rows["job_id"] == job_id]
     return {"job_id": job_id, "inputs": len(inputs), "skipped": len(inputs) - len(mine), "scored": len(mine),
             "by_status": mine["status"].value_counts().to_dict(),
-            "by_label": mine["predicted_label"].value_counts().to_dict(), "seconds": seconds,
+            "by_label": mine["predicted_label"].value_counts().to_dict(),
+            "screen_positive": int(mine["screen_positive"].eq(True).sum()),   # null: no threshold or an error
+            "seconds": seconds,
             "images_per_s": len(mine) / seconds if seconds > 0 else 0.0, "started_at": started_at, "output": output,
             "segmenter": f"{segmenter.name} v{segmenter.version}", "classifier": f"{classifier.name} v{classifier.version}"}
 
@@ -141,6 +143,7 @@ def format_summary(s: dict) -> str:
 
     return (f"score job {s['job_id']}: {s['inputs']} inputs, {s['scored']} scored, {s['skipped']} already scored; "
             f"status: {counts(s['by_status'])}; predicted: {counts(s['by_label'])}; "
+            f"COVID screen-positive: {s['screen_positive']}; "
             f"{s['images_per_s']:.1f} images/s; models {s['segmenter']} + {s['classifier']}; output {s['output']}")
 
 

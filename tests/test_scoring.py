@@ -74,6 +74,7 @@ def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
         assert row["covid_threshold"] == 0.25                         # the tiny classifier card's
         assert row["screen_positive"] == (row["covid_probability"] >= 0.25)
     assert set(rows["classifier_version"]) == {tiny_models["classifier"].rsplit("/", 1)[1]}
+    assert summary["screen_positive"] == int(good["screen_positive"].sum())
     assert rows["job_id"].nunique() == 1 and rows["scored_date"].nunique() == 1
     # Incremental: a second run scores nothing new.
     again = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
