@@ -28,6 +28,13 @@ def inference_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def card_screening(card: dict) -> dict | None:
+    """The COVID operating point a classifier's model card keeps ({"threshold",
+    "min_specificity", "chosen_on"}, chosen by ``cxr.evaluation.screening_threshold`` when it
+    was fine-tuned), or None for a card without one."""
+    return card.get("metrics", {}).get("test", {}).get("screening") or None
+
+
 def load_letterboxed(uris: Sequence[str], sizes: Sequence[int], storage: StorageConfig | None = None,
                      threads: int = 8) -> list[np.ndarray]:
     """Decode each image once and letterbox it at every size: one (N, 1, S, S) uint8 array per size.

@@ -74,16 +74,14 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     report = {"n": int(len(y)), "classes": classes,
               "metrics": bootstrap_metrics(y, probs, classes, n_boot, seed),
               "confusion_matrix": confusion(y, probs, len(classes)).tolist()}
-    if "age_group" in rows and "covid" in classes:
-        adult = (rows["age_group"] == "adult").to_numpy()
-        if adult.any():
-            sub = bootstrap_metrics(y[adult], probs[adult], classes, n_boot, seed)
-            report["adult"] = {"n": int(adult.sum()),
-                               **{k: sub[k] for k in ("covid_sensitivity", "covid_specificity", "auroc_covid")}}
+    adult = (rows["age_group"] == "adult").to_numpy() if "age_group" in rows else np.zeros(len(y), bool)
+    if adult.any() and "covid" in classes:
+        sub = bootstrap_metrics(y[adult], probs[adult], classes, n_boot, seed)
+        report["adult"] = {"n": int(adult.sum()),
+                           **{k: sub[k] for k in ("covid_sensitivity", "covid_specificity", "auroc_covid")}}
     if screening and "covid" in classes:
         positive, score = y == classes.index("covid"), probs[:, classes.index("covid")]
         report["screening"] = {**screening, "all": screening_metrics(positive, score, screening["threshold"], n_boot, seed)}
-        adult = (rows["age_group"] == "adult").to_numpy() if "age_group" in rows else np.zeros(len(y), bool)
         if adult.any():
             report["screening"]["adult"] = screening_metrics(positive[adult], score[adult], screening["threshold"],
                                                              n_boot, seed)

@@ -165,6 +165,7 @@ class ScoringPredictor:
         import torch
 
         from cxr import tracking
+        from cxr.classification import card_screening
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -173,9 +174,8 @@ class ScoringPredictor:
         self.segmenter, seg_card, _ = tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri, str(self.device))
         self.classifier, cls_card, _ = tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri, str(self.device))
         self.labels = list(cls_card["labels"])
-        # The operating point fine-tuning chose on validation (cxr.evaluation.screening_threshold).
-        screening = cls_card.get("metrics", {}).get("test", {}).get("screening") or {}
-        self.covid_threshold = screening.get("threshold") if "covid" in self.labels else None
+        screening = card_screening(cls_card)
+        self.covid_threshold = screening["threshold"] if screening and "covid" in self.labels else None
         self.dilation = int(cls_card["preprocessing"].get("dilation_px", seg_card.get("mask_dilation_px", 3)))
         self.heatmap_size = heatmap_size
         self.quality = QualityLimits(**quality)

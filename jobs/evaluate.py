@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr import tracking
-from cxr.classification import inference_device
+from cxr.classification import card_screening, inference_device
 from cxr.config import EvaluateConfig, config_to_dict, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
@@ -39,7 +39,7 @@ def main(cfg: EvaluateConfig) -> int:
     rows = rows.assign(target=rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)).reset_index(drop=True)
     images = card_inputs(uri, card, rows, platform.storage, cfg.load_threads, cfg.segmenter)
     # The operating point fine-tuning chose on its validation split, if the card keeps one.
-    chosen = card.get("metrics", {}).get("test", {}).get("screening")
+    chosen = card_screening(card)
     screening = ({"threshold": chosen["threshold"], "min_specificity": chosen["min_specificity"],
                   "chosen_on": f"the model card ({chosen['chosen_on']})"} if chosen else None)
     report, figures, per_image = evaluate_classifier(model, images, rows, classes, cfg.n_boot, cfg.seed,
