@@ -44,7 +44,7 @@ def main(cfg: BenchmarkConfig) -> int:
     uris = distinct_inputs(uris, cfg.images, out / "inputs")
     manifest = out / "inputs.parquet"
     pd.DataFrame({"uri": uris}).to_parquet(manifest)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "images": len(uris), "config": cfg.__dict__}
 
     with PeakMemory() as memory:
@@ -112,7 +112,8 @@ def distinct_inputs(uris: list[str], n: int, folder: Path) -> list[str]:
     return links
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The host, its CPUs, its GPU and torch, for a benchmark record."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{host.node()}: {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 

@@ -15,7 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from cxr.config import TrainBenchmarkConfig, config_to_dict
 from cxr.train.throughput import RESULTS, throughput_loop_per_worker
-from jobs.benchmark import _machine
+from jobs.benchmark import machine
 from jobs.runtime import init_ray
 
 
@@ -33,7 +33,7 @@ def main(cfg: TrainBenchmarkConfig) -> int:
     with result.checkpoint.as_directory() as folder:
         rates = json.loads((Path(folder) / RESULTS).read_text())
     shutil.rmtree(storage / name, ignore_errors=True)
-    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "config": config_to_dict(cfg), "images_per_s": rates}
     (out / "benchmark_train.json").write_text(json.dumps(record, indent=2))
     parts = ", ".join(f"{k} {v:.1f}" for k, v in rates.items() if isinstance(v, float))
