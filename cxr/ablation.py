@@ -67,3 +67,24 @@ def per_class_table(results: list[dict], variant: str) -> str:
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def within_table(results: list[dict]) -> str:
+    """Markdown: each variant's COVID AUROC inside the subgroups its reports hold
+    (``cxr.evaluation.covid_auroc_within``: one source archive, one view of adult films), mean
+    +- std over seeds, with the counts. Empty when no report has any."""
+    lines = []
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+        groups = dict.fromkeys(g for r in runs for g in r["report"].get("covid_auroc_within", {}))
+        for group in groups:
+            found = [r["report"]["covid_auroc_within"][group] for r in runs if group in r["report"].get("covid_auroc_within", {})]
+            values = np.array([v["value"] for v in found])
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            lines.append(f"| {name} | {group} | {found[0]['n_positive']} vs {found[0]['n_negative']} | {len(found)} | "
+                         f"{values.mean():.3f} ± {spread:.3f} | "
+                         + ", ".join(f"[{v['low']:.2f}, {v['high']:.2f}]" for v in found) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| variant | COVID vs rest within | COVID vs other images | seeds | AUROC | per-seed 95% intervals |",
+                      "|---|---|---|---|---|---|", *lines])

@@ -3,6 +3,7 @@ adult images only, for the known pediatric/adult confound), and the figures that
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.data.storage import StorageConfig
-from cxr.metrics import bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
+from cxr.metrics import auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
 from cxr.train.classifier_data import build_arrays
 
@@ -34,6 +35,7 @@ def card_inputs(tracking_uri: str, card: dict, rows: pd.DataFrame, storage: Stor
 
 
 MIN_PER_CLASS = 10   # images of each kind a split needs before a threshold is chosen on it
+MIN_WITHIN = 5       # COVID and non-COVID images a subgroup needs before its AUROC is reported
 
 
 def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
@@ -66,8 +68,9 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
                         n_boot: int = 1000, seed: int = 0, batch_size: int = 32,
                         cam_examples: int = 4, screening: dict | None = None) -> tuple[dict, dict, pd.DataFrame]:
     """(report, figures, per-image predictions) for ``images`` (N, 1, S, S) uint8 and ``rows``
-    (``target``; ``age_group`` where known). With ``screening`` (from ``screening_threshold``),
-    the report also holds COVID-vs-rest sensitivity and specificity at that threshold."""
+    (``target``; ``age_group``, ``source`` and ``view`` where known). With ``screening`` (from
+    ``screening_threshold``), the report also holds COVID-vs-rest sensitivity and specificity at
+    that threshold; with ``source``/``view``, the COVID AUROC within them (``covid_auroc_within``)."""
     classes = list(classes)
     probs, _ = predict(model, images, batch_size)
     y = rows["target"].to_numpy()
@@ -85,6 +88,10 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
         if adult.any():
             report["screening"]["adult"] = screening_metrics(positive[adult], score[adult], screening["threshold"],
                                                              n_boot, seed)
+    if "covid" in classes:
+        within = covid_auroc_within(rows, y == classes.index("covid"), probs[:, classes.index("covid")], n_boot, seed)
+        if within:
+            report["covid_auroc_within"] = within
     per_image = pd.DataFrame({"uri": rows["uri"].to_numpy(), "label": rows["label"].to_numpy(),
                               "predicted": [classes[i] for i in probs.argmax(1)],
                               **{f"p_{c}": probs[:, i] for i, c in enumerate(classes)}})
@@ -93,6 +100,28 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     if cam_examples > 0 and len(y):
         figures["gradcam.png"] = _cam_figure(model, images, y, probs, classes, cam_examples, batch_size)
     return report, figures, per_image
+
+
+def covid_auroc_within(rows: pd.DataFrame, positive: np.ndarray, score: np.ndarray, n_boot: int = 1000,
+                       seed: int = 0) -> dict[str, dict]:
+    """COVID-vs-rest AUROC inside subgroups where a shortcut cannot separate the classes: each
+    source archive (``source=...``), and each view among adult images (``adult, view=...``),
+    that holds at least ``MIN_WITHIN`` images of both kinds.
+
+    Where the label and the archive coincide (every COVID image comes from one collection, the
+    negatives mostly from others), the overall AUROC can be the archive's signature; within one
+    archive it cannot. The same for AP (often portable, supine) against PA films.
+    """
+    groups: dict[str, np.ndarray] = {}
+    if "source" in rows:
+        for source in sorted(rows["source"].dropna().unique()):
+            groups[f"source={source}"] = (rows["source"] == source).to_numpy()
+    if "view" in rows and "age_group" in rows:
+        adult = (rows["age_group"] == "adult").to_numpy()
+        for view in sorted(rows.loc[adult, "view"].dropna().unique()):
+            groups[f"adult, view={view}"] = adult & (rows["view"] == view).to_numpy()
+    return {name: auroc_interval(positive[member], score[member], n_boot, seed) for name, member in groups.items()
+            if positive[member].sum() >= MIN_WITHIN and (~positive[member]).sum() >= MIN_WITHIN}
 
 
 def _cam_figure(model: nn.Module, images: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str],
@@ -130,6 +159,9 @@ def summary_line(report: dict) -> str:
                 parts.append(f"at COVID threshold {sc['threshold']:.3f} (specificity >= {sc['min_specificity']} on "
                              f"{sc['chosen_on']}): {population} sensitivity {sc[population]['sensitivity']['value']:.3f} "
                              f"specificity {sc[population]['specificity']['value']:.3f}")
+    for group, v in report.get("covid_auroc_within", {}).items():
+        parts.append(f"COVID AUROC within {group} ({v['n_positive']} vs {v['n_negative']}) "
+                     f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
     return "; ".join(parts)
 
 
@@ -150,4 +182,7 @@ def flat_metrics(report: dict, prefix: str = "test_") -> dict[str, float]:
         for name in ("sensitivity", "specificity"):
             if population in screening:
                 out[f"{prefix}screening_{population}_{name}"] = screening[population][name]["value"]
+    for group, v in report.get("covid_auroc_within", {}).items():
+        # MLflow metric names take letters, digits and _-./ only: "adult, view=PA" -> "adult_view_PA".
+        out[f"{prefix}covid_auroc_within_{re.sub(r'[^A-Za-z0-9_./-]+', '_', group)}"] = v["value"]
     return out

@@ -130,3 +130,19 @@ def screening_metrics(is_positive: np.ndarray, score: np.ndarray, threshold: flo
         low, high = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan))
         out[name] = {"value": float(point[j]), "low": float(low), "high": float(high)}
     return out
+
+
+def auroc_interval(is_positive: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """AUROC of ``score`` for ``is_positive`` (scikit-learn) with a 95% percentile-bootstrap
+    interval, and the counts it rests on: {"value", "low", "high", "n_positive", "n_negative"}.
+    Resamples that draw a single class are skipped."""
+    is_positive, score = np.asarray(is_positive, bool), np.asarray(score, float)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(is_positive), len(is_positive))
+        if 0 < is_positive[idx].sum() < len(idx):
+            draws.append(roc_auc_score(is_positive[idx], score[idx]))
+    low, high = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+    return {"value": float(roc_auc_score(is_positive, score)), "low": float(low), "high": float(high),
+            "n_positive": int(is_positive.sum()), "n_negative": int((~is_positive).sum())}

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cxr.ablation import VARIANTS, check_variants, per_class_table, table
+from cxr.ablation import VARIANTS, check_variants, per_class_table, table, within_table
 from cxr.config import AblationConfig, FinetuneConfig, load_config
 
 
@@ -38,8 +38,8 @@ def main(cfg: AblationConfig) -> int:
             results.append({"variant": variant, "seed": seed, "run_id": r["run_id"], "minutes": r["minutes"],
                             "report": r["report"]})
             results_file.write_text(json.dumps(results, indent=2))
-    text = table(results) + "\n\n" + "\n\n".join(
-        per_class_table(results, v) for v in ("paper-4class", "paper-3class") if v in cfg.variants)
+    text = "\n\n".join(part for part in [table(results), within_table(results), *(
+        per_class_table(results, v) for v in ("paper-4class", "paper-3class") if v in cfg.variants)] if part)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxr.ablation import VARIANTS, check_variants, per_class_table, table
+from cxr.ablation import VARIANTS, check_variants, per_class_table, table, within_table
 
 
 def run(variant: str, seed: int, accuracy: float, f1_covid: float) -> dict:
@@ -37,3 +37,16 @@ def test_tables_give_mean_and_sample_std_over_seeds():
     scratch = next(line for line in lines if line.startswith("| scratch-4class"))
     assert "0.600 ± 0.000" in scratch
     assert "| covid | 1.000 ± 0.000 | 0.900 ± 0.000 | 0.920 ± 0.028 |" in per_class_table(results, "paper-4class")
+
+
+def test_within_table_lists_each_subgroup_with_its_counts_and_intervals():
+    def within(value: float) -> dict:
+        return {"source=covid": {"value": value, "low": value - 0.2, "high": value + 0.1, "n_positive": 60,
+                                 "n_negative": 9}}
+
+    results = [run("deconfounded-4class", s, 0.7, 0.8) for s in (0, 1)]
+    results[0]["report"]["covid_auroc_within"], results[1]["report"]["covid_auroc_within"] = within(0.5), within(0.6)
+    lines = within_table(results).splitlines()
+    assert lines[2] == (f"| deconfounded-4class | source=covid | 60 vs 9 | 2 | 0.550 ± {np.std([0.5, 0.6], ddof=1):.3f} | "
+                        "[0.30, 0.60], [0.40, 0.70] |")
+    assert within_table([run("paper-4class", 0, 0.7, 0.8)]) == ""      # reports from before it existed

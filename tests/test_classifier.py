@@ -11,13 +11,15 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from cxr import tracking
 from cxr.config import (EvaluateConfig, FinetuneConfig, PretrainConfig, TrainBenchmarkConfig, TuneJobConfig,
                         load_config, load_platform)
 from cxr.data.augment import classifier_augment_batch
-from cxr.metrics import bootstrap_metrics, classification_metrics, screening_metrics, threshold_for_specificity
+from cxr.evaluation import covid_auroc_within
+from cxr.metrics import (auroc_interval, bootstrap_metrics, classification_metrics, screening_metrics,
+                         threshold_for_specificity)
 from cxr.models import build_model, model_names
 from cxr.models.classifier import freeze_batchnorm, load_matching, read_state_file, set_trainable
 from cxr.train.classifier import class_weights
@@ -102,6 +104,25 @@ def test_screening_threshold_reaches_the_specificity_with_the_most_sensitivity()
     assert m["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
     assert m["specificity"]["value"] == pytest.approx(tn / (tn + fp))
     assert m["sensitivity"]["low"] <= m["sensitivity"]["value"] <= m["sensitivity"]["high"]
+
+
+def test_covid_auroc_within_one_archive_sees_through_an_archive_shortcut():
+    """A score that only knows the archive (every COVID image from one, the negatives mostly
+    from another) has a high overall AUROC and chance inside the COVID archive."""
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"source": ["covid"] * 60 + ["shenzhen"] * 80, "age_group": "adult",
+                         "view": ["AP"] * 4 + ["PA"] * 136})
+    positive = np.r_[rng.random(60) < 0.8, np.zeros(80, bool)]
+    score = np.where(rows["source"] == "covid", 0.7, 0.2) + rng.normal(0, 0.05, 140)
+    assert roc_auc_score(positive, score) > 0.85
+    within = covid_auroc_within(rows, positive, score, n_boot=200)
+    inside = within["source=covid"]
+    assert abs(inside["value"] - 0.5) < 0.2 and inside["low"] <= inside["value"] <= inside["high"]
+    assert inside["n_positive"] == positive[:60].sum() and inside["n_negative"] == 60 - positive[:60].sum()
+    assert inside == auroc_interval(positive[:60], score[:60], n_boot=200)
+    assert inside["value"] == pytest.approx(roc_auc_score(positive[:60], score[:60]))
+    # shenzhen has no COVID image and there are 4 adult AP films (under MIN_WITHIN): no entry.
+    assert set(within) == {"source=covid", "adult, view=PA"}
 
 
 def test_task_rows_refuse_labels_outside_the_classes():
