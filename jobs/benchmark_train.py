@@ -20,6 +20,10 @@ from jobs.runtime import init_ray
 
 
 def main(cfg: TrainBenchmarkConfig) -> int:
+    if cfg.steps < 1 or cfg.warmup_steps < 0 or cfg.batch_size < 1:
+        print(f"cxr benchmark-train: needs --steps >= 1, --warmup-steps >= 0 and --batch-size >= 1 "
+              f"(got {cfg.steps}, {cfg.warmup_steps}, {cfg.batch_size})", file=sys.stderr)
+        return 2
     init_ray()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,15 @@ def test_benchmark_train_times_each_part_of_the_step(ray_local, tmp_path):
     assert all(v > 0 for v in rates.values())
 
 
+def test_benchmark_train_refuses_zero_steps(tmp_path, capsys):
+    """Zero timed steps would time nothing (and record 0 images/s); refused before Ray starts."""
+    from jobs import benchmark_train
+
+    assert benchmark_train.main(TrainBenchmarkConfig(steps=0, out=str(tmp_path))) == 2
+    assert "--steps >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "benchmark_train.json").exists()
+
+
 def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretrained, tiny_segmenter):
     platform = load_platform()
     client = MlflowClient(platform.tracking_uri)
