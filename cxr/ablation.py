@@ -75,10 +75,9 @@ def within_table(results: list[dict]) -> str:
     +- std over seeds, with the counts. Empty when no report has any."""
     lines = []
     for name in dict.fromkeys(r["variant"] for r in results):
-        runs = [r for r in results if r["variant"] == name]
-        groups = dict.fromkeys(g for r in runs for g in r["report"].get("covid_auroc_within", {}))
-        for group in groups:
-            found = [r["report"]["covid_auroc_within"][group] for r in runs if group in r["report"].get("covid_auroc_within", {})]
+        within = [r["report"].get("covid_auroc_within", {}) for r in results if r["variant"] == name]
+        for group in dict.fromkeys(g for w in within for g in w):
+            found = [w[group] for w in within if group in w]
             values = np.array([v["value"] for v in found])
             spread = values.std(ddof=1) if len(values) > 1 else 0.0
             lines.append(f"| {name} | {group} | {found[0]['n_positive']} vs {found[0]['n_negative']} | {len(found)} | "
