@@ -82,14 +82,15 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
         sub = bootstrap_metrics(y[adult], probs[adult], classes, n_boot, seed)
         report["adult"] = {"n": int(adult.sum()),
                            **{k: sub[k] for k in ("covid_sensitivity", "covid_specificity", "auroc_covid")}}
-    if screening and "covid" in classes:
-        positive, score = y == classes.index("covid"), probs[:, classes.index("covid")]
-        report["screening"] = {**screening, "all": screening_metrics(positive, score, screening["threshold"], n_boot, seed)}
-        if adult.any():
-            report["screening"]["adult"] = screening_metrics(positive[adult], score[adult], screening["threshold"],
-                                                             n_boot, seed)
     if "covid" in classes:
-        within = covid_auroc_within(rows, y == classes.index("covid"), probs[:, classes.index("covid")], n_boot, seed)
+        positive, score = y == classes.index("covid"), probs[:, classes.index("covid")]
+        if screening:
+            report["screening"] = {**screening,
+                                   "all": screening_metrics(positive, score, screening["threshold"], n_boot, seed)}
+            if adult.any():
+                report["screening"]["adult"] = screening_metrics(positive[adult], score[adult],
+                                                                 screening["threshold"], n_boot, seed)
+        within = covid_auroc_within(rows, positive, score, n_boot, seed)
         if within:
             report["covid_auroc_within"] = within
     per_image = pd.DataFrame({"uri": rows["uri"].to_numpy(), "label": rows["label"].to_numpy(),
