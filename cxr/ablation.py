@@ -1,8 +1,14 @@
-"""The variants of ``cxr ablation``: each is a set of finetune overrides."""
+"""``cxr ablation``: the variants (each a set of finetune overrides), the runs over variants x
+seeds, and the Markdown tables docs/RESULTS.md quotes (mean +- std over seeds)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+from cxr.config import AblationConfig, FinetuneConfig, PlatformConfig, load_config
 
 LABELS_4 = ["covid", "normal", "bacterial", "viral"]
 LABELS_3 = ["covid", "normal", "pneumonia"]
@@ -87,3 +93,34 @@ def within_table(results: list[dict]) -> str:
         return ""
     return "\n".join(["| variant | COVID vs rest within | COVID vs other images | seeds | AUROC | per-seed 95% intervals |",
                       "|---|---|---|---|---|---|", *lines])
+
+
+def run_ablation(cfg: AblationConfig, platform: PlatformConfig) -> str:
+    """Fine-tune each (variant, seed) not yet in OUT/results.json (resumable; Ray must be up),
+    then write OUT/table.md; returns the tables."""
+    from cxr.workflows.classifier import finetune
+
+    check_variants(cfg.variants)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    done = {(r["variant"], r["seed"]) for r in results}
+    for variant in cfg.variants:
+        task, classes, pretrained, masked = VARIANTS[variant]
+        for seed in cfg.seeds:
+            if (variant, seed) in done:      # resumable: a rerun only runs what is missing
+                continue
+            overrides = {"manifest": str(Path(cfg.manifests) / "tasks" / f"{task}.parquet"), "classes": classes,
+                         "seed": seed, "pretrain_run": cfg.pretrain_run if pretrained else None,
+                         "register": False, "run_name": f"ablation-{variant}-s{seed}"}
+            if not masked:
+                overrides["segmenter"] = "none"
+            r = finetune(load_config(FinetuneConfig, cfg.finetune_config, overrides), platform)
+            results.append({"variant": variant, "seed": seed, "run_id": r["run_id"], "minutes": r["minutes"],
+                            "report": r["report"]})
+            results_file.write_text(json.dumps(results, indent=2))
+    text = "\n\n".join(part for part in [table(results), within_table(results), *(
+        per_class_table(results, v) for v in ("paper-4class", "paper-3class") if v in cfg.variants)] if part)
+    (out / "table.md").write_text(text + "\n")
+    return text

@@ -15,30 +15,27 @@ from torch import nn
 
 from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError
-from cxr.data.letterbox import letterbox
 from cxr.data.storage import StorageConfig, read_bytes
-from cxr.masking import mask_lungs
 from cxr.models.classifier import logits_and_features
-from cxr.preprocess import classifier_input, segmenter_input
+from cxr.screen import Preprocess
 
 
-def naive_score(uris: list[str], segmenter: nn.Module, seg_size: int, classifier: nn.Module, cls_size: int,
-                dilation_px: int, storage: StorageConfig | None = None, device: str = "cpu") -> int:
-    """What a first version would do: one image at a time, fp32, decode -> segment -> mask ->
-    classify -> Grad-CAM by a backward pass to layer4, on ``device``. Returns the images scored."""
+def naive_score(uris: list[str], preprocess: Preprocess, classifier: nn.Module,
+                storage: StorageConfig | None = None, device: str = "cpu") -> int:
+    """What a first version would do: one image at a time, fp32, decode -> the card's
+    preprocessing (segment, mask) -> classify -> Grad-CAM by a backward pass to layer4, on
+    ``device`` (where ``preprocess``'s segmenter and ``classifier`` are). Returns the images scored."""
     limits, done = DecodeLimits(), 0
-    segmenter, classifier = segmenter.to(device).eval(), classifier.to(device).eval()
+    classifier = classifier.to(device).eval()
     for uri in uris:
         try:
             gray = decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits)
         except BadImageError:
             continue
-        small = torch.from_numpy(letterbox(gray, seg_size))[None, None].to(device)
-        image = torch.from_numpy(letterbox(gray, cls_size))[None, None].float().to(device)
-        with torch.no_grad():
-            lung = torch.sigmoid(segmenter(segmenter_input(small)))
-        masked, _ = mask_lungs(image, lung, dilation_px=dilation_px)
-        logits, features = logits_and_features(classifier, classifier_input(masked.round()))
+        image, small = preprocess.letterbox(gray)
+        x, _ = preprocess(torch.from_numpy(image)[None, None].to(device),
+                          torch.from_numpy(small)[None, None].to(device) if small is not None else None)
+        logits, features = logits_and_features(classifier, x)
         features.retain_grad()
         target = int(logits.argmax(1))
         logits[0, target].backward()

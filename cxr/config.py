@@ -1,8 +1,9 @@
 """Configuration: one frozen dataclass per job, YAML defaults, CLI overrides; and the platform
 settings in ``mlflow.yaml`` (tracking URI, storage endpoint, model names).
 
-Precedence, lowest first: dataclass defaults < ``cxr/configs/<job>.yaml`` < ``--config FILE``
-< command-line flags. The resolved config is what gets saved and logged.
+Precedence, lowest first: the dataclass defaults (the one source of defaults) < ``--config
+FILE`` (e.g. a preset in ``cxr/configs/presets/``) < command-line flags. The resolved config is
+what gets saved and logged.
 """
 
 from __future__ import annotations
@@ -127,10 +128,18 @@ class PretrainConfig(ClassifierTrainConfig):
 
 @dataclass(frozen=True)
 class FinetuneConfig(ClassifierTrainConfig):
-    """``cxr finetune``: dataset II, lung-masked by the registered segmenter; stage 1 trains the
-    head on a frozen backbone, stage 2 unfreezes the later blocks. Registers cxr-classifier."""
+    """``cxr finetune``: the paper's dataset II, 4 classes, lung-masked by the champion
+    segmenter. Stage 1 trains only the new dropout + linear head on the frozen backbone (the
+    paper freezes "the first five modules"); stage 2 unfreezes layer3 and layer4 at 1e-4.
+    Registers cxr-classifier with its model card."""
 
     NAME: ClassVar[str] = "finetune"
+    manifest: str = option("out/manifests/tasks/dataset2-4class.parquet",
+                           "task manifest (uri, label, split); also dataset2-3class, deconfounded-4class")
+    classes: tuple[str, ...] = option(("covid", "normal", "bacterial", "viral"), "class names, in output order")
+    stage1_epochs: int = option(10, "epochs of stage 1 (the head alone)")
+    stage1_trainable: tuple[str, ...] = option(("fc",), "modules trained in stage 1 (names, or all)")
+    stage2_epochs: int = option(30, "epochs of stage 2 (0: one stage)")
     pretrain_run: str | None = option(None, "MLflow run id of a cxr pretrain run to start from (else scratch or init_weights)")
     segmenter: str | None = option("models:/cxr-segmenter@champion", "segmenter used for lung masking; none: no masking")
     dilation_px: int | None = option(None, "lung-mask dilation (default: the segmenter card's)")
@@ -191,7 +200,9 @@ class ScoreConfig:
     NAME: ClassVar[str] = "score"
     input: str = option("s3://cxr-demo/archive", "folder, s3:// prefix, or a .parquet manifest with a uri column")
     output: str = option("out/scores", "output folder or s3:// prefix (Parquet, partitioned by scored_date)")
-    segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter (models:/NAME@ALIAS or /VERSION)")
+    segmenter: str | None = option(
+        "models:/cxr-segmenter@champion", "segmenter for the lung-area quality signal of a classifier trained "
+        "without lung masks (none: no quality signal); a lung-masked classifier always uses the segmenter its card pins")
     classifier: str = option("models:/cxr-classifier@champion", "registered classifier (models:/NAME@ALIAS or /VERSION)")
     batch_size: int = option(32, "images per model batch")
     actors: int = option(1, "model actors")
@@ -260,7 +271,8 @@ class BenchmarkConfig:
     input: str = option("out/manifests/tasks/dataset2-4class.parquet", "manifest (uri column) or folder of images")
     images: int = option(500, "images to score (fewer local files are repeated as distinct symlinks)")
     naive_images: int | None = option(None, "images for the naive loop (default: the same as images; 0: skip it)")
-    segmenter: str = option("models:/cxr-segmenter@champion", "registered segmenter")
+    segmenter: str | None = option("models:/cxr-segmenter@champion", "segmenter (as cxr score: a lung-masked "
+                                                                       "classifier uses the one its card pins)")
     classifier: str = option("models:/cxr-classifier@champion", "registered classifier")
     batch_size: int = option(32, "pipeline batch size")
     actors: int = option(1, "pipeline model actors")
@@ -302,6 +314,30 @@ class PromoteConfig:
     rollback: bool = option(False, "move champion back to previous-champion instead (no evaluation)")
     reason: str = option("", "why, for the audit record")
     user: str | None = option(None, "who, for the audit record (default: the login name)")
+
+
+@dataclass(frozen=True)
+class ExportModelConfig:
+    """``cxr export-model``: a registered screen or classifier as a self-contained, versioned
+    bundle (safetensors weights, card JSON, Markdown card, MLflow files, checksums) that
+    ``cxr import-model`` registers in any registry and ``cxr.load`` reads."""
+
+    NAME: ClassVar[str] = "export_model"
+    model: str = option("models:/cxr-screen@champion", "registered screen or classifier (models:/NAME@ALIAS or /VERSION)")
+    out: str = option("out/bundle", "the bundle: a new folder, or a file ending in .tar")
+    dtype: str = option("float32", "weights as float32, bfloat16 or int8 (per-channel, weight-only; see cxr/weights.py)")
+    segmenter: str | None = option("models:/cxr-segmenter@champion", "for a classifier trained without lung masks: "
+                                   "the segmenter of the quality signal (a lung-masked one brings its own)")
+
+
+@dataclass(frozen=True)
+class ImportModelConfig:
+    """``cxr import-model``: verify a bundle (checksums, cards) and register its segmenter,
+    classifier and screen in this registry (MLFLOW_TRACKING_URI or mlflow.yaml)."""
+
+    NAME: ClassVar[str] = "import_model"
+    bundle: str = option("out/bundle", "bundle folder or .tar from cxr export-model")
+    alias: str | None = option(None, "point this alias of all three registered models at the imported versions")
 
 
 @dataclass(frozen=True)
@@ -378,13 +414,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 def load_config(cls: type[T], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Resolve a job config. Unknown keys fail and list the valid ones."""
     values: dict[str, Any] = {}
-    default_file = CONFIG_DIR / f"{cls.NAME}.yaml"
-    for path in (default_file if default_file.exists() else None, config_file):
-        if path:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: expected a YAML mapping of option: value")
-            values.update(loaded)
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a YAML mapping of option: value")
+        values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     hints = typing.get_type_hints(cls)
     valid = {f.name for f in config_fields(cls)}

@@ -3,6 +3,7 @@ adult images only, for the known pediatric/adult confound), and the figures that
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -11,27 +12,42 @@ import pandas as pd
 from torch import nn
 
 from cxr import tracking
+from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
 from cxr.data.storage import StorageConfig
 from cxr.metrics import auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
-from cxr.train.classifier_data import build_arrays
+from cxr.screen import Preprocess
 
 
-def card_inputs(tracking_uri: str, card: dict, rows: pd.DataFrame, storage: StorageConfig | None = None,
+def preprocess_for(tracking_uri: str, card: ModelCard, device: str, segmenter_uri: str | None = None) -> Preprocess:
+    """The ``Preprocess`` of a registered classifier: its card's, with the segmenter it pins
+    loaded (or, for an ablation, ``segmenter_uri`` in its place, which the preprocessing then names)."""
+    prep = card.preprocessing
+    if not prep.lung_mask:
+        return Preprocess(prep)
+    segmenter = tracking.load_registered(tracking_uri, segmenter_uri or prep.segmenter_uri, device)
+    if segmenter_uri:
+        prep = dataclasses.replace(prep, segmenter_name=segmenter.name, segmenter_version=segmenter.version)
+    return Preprocess(prep, segmenter)
+
+
+def card_inputs(tracking_uri: str, card: ModelCard, rows: pd.DataFrame, storage: StorageConfig | None = None,
                 threads: int = 8, segmenter_uri: str | None = None) -> np.ndarray:
     """(N, 1, S, S) uint8 images of ``rows["uri"]`` as the registered classifier with ``card``
-    saw its training images: letterboxed at its size and, if it was trained on lungs, masked by
-    the segmenter its card pins (or ``segmenter_uri``) with the card's dilation."""
-    prep = card["preprocessing"]
-    segmenter, seg_size = None, 256
-    if prep.get("lung_mask"):
-        uri = segmenter_uri or f"models:/{prep['segmenter_name']}/{prep['segmenter_version']}"
-        segmenter, seg_card, _ = tracking.load_registered(tracking_uri, uri, inference_device())
-        seg_size = int(seg_card["input"]["shape"][-1])
-    images, _ = build_arrays(rows, int(prep["letterbox_size"]), storage, threads, segmenter, seg_size,
-                             int(prep.get("dilation_px", 3)))
+    saw its training images (``preprocess_for``)."""
+    images, _ = preprocess_for(tracking_uri, card, inference_device(), segmenter_uri).prepare(
+        rows["uri"].tolist(), storage, threads)
     return images
+
+
+def card_screening(card: ModelCard) -> dict | None:
+    """The card's operating point as ``evaluate_classifier``'s ``screening`` argument."""
+    op = card.operating_point
+    if op is None or op.label != "covid":
+        return None
+    return {"threshold": op.threshold, "min_specificity": op.min_specificity,
+            "chosen_on": f"the model card ({op.chosen_on})"}
 
 
 MIN_PER_CLASS = 10   # images of each kind a split needs before a threshold is chosen on it

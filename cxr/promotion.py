@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import tracking
+from cxr.config import PlatformConfig, PromoteConfig
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import StorageConfig, absolute_uri
 from cxr.metrics import bootstrap_metrics, classification_metrics, dice_summary, mean_interval
@@ -124,11 +125,12 @@ def model_outputs(tracking_uri: str, model_uri: str, kind: str, rows: pd.DataFra
     from cxr.evaluation import card_inputs
     from cxr.segmentation import evaluate_segmenter
 
-    model, card, _ = tracking.load_registered(tracking_uri, model_uri)
+    loaded = tracking.load_registered(tracking_uri, model_uri)
+    model, card = loaded.model, loaded.card
     if kind == "segmenter":
-        per_image, _ = evaluate_segmenter(model, rows, int(card["input"]["shape"][-1]), storage)
+        per_image, _ = evaluate_segmenter(model, rows, card.preprocessing.letterbox_size, storage)
         return Outputs("segmenter", dice=per_image["dice"].to_numpy())
-    classes = list(card["labels"])
+    classes = list(card.labels)
     images = card_inputs(tracking_uri, card, rows, storage, threads=4)
     probs, _ = predict(model, images)
     y = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -217,3 +219,68 @@ def move_aliases(tracking_uri: str, model: str, aliases: dict, champion: str, pr
         c.set_registered_model_alias(model, aliases["previous_champion"], previous)
     c.set_registered_model_alias(model, aliases["champion"], champion)
 
+
+
+# --- the workflow ------------------------------------------------------------------------------------
+
+def promote(cfg: PromoteConfig, platform: PlatformConfig) -> tuple[bool, str]:
+    """Gated promotion (or ``cfg.rollback``) of one registered model under the lock, with an
+    audit record. When the classifier's ``champion`` moves, ``cxr-screen@champion`` follows
+    (the screen of that classifier, registered if needed). Returns (changed or nothing to do, one line)."""
+    uri, aliases, rules_all = platform.tracking_uri, platform.aliases, platform.promotion
+    kinds = {v: k for k, v in platform.registered_models.items() if k in ("classifier", "segmenter")}
+    if cfg.model not in kinds:
+        raise PromotionError(f"unknown model {cfg.model!r}; choices: {sorted(kinds)}")
+    kind = kinds[cfg.model]
+    experiment = platform.experiments["promotion"]
+    with PromotionLock(uri, cfg.model, float(rules_all.get("lock_ttl_s", 3600)), cfg.user or "cxr"):
+        before = {"champion": alias_version(uri, cfg.model, aliases["champion"]),
+                  "previous_champion": alias_version(uri, cfg.model, aliases["previous_champion"])}
+        if cfg.rollback:
+            if not before["previous_champion"]:
+                raise PromotionError(f"no {aliases['previous_champion']} to roll back to; nothing changed")
+            move_aliases(uri, cfg.model, aliases, before["previous_champion"], before["champion"])
+            after = {"champion": before["previous_champion"], "previous_champion": before["champion"]}
+            record = audit_record("rollback", cfg.model, None, before, after, cfg.reason or "rollback", cfg.user)
+            record["outcome"] = "promoted"
+            run_id = write_audit(uri, experiment, record)
+            screen = _follow(platform, kind, after["champion"])
+            return True, (f"rolled back: champion v{before['champion']} -> v{after['champion']}{screen} "
+                          f"(audit run {run_id})")
+        version = cfg.version or alias_version(uri, cfg.model, aliases["challenger"])
+        if not version:
+            raise PromotionError(f"no --version given and no {aliases['challenger']} alias")
+        if version == before["champion"]:
+            return True, f"v{version} is already {aliases['champion']}; nothing to do"
+        rules = rules_all[kind]
+        rows = frozen_rows(rules, platform.storage)
+        candidate = model_outputs(uri, f"models:/{cfg.model}/{version}", kind, rows, platform.storage)
+        champion = (model_outputs(uri, f"models:/{cfg.model}/{before['champion']}", kind, rows, platform.storage)
+                    if before["champion"] else None)
+        decision = decide(candidate, champion, rules, int(rules_all.get("n_boot", 1000)), int(rules_all.get("seed", 0)))
+        if decision.passed:
+            move_aliases(uri, cfg.model, aliases, version, before["champion"])
+            after = {"champion": version, "previous_champion": before["champion"] or before["previous_champion"]}
+        else:
+            after = before
+        reason = decision.reason + (f"; {cfg.reason}" if cfg.reason else "")
+        record = audit_record("promote", cfg.model, decision, before, after, reason, cfg.user)
+        record["outcome"] = "promoted" if decision.passed else "rejected"
+        run_id = write_audit(uri, experiment, record)
+    if decision.passed:
+        was = f"was v{before['champion']}" if before["champion"] else "first champion"
+        screen = _follow(platform, kind, version)
+        return True, f"v{version} is now {aliases['champion']} ({was}){screen}: {decision.reason} (audit run {run_id})"
+    return False, f"v{version} rejected, nothing changed: {decision.reason} (audit run {run_id})"
+
+
+def _follow(platform: PlatformConfig, kind: str, classifier_version: str) -> str:
+    """The screen alias follows the classifier's champion; a segmenter's champion changes no
+    screen (a lung-masked classifier pins its own segmenter version)."""
+    if kind != "classifier" or "screen" not in platform.registered_models:
+        return ""
+    from cxr.workflows.screen import screen_for_classifier
+
+    alias = platform.aliases["champion"]
+    version = screen_for_classifier(platform, classifier_version, alias)
+    return f"; {platform.registered_models['screen']}@{alias} is v{version}"

@@ -27,9 +27,9 @@ from ray.data import Datasink
 
 from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError
-from cxr.data.letterbox import letterbox
 from cxr.data.storage import StorageConfig, filesystem_for, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
+from cxr.screen import letterbox_pair
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +91,24 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     return dataset.to_table(columns=columns)
 
 
-def scored_keys(output: str, segmenter: ModelRef, classifier: ModelRef, storage: StorageConfig | None = None) -> set[str]:
-    """Keys of the rows already committed for this pair of model versions."""
+def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
+                storage: StorageConfig | None = None) -> set[str]:
+    """Keys of the rows already committed for this pair of model versions (no segmenter: rows without one)."""
     table = read_scores(output, storage, ["uri", "sha256", "segmenter_version", "classifier_version"])
     if table.num_rows == 0:
         return set()
     df = table.to_pandas()
-    df = df[(df["segmenter_version"] == segmenter.version) & (df["classifier_version"] == classifier.version)]
+    same_segmenter = df["segmenter_version"].isna() if segmenter is None else df["segmenter_version"] == segmenter.version
+    df = df[same_segmenter & (df["classifier_version"] == classifier.version)]
     return {key(u, s) for u, s in zip(df["uri"], df["sha256"])}
 
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------
 
-def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int], skip: set[str], max_bytes: int,
-                 storage: StorageConfig | None) -> dict[str, np.ndarray]:
-    """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size.
+def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fill: int, skip: set[str],
+                 max_bytes: int, storage: StorageConfig | None) -> dict[str, np.ndarray]:
+    """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
+    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``).
 
     Inputs whose key is in ``skip`` are dropped. A bad file becomes an ``error`` row with the
     reason; it never fails the batch. Storage errors that survive pyarrow's retries do fail it:
@@ -113,7 +116,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int], skip: set
     """
     limits = DecodeLimits(max_bytes=max_bytes)
     out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": []}
-    blank = [np.zeros((s, s), np.uint8) for s in sizes]
+    blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
     for uri in batch["uri"]:
         uri = str(uri)
         sha, error, images = None, None, blank
@@ -122,8 +125,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int], skip: set
             sha = hashlib.sha256(data).hexdigest()
             if key(uri, sha) in skip:
                 continue
-            gray = decode_image(data, uri, limits)
-            images = [letterbox(gray, s) for s in sizes]
+            images = letterbox_pair(decode_image(data, uri, limits), sizes, fill)
         except BadImageError as e:
             error = e.reason
             if sha is None and key(uri, None) in skip:
@@ -135,104 +137,52 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int], skip: set
         out["image"].append(images[0])
         out["seg_image"].append(images[1])
     n = len(out["uri"])
-    return {"uri": np.array(out["uri"], dtype=object), "sha256": np.array(out["sha256"], dtype=object),
-            "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),
-            "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8),
-            "seg_image": np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)}
+    columns = {"uri": np.array(out["uri"], dtype=object), "sha256": np.array(out["sha256"], dtype=object),
+               "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),
+               "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8)}
+    if sizes[1]:
+        columns["seg_image"] = np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)
+    return columns
 
 
 # --- stage 2: models (an actor pool) ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class QualityLimits:
-    no_lungs: float = 0.01
-    low: float = 0.10
-    high: float = 0.70
-
-    def flags(self, fraction: float) -> list[str]:
-        if fraction < self.no_lungs:
-            return ["no_lungs_found"]
-        if fraction < self.low or fraction > self.high:
-            return ["lung_fraction_out_of_range"]
-        return []
-
-
 class ScoringPredictor:
-    """Loads the two pinned models once; maps a batch of decoded images to score rows."""
+    """Loads the pinned models once, as a ``cxr.screen.Screen``; maps a batch of decoded
+    images to score rows (the screen's fields plus lineage)."""
 
-    def __init__(self, tracking_uri: str, segmenter: dict, classifier: dict, heatmap_size: int,
+    def __init__(self, tracking_uri: str, segmenter: dict | None, classifier: dict, heatmap_size: int,
                  quality: dict, job_id: str, threads: int = 1, use_gpu: bool = False, cpu_bf16: bool = False):
         import torch
 
         from cxr import tracking
-        from cxr.classification import card_screening
+        from cxr.screen import QualityLimits, Screen
 
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.bf16 = self.device.type == "cuda" or cpu_bf16
-        self.seg_ref, self.cls_ref = ModelRef(**segmenter), ModelRef(**classifier)
-        self.segmenter, seg_card, _ = tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri, str(self.device))
-        self.classifier, cls_card, _ = tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri, str(self.device))
-        self.labels = list(cls_card["labels"])
-        screening = card_screening(cls_card)
-        self.covid_threshold = screening["threshold"] if screening and "covid" in self.labels else None
-        self.dilation = int(cls_card["preprocessing"].get("dilation_px", seg_card.get("mask_dilation_px", 3)))
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.seg_ref = ModelRef(**segmenter) if segmenter else None
+        self.cls_ref = ModelRef(**classifier)
+        self.screen = Screen(
+            tracking.load_registered(tracking_uri, self.cls_ref.pinned_uri),
+            tracking.load_registered(tracking_uri, self.seg_ref.pinned_uri) if self.seg_ref else None,
+            device, QualityLimits(**quality), bf16=device.type == "cuda" or cpu_bf16)
         self.heatmap_size = heatmap_size
-        self.quality = QualityLimits(**quality)
         self.job_id = job_id
-        if self.device.type == "cuda":
-            self.classifier = self.classifier.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
-        from cxr.explain import heatmap_png, heatmap_to_uint8, predict_with_cam
-        from cxr.masking import mask_lungs
-        from cxr.preprocess import classifier_input, segmenter_input
-
         n = len(batch["uri"])
-        status = batch["status"].copy()
-        ok = np.flatnonzero(status == "ok")
-        probs = np.full((n, len(self.labels)), np.nan, np.float32)
-        fraction = np.full(n, np.nan, np.float32)
-        heatmaps: list[bytes | None] = [None] * n
-        if len(ok):
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                seg_in = segmenter_input(torch.from_numpy(batch["seg_image"][ok][:, None]).to(self.device))
-                lung = torch.sigmoid(self.segmenter(seg_in).float())
-                masked, frac = mask_lungs(torch.from_numpy(batch["image"][ok][:, None]).to(self.device).float(), lung,
-                                          dilation_px=self.dilation)
-                x = classifier_input(masked.round())
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                p, cams = predict_with_cam(self.classifier, x, self.heatmap_size)
-            probs[ok] = p.cpu().numpy()
-            fraction[ok] = frac.cpu().numpy()
-            for i, heat in zip(ok, heatmap_to_uint8(cams)):
-                heatmaps[i] = heatmap_png(heat)
-        flags = [self.quality.flags(float(fraction[i])) if status[i] == "ok" else [] for i in range(n)]
-        status = np.array(["flagged" if f else s for s, f in zip(status, flags)], dtype=object)
-        predicted = [self.labels[int(np.argmax(probs[i]))] if status[i] != "error" else None for i in range(n)]
-        covid = self.labels.index("covid") if "covid" in self.labels else None
-        now = datetime.now(timezone.utc)
+        # An error row's reason is never empty (None would read as "ok").
+        errors = [(e or "unreadable") if s == "error" else None for s, e in zip(batch["status"], _strings(batch["error"]))]
+        columns = self.screen.rows(list(batch["uri"]), _strings(batch["sha256"]), errors, batch["image"],
+                                   batch.get("seg_image"), self.heatmap_size)
         seg, cls = self.seg_ref, self.cls_ref
-        scored = [s != "error" for s in status]
-        screen = [bool(probs[i, covid] >= self.covid_threshold) if scored[i] and self.covid_threshold is not None
-                  else None for i in range(n)]
+        now = datetime.now(timezone.utc)
         # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle
         # list and bytes columns into opaque binary in some blocks.
         return pa.Table.from_pydict({
-            "uri": list(batch["uri"]), "sha256": _strings(batch["sha256"]), "status": list(status),
-            "error": _strings(batch["error"]),
-            "labels": [self.labels if ok_ else None for ok_ in scored],
-            "probabilities": [probs[i].tolist() if scored[i] else None for i in range(n)],
-            "predicted_label": predicted,
-            "covid_probability": (probs[:, covid] if covid is not None else np.full(n, np.nan, np.float32)).tolist(),
-            "covid_threshold": [self.covid_threshold] * n, "screen_positive": screen,
-            "heatmap_png": heatmaps, "heatmap_size": [self.heatmap_size] * n,
-            "lung_fraction": fraction.tolist(), "qc_flags": flags,
-            "segmenter_name": [seg.name] * n, "segmenter_version": [seg.version] * n,
-            "segmenter_alias": [seg.alias] * n, "segmenter_run_id": [seg.run_id] * n,
+            **columns,
+            "segmenter_name": [seg.name if seg else None] * n, "segmenter_version": [seg.version if seg else None] * n,
+            "segmenter_alias": [seg.alias if seg else None] * n, "segmenter_run_id": [seg.run_id if seg else None] * n,
             "classifier_name": [cls.name] * n, "classifier_version": [cls.version] * n,
             "classifier_alias": [cls.alias] * n, "classifier_run_id": [cls.run_id] * n,
             "preprocess_version": [PREPROCESS_VERSION] * n, "schema_version": [SCHEMA_VERSION] * n,

@@ -1,17 +1,21 @@
-"""Everything MLflow: runs, metrics, artifacts, registration with model cards, aliases, loading.
+"""Everything MLflow: runs, metrics, datasets, artifacts, registration with model cards,
+aliases, loading.
 
 The only module that imports mlflow. Every function takes the tracking URI explicitly: the
 library never sets a global one. Registered models are safetensors weights plus a JSON card
-that names the architecture, so loading one never unpickles code.
+(``cxr.card``) and MLflow's python_function flavor through ``cxr.pyfunc``, so loading one
+never unpickles code.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,10 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from cxr.train.checkpoints import META, WEIGHTS, load_checkpoint
+from cxr.card import INTENDED_USE, ModelCard
+from cxr.package import CARD, Component, check_safe
 
 log = logging.getLogger(__name__)
-
-INTENDED_USE = "research use, not for diagnosis"
-CARD = "card.json"
-SAFE_FILES = {WEIGHTS, META, CARD, "MLmodel", "registered_model_meta"}
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -56,10 +57,46 @@ def end_run(tracking_uri: str, run_id: str, ok: bool = True) -> None:
     client(tracking_uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
+@contextmanager
+def tracked_run(tracking_uri: str, experiment: str, run_name: str | None = None, tags: dict | None = None,
+                artifact_location: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+    """An MLflow run around a block: yields its id; FINISHED if the block returns, FAILED if it raises."""
+    run_id = start_run(tracking_uri, experiment, run_name, tags, artifact_location, parent_run_id)
+    ok = False
+    try:
+        yield run_id
+        ok = True
+    finally:
+        end_run(tracking_uri, run_id, ok)
+
+
+def readable(value: Any) -> str:
+    """A parameter as people write it: lists comma-separated, None as "none"."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(readable(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={readable(v)}" for k, v in value.items())
+    return str(value)
+
+
+def log_dataset(tracking_uri: str, run_id: str, frame: Any, source: str, name: str, digest: str,
+                context: str = "training") -> None:
+    """Log a manifest as the run's input dataset (the run page's "Datasets"), with its digest."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    # MLflow keeps a dataset digest of at most 36 characters; the full sha256 is in the card.
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32])
+    client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    flat = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    flat = [Param(k, readable(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(flat), 100):  # MLflow's batch limit is 100 params
         client(tracking_uri).log_batch(run_id, params=flat[i:i + 100])
 
@@ -94,47 +131,138 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _signature(input_shape: tuple[int, ...], output_shape: tuple[int, ...], output_name: str) -> ModelSignature:
+def _tensor_signature(card: ModelCard) -> ModelSignature:
     f32 = np.dtype(np.float32)
-    return ModelSignature(inputs=Schema([TensorSpec(f32, (-1, *input_shape), "image")]),
-                          outputs=Schema([TensorSpec(f32, (-1, *output_shape), output_name)]))
+    c, h, w = card.input_shape
+    outputs = (TensorSpec(f32, (-1, len(card.labels)), "logits") if card.task == "classifier"
+               else TensorSpec(f32, (-1, 1, h, w), "lung_logits"))
+    return ModelSignature(inputs=Schema([TensorSpec(f32, (-1, c, h, w), "image")]), outputs=Schema([outputs]))
 
 
-def register_model(tracking_uri: str, name: str, run_id: str, checkpoint_dir: Path, card: dict,
-                   input_shape: tuple[int, ...], output_shape: tuple[int, ...], output_name: str) -> str:
-    """Log the checkpoint as an MLflow model (custom ``cxr`` flavor, with signature) and register it.
+def _save_pyfunc(folder: Path, signature: ModelSignature, input_example: Any, flavor: dict) -> None:
+    """MLflow's files for ``folder``'s model (python_function through ``cxr.pyfunc``, and the
+    ``cxr`` flavor naming the format), written beside the data files already there."""
+    import mlflow.pyfunc
 
-    Returns the new version number. The card becomes the version's description, tags and
-    ``card.json``. A run holds one model: a second registration from the same run would
-    overwrite the first one's files, so it is refused.
-    """
-    if client(tracking_uri).list_artifacts(run_id, "model"):
-        raise ValueError(f"run {run_id} already holds a model; register each model from its own run")
-    card = {**card, "intended_use": INTENDED_USE, "run_id": run_id, "git_commit": git_commit()}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        model_dir.mkdir()
-        for f in (WEIGHTS, META):
-            shutil.copy2(Path(checkpoint_dir) / f, model_dir / f)
-        (model_dir / CARD).write_text(json.dumps(card, indent=2, default=str))
-        mlmodel = Model(artifact_path="model", run_id=run_id,
-                        signature=_signature(input_shape, output_shape, output_name))
-        mlmodel.add_flavor("cxr", architecture=card["architecture"], weights=WEIGHTS, card=CARD,
-                           format="safetensors")
-        mlmodel.save(str(model_dir / "MLmodel"))
-        client(tracking_uri).log_artifacts(run_id, str(model_dir), "model")
-    c = client(tracking_uri)
+        staged = Path(tmp) / "model"
+        mlmodel = Model()
+        mlmodel.add_flavor("cxr", **flavor)
+        # The environment is this cxr: the loader module is its code, nothing else is shipped.
+        mlflow.pyfunc.save_model(str(staged), loader_module="cxr.pyfunc", mlflow_model=mlmodel, signature=signature,
+                                 input_example=input_example, pip_requirements=[f"cxr=={cxr_version()}"])
+        for p in staged.iterdir():
+            shutil.copy2(p, Path(folder) / p.name)
+
+
+def cxr_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        c.create_registered_model(name, description=f"cxr {card.get('task', '')} model. {INTENDED_USE}.")
+        return version("cxr")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _create_registered_model(c: MlflowClient, name: str, description: str) -> None:
+    try:
+        c.create_registered_model(name, description=description)
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    tags = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))[:5000]
-            for k, v in card.items()}
+
+
+def _version_tags(card: ModelCard) -> dict[str, str]:
+    """A few searchable tags; the whole card is card.json and the description."""
+    p = card.preprocessing
+    tags = {"cxr.task": card.task, "cxr.architecture": card.architecture, "cxr.labels": ",".join(card.labels),
+            "cxr.input_size": str(p.letterbox_size), "cxr.lung_mask": str(p.lung_mask).lower(),
+            "cxr.preprocessing_sha256": p.sha256, "cxr.card_version": str(card.card_version),
+            "cxr.intended_use": card.intended_use}
+    if p.lung_mask:
+        tags["cxr.segmenter"] = f"{p.segmenter_name}/{p.segmenter_version}"
+    if card.operating_point:
+        tags["cxr.threshold"] = f"{card.operating_point.threshold:.6g}"
+    return tags
+
+
+def _register_folder(c: MlflowClient, name: str, run_id: str, folder: Path, description: str,
+                     tags: dict[str, str]) -> str:
+    """Log ``folder`` as the run's ``model`` artifacts and register it as a new version of ``name``."""
+    if c.list_artifacts(run_id, "model"):
+        raise ValueError(f"run {run_id} already holds a model; register each model from its own run")
+    c.log_artifacts(run_id, str(folder), "model")
+    _create_registered_model(c, name, f"cxr model. {INTENDED_USE}.")
     version = c.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
-                                     description=json.dumps(card, indent=2, default=str)[:5000])
+                                     description=description)
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return str(version.version)
+
+
+def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, card: ModelCard,
+                   dtype: str = "float32") -> str:
+    """Register a classifier or segmenter: safetensors weights + the validated card (JSON, and
+    Markdown as the version's description), loadable with ``mlflow.pyfunc.load_model`` (tensors
+    in, logits out) and by ``load_registered``. Returns the new version number."""
+    from cxr.model_card import model_markdown
+    from cxr.package import write_model
+
+    card = dataclasses.replace(card, run_id=run_id, git_commit=git_commit()).validate()
+    c = client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_model(Path(tmp) / "model", model, card, dtype)
+        example = np.zeros((1, *card.input_shape), np.float32)
+        _save_pyfunc(folder, _tensor_signature(card), example,
+                     {"kind": card.task, "architecture": card.architecture, "weights": "model.safetensors",
+                      "card": "card.json", "format": "safetensors"})
+        return _register_folder(c, name, run_id, folder, model_markdown(card, name), _version_tags(card))
+
+
+def screen_signature() -> ModelSignature:
+    """Inputs: a ``path`` (str: a local path or s3:// URI) or an ``image`` (bytes) column;
+    outputs: the fields of a scores row (``cxr.screen.ROW_FIELDS``; null where an input is an
+    error row) and the models' names; params: batch_size, heatmap_size."""
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec
+    from mlflow.types.schema import Array
+
+    def col(kind, name: str, required: bool = False) -> ColSpec:
+        return ColSpec(kind, name, required=required)
+
+    outputs = Schema([
+        col("string", "uri", True), col("string", "sha256"), col("string", "status", True), col("string", "error"),
+        col(Array(DataType.string), "labels"), col(Array(DataType.double), "probabilities"),
+        col("string", "predicted_label"), col("double", "covid_probability"), col("double", "covid_threshold"),
+        col("boolean", "screen_positive"), col("binary", "heatmap_png"), col("long", "heatmap_size", True),
+        col("double", "lung_fraction"), col(Array(DataType.string), "qc_flags", True),
+        col("string", "classifier", True), col("string", "segmenter")])
+    inputs = Schema([col("string", "path"), col("binary", "image")])
+    params = ParamSchema([ParamSpec("batch_size", "long", 32), ParamSpec("heatmap_size", "long", 64)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def save_screen_model(folder: Path, example_image: bytes) -> None:
+    """Make a screen folder (``cxr.package.write_screen``) an MLflow model, with its signature
+    and an input example, and seal it with checksums."""
+    import pandas as pd
+
+    from cxr.package import write_checksums
+
+    _save_pyfunc(folder, screen_signature(), pd.DataFrame({"image": [example_image]}),
+                 {"kind": "screen", "format": "cxr-screen"})
+    write_checksums(folder)
+
+
+def register_screen_folder(tracking_uri: str, name: str, run_id: str, folder: Path) -> str:
+    """Register a sealed screen folder (``save_screen_model``) as a new version of ``name``."""
+    from cxr.package import read_screen_info
+
+    info = read_screen_info(folder)
+    c = client(tracking_uri)
+    tags = {"cxr.task": "screen", "cxr.weights_dtype": info["weights_dtype"]}
+    for kind in ("classifier", "segmenter"):
+        if info.get(kind):
+            tags[f"cxr.{kind}"] = f"{info[kind]['name']}/{info[kind]['version']}"
+    return _register_folder(c, name, run_id, folder, (Path(folder) / "MODEL_CARD.md").read_text(), tags)
 
 
 def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
@@ -154,26 +282,43 @@ def resolve_version(tracking_uri: str, model_uri: str):
     return c.get_model_version(name, version)
 
 
-def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu") -> tuple[nn.Module, dict, Any]:
-    """Load a registered model: (module in eval mode, card, registry version).
+def model_exists(tracking_uri: str, model_uri: str) -> bool:
+    """Whether ``models:/NAME@ALIAS`` (or ``/VERSION``) resolves; other failures (server down) raise."""
+    try:
+        resolve_version(tracking_uri, model_uri)
+        return True
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
 
-    Refuses any artifact that is not in the safe set (weights as safetensors, JSON, MLmodel),
-    so a planted pickle never reaches ``torch.load``.
-    """
+
+def download_model(tracking_uri: str, model_uri: str, dst: str | Path):
+    """(local folder, registry version) of a registered model's artifacts."""
     version = resolve_version(tracking_uri, model_uri)
+    local = Path(download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri))
+    return local, version
+
+
+def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu") -> Component:
+    """A registered classifier or segmenter, in eval mode on ``map_location``, with its
+    validated card and its registry name and version.
+
+    Refuses any artifact that is not in the safe set (weights as safetensors, JSON, MLflow's
+    metadata), so a planted pickle never reaches ``torch.load``.
+    """
+    from cxr.package import Component, read_model
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri))
-        unexpected = sorted(p.name for p in local.iterdir() if p.name not in SAFE_FILES)
-        if unexpected:
-            raise ValueError(f"{model_uri} (version {version.version}) holds unexpected files {unexpected}: "
-                             "refusing to load; registered models are safetensors + JSON only")
-        model, _ = load_checkpoint(local, map_location)
-        card = json.loads((local / CARD).read_text())
-    return model, card, version
+        local, version = download_model(tracking_uri, model_uri, tmp)
+        model, card = read_model(local, map_location, f"{model_uri} (version {version.version})")
+    return Component(model, card, version.name, str(version.version))
 
 
 def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:
     """Attach a safetensors checkpoint (weights + meta.json) to a run, e.g. a pretraining run's best."""
+    from cxr.train.checkpoints import META, WEIGHTS
+
     for f in (WEIGHTS, META):
         client(tracking_uri).log_artifact(run_id, str(Path(checkpoint_dir) / f), artifact_path)
 
@@ -182,12 +327,12 @@ def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "ch
                         map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """The checkpoint a run logged with ``log_checkpoint``; like ``load_registered``, it refuses
     anything but safetensors + JSON."""
+    from cxr.train.checkpoints import load_checkpoint
+
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
                                         tracking_uri=tracking_uri))
-        unexpected = sorted(p.name for p in local.iterdir() if p.name not in SAFE_FILES)
-        if unexpected:
-            raise ValueError(f"run {run_id} {artifact_path}/ holds unexpected files {unexpected}: refusing to load")
+        check_safe(local, f"run {run_id} {artifact_path}/")
         return load_checkpoint(local, map_location)
 
 
@@ -199,12 +344,12 @@ def log_figures(tracking_uri: str, run_id: str, figures: dict, folder: str) -> N
         plt.close(figure)
 
 
-def load_card(tracking_uri: str, model_uri: str) -> dict:
-    """The model card of a registered version, without its weights."""
+def load_card(tracking_uri: str, model_uri: str) -> ModelCard:
+    """The validated model card of a registered version, without its weights."""
     version = resolve_version(tracking_uri, model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(artifact_uri=f"{version.source}/{CARD}", dst_path=tmp, tracking_uri=tracking_uri)
-        return json.loads(Path(local).read_text())
+        return ModelCard.from_json(Path(local).read_text())
 
 
 def metric_history(tracking_uri: str, run_id: str | None, keys: list[str]):

@@ -9,8 +9,10 @@ import os
 import sys
 import typing
 
-from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, EvaluateConfig, FinetuneConfig, PrepareDataConfig, PretrainConfig, PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig,
-                        SegmenterTrainConfig, TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
+from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, EvaluateConfig, ExportModelConfig,
+                        FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig, PromoteConfig,
+                        ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig, TrainBenchmarkConfig,
+                        TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
 # so `cxr --help` stays fast.
@@ -33,6 +35,10 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
               "the nightly job: score a folder, s3:// prefix or manifest into Parquet (predictions, heatmaps, QC)"),
     "promote": (PromoteConfig, "jobs.promote",
                 "gated promotion of a registered version to champion (or --rollback), with an audit record"),
+    "export-model": (ExportModelConfig, "jobs.export_model",
+                     "write a registered screen or classifier as a portable bundle (weights, cards, checksums)"),
+    "import-model": (ImportModelConfig, "jobs.import_model",
+                     "verify a bundle and register it (segmenter, classifier, screen) in this registry"),
     "retrain": (RetrainConfig, "jobs.retrain",
                 "scheduled retraining: prepare-data -> (segmenter) -> (pretrain) -> finetune -> challenger -> promote"),
     "benchmark": (BenchmarkConfig, "jobs.benchmark",
@@ -50,13 +56,13 @@ cxr: chest X-ray screening. A UNet cuts out the lungs, a ResNet50 pretrained on 
 pneumonia X-rays tells COVID-19 / normal / bacterial / viral pneumonia apart, and Grad-CAM shows
 where it looked. Research use, not for diagnosis.
 
-Settings: job defaults in cxr/configs/<job>.yaml, overridden by --config FILE and then by flags.
+Settings: each job's defaults (shown by --help), overridden by --config FILE and then by flags.
 Services: mlflow.yaml, overridden by MLFLOW_TRACKING_URI and CXR_S3_ENDPOINT."""
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
-    defaults = load_config(cls)  # shows the YAML defaults, not only the dataclass ones
+    defaults = load_config(cls)
     for f in config_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"

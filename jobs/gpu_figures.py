@@ -1,5 +1,7 @@
 """The GPU figures of docs/RESULTS.md in one process, for a GPU machine held for minutes:
 
+One Ray and one process for every step, each a library workflow:
+
 1. ``cxr benchmark-train --use-gpu`` at each of ``--train-batch-sizes`` (the training step
    taken apart, ``torch.compile`` included at the first size): where pretraining time goes;
 2. manifests of the curated data (``cxr prepare-data``);
@@ -32,8 +34,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from cxr.config import CONFIG_DIR, FinetuneConfig, PretrainConfig, SegmenterTrainConfig, load_config
-from jobs.cli import main as cxr
+from cxr.ablation import run_ablation
+from cxr.config import (CONFIG_DIR, AblationConfig, BenchmarkConfig, FinetuneConfig, PrepareDataConfig, PretrainConfig,
+                        SegmenterTrainConfig, TrainBenchmarkConfig, load_config, load_platform)
+from cxr.workflows.benchmark import (benchmark_inputs, benchmark_naive, benchmark_pipeline, benchmark_record,
+                                     benchmark_training)
+from cxr.workflows.classifier import finetune, pretrain
+from cxr.workflows.data import prepare_manifests
+from cxr.workflows.segmenter import train_segmenter
+from jobs.cli import build_parser
+from jobs.runtime import init_ray
 
 PRESETS = CONFIG_DIR / "presets"
 SMOKE = {"image_size": 64, "max_train_images": 32, "num_workers": 1}
@@ -56,9 +66,13 @@ def finished(out: Path) -> dict[str, dict]:
     return {f["step"]: f for f in json.loads(path.read_text())} if path.exists() else {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs import finetune, pretrain, train_segmenter
+def flags_to_config(cls: type, command: str, flags: list[str]):
+    """A job config from command-line flags, as ``cxr COMMAND FLAGS`` would resolve it."""
+    args = build_parser().parse_args([command, *flags])
+    return load_config(cls, None, {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")})
 
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for figures.json and ablation/")
     p.add_argument("--manifests", default="out/manifests")
@@ -75,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    platform = load_platform()
+    init_ray()      # one Ray for every step
     smoke = SMOKE if args.smoke else {}
     gpu = not args.smoke
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -87,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["--batch-size", batch, "--out", str(bench_train)]
         flags += (["--model", "resnet18-tiny", "--image-size", "64", "--steps", "3", "--warmup-steps", "1"] if args.smoke
                   else ["--use-gpu", *(["--compile"] if i == 0 else [])])
-        if step not in done and cxr(["benchmark-train", *flags]) == 0:
-            record(out, step, json.loads((bench_train / "benchmark_train.json").read_text()), t)
+        if step not in done:
+            record(out, step, benchmark_training(flags_to_config(TrainBenchmarkConfig, "benchmark-train", flags)), t)
 
     t = time.perf_counter()
     if "prepare-data" not in done:
-        if cxr(["prepare-data", "--out", args.manifests]) != 0:
+        summary = prepare_manifests(PrepareDataConfig(out=args.manifests), platform)
+        if any(s["patient_leaks"] for s in summary.values()):
             return 1
         record(out, "prepare-data", {}, t)
 
@@ -100,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if "train-segmenter" in done:
         seg_uri = done["train-segmenter"]["model"]
     else:
-        seg = train_segmenter.run(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
+        seg = train_segmenter(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
             "manifest": f"{args.manifests}/lungseg.parquet", "epochs": 1 if args.smoke else args.segmenter_epochs,
-            "use_gpu": gpu, **({"image_size": 64, "max_train_images": 16, "loader_workers": 0} if args.smoke else {})}))
+            "use_gpu": gpu, **({"image_size": 64, "max_train_images": 16, "loader_workers": 0} if args.smoke else {})}),
+            platform)
         seg_uri = f"models:/{seg['model_name']}/{seg['version']}"
         record(out, "train-segmenter", {"model": seg_uri, "run_id": seg["run_id"], "report": seg["report"],
                                         "train_seconds": seg["train_seconds"]}, t)
@@ -111,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if "pretrain" in done:
         pretrain_run = done["pretrain"]["run_id"]
     else:
-        pre = pretrain.run(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
+        pre = pretrain(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
             "manifest": f"{args.manifests}/tasks/source.parquet",
-            "stage1_epochs": 1 if args.smoke else args.pretrain_epochs, "use_gpu": gpu, **smoke}))
+            "stage1_epochs": 1 if args.smoke else args.pretrain_epochs, "use_gpu": gpu, **smoke}), platform)
         pretrain_run = pre["run_id"]
         record(out, "pretrain", {"run_id": pretrain_run, "best": pre["meta"], "minutes": pre["minutes"],
                                  "median_train_images_per_s": pre["images_per_s"]}, t)
@@ -127,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if "finetune" in done:
         cls_uri = done["finetune"]["model"]
     else:
-        ft = finetune.run(load_config(FinetuneConfig, str(finetune_yaml), {
+        ft = finetune(load_config(FinetuneConfig, str(finetune_yaml), {
             "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pretrain_run,
-            "register": True, "run_name": "gpu-figures-registered"}))
+            "register": True, "run_name": "gpu-figures-registered"}), platform)
         cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
         record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],
                                  "accuracy": ft["report"]["metrics"]["accuracy"]}, t)
@@ -139,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     flags = ["--images", str(64 if args.smoke else args.score_images), "--segmenter", seg_uri,
              "--classifier", cls_uri, "--input", f"{args.manifests}/tasks/dataset2-4class.parquet", "--out", str(bench_out)]
     flags += ["--batch-size", "16", "--naive-images", "8"] if args.smoke else ["--use-gpu", *args.score_args.split()]
-    if "benchmark" not in done and cxr(["benchmark", *flags]) == 0:
-        record(out, "benchmark", json.loads((bench_out / "benchmark.json").read_text()), t)
+    if "benchmark" not in done:
+        bench = flags_to_config(BenchmarkConfig, "benchmark", flags)
+        uris = benchmark_inputs(bench, platform)
+        result = {**benchmark_record(bench, uris), "pipeline": benchmark_pipeline(bench, platform, init_ray)}
+        if bench.naive_images:
+            result["naive"], result["models"] = benchmark_naive(bench, platform, uris[:bench.naive_images])
+            result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]
+        record(out, "benchmark", result, t)
 
     t = time.perf_counter()
-    code = cxr(["ablation", "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml),
-                "--manifests", args.manifests, "--variants", args.variants,
-                "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")])
-    record(out, "ablation", {"exit_code": code}, t)
+    run_ablation(flags_to_config(AblationConfig, "ablation", [
+        "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
+        "--variants", args.variants, "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")]),
+        platform)
+    record(out, "ablation", {"results": str(out / "ablation" / "results.json")}, t)
     return 0
 
 

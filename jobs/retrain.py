@@ -10,9 +10,14 @@ import sys
 from pathlib import Path
 
 from cxr import tracking
-from cxr.config import (FinetuneConfig, PrepareDataConfig, PretrainConfig, PromoteConfig, RetrainConfig,
-                        SegmenterTrainConfig, config_to_dict, load_config, load_platform)
+from cxr.config import (FinetuneConfig, PlatformConfig, PrepareDataConfig, PretrainConfig, PromoteConfig,
+                        RetrainConfig, SegmenterTrainConfig, config_to_dict, load_config, load_platform)
 from cxr.data.manifest import manifest_digest, read_manifest
+from cxr.promotion import PromotionError, promote
+from cxr.workflows.classifier import finetune, pretrain
+from cxr.workflows.data import prepare_manifests
+from cxr.workflows.segmenter import train_segmenter
+from jobs.runtime import init_ray
 
 
 def snapshot_digest(paths: list[Path]) -> str:
@@ -30,25 +35,25 @@ def earlier_run(tracking_uri: str, experiment: str, snapshot: str) -> str | None
     return runs[0].info.run_id if runs else None
 
 
-def _promote(model: str, version: str, snapshot: str) -> tuple[bool, str]:
+def _promote(platform: PlatformConfig, model: str, version: str, snapshot: str) -> tuple[bool, str]:
     """The gated promotion; a refusal (lock held, frozen set changed) is an outcome, not a crash."""
-    from cxr.promotion import PromotionError
-    from jobs import promote
-
     try:
-        return promote.run(PromoteConfig(model=model, version=version, reason=f"retrain {snapshot[:12]}"))
+        return promote(PromoteConfig(model=model, version=version, reason=f"retrain {snapshot[:12]}"), platform)
     except PromotionError as e:
         return False, f"refused: {e}"
 
 
 def main(cfg: RetrainConfig) -> int:
-    from jobs import finetune, prepare_data, pretrain, train_segmenter
-
     platform = load_platform()
     uri, names, aliases = platform.tracking_uri, platform.registered_models, platform.aliases
     manifests = Path(cfg.manifests)
-    if prepare_data.main(PrepareDataConfig(data_root=cfg.data_root, out=str(manifests))) != 0:
-        print("cxr retrain: prepare-data failed", file=sys.stderr)
+    try:
+        summary = prepare_manifests(PrepareDataConfig(data_root=cfg.data_root, out=str(manifests)), platform)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cxr retrain: prepare-data failed: {e}", file=sys.stderr)
+        return 1
+    if any(s["patient_leaks"] for s in summary.values()):
+        print(f"cxr retrain: prepare-data found a patient in two splits of {manifests}", file=sys.stderr)
         return 1
     finetune_cfg = load_config(FinetuneConfig, cfg.finetune_config if cfg.finetune_config and
                                Path(cfg.finetune_config).exists() else None)
@@ -62,42 +67,39 @@ def main(cfg: RetrainConfig) -> int:
     if done and not cfg.force:
         print(f"retrain: snapshot {snapshot[:12]} was retrained by run {done}; nothing new")
         return 0
-    run_id = tracking.start_run(uri, platform.experiments["retrain"], f"retrain-{snapshot[:8]}",
-                                tags={"cxr.job": "retrain", "cxr.snapshot": snapshot},
-                                artifact_location=platform.artifact_location)
-    ok, steps = False, {}
-    try:
-        tracking.log_params(uri, run_id, {**config_to_dict(cfg), "finetune": str(config_to_dict(finetune_cfg))})
+    init_ray()
+    steps = {}
+    with tracking.tracked_run(uri, platform.experiments["retrain"], f"retrain-{snapshot[:8]}",
+                              tags={"cxr.job": "retrain", "cxr.snapshot": snapshot},
+                              artifact_location=platform.artifact_location) as run_id:
+        tracking.log_params(uri, run_id, {**config_to_dict(cfg), "finetune": config_to_dict(finetune_cfg)})
         segmenter_uri = finetune_cfg.segmenter
         if cfg.train_segmenter:
             seg_cfg = load_config(SegmenterTrainConfig, cfg.segmenter_config,
                                   {"manifest": str(manifests / "lungseg.parquet"), "run_name": f"retrain-{snapshot[:8]}"})
-            seg = train_segmenter.run(seg_cfg)
+            seg = train_segmenter(seg_cfg, platform)
             tracking.set_alias(uri, names["segmenter"], aliases["challenger"], seg["version"])
             segmenter_uri = f"models:/{names['segmenter']}/{seg['version']}"
             steps["segmenter"] = {"version": seg["version"], "test_dice_mean": seg["report"]["all"]["mean"]}
             if cfg.promote:
-                ok_seg, line = _promote(names["segmenter"], seg["version"], snapshot)
+                ok_seg, line = _promote(platform, names["segmenter"], seg["version"], snapshot)
                 steps["segmenter"]["promotion"] = line
                 if ok_seg:
                     segmenter_uri = f"models:/{names['segmenter']}@{aliases['champion']}"
         pretrain_run = finetune_cfg.pretrain_run
         if cfg.pretrain:
-            pre = pretrain.run(load_config(PretrainConfig, cfg.pretrain_config, {
-                "manifest": str(manifests / "tasks" / "source.parquet"), "run_name": f"retrain-{snapshot[:8]}"}))
+            pre = pretrain(load_config(PretrainConfig, cfg.pretrain_config, {
+                "manifest": str(manifests / "tasks" / "source.parquet"), "run_name": f"retrain-{snapshot[:8]}"}), platform)
             pretrain_run = pre["run_id"]
             steps["pretrain"] = {"run_id": pretrain_run, "best_val_loss": pre["meta"]["val_loss"]}
-        cls = finetune.run(dataclasses.replace(finetune_cfg, segmenter=segmenter_uri, pretrain_run=pretrain_run,
-                                               register=True, run_name=f"retrain-{snapshot[:8]}"))
+        cls = finetune(dataclasses.replace(finetune_cfg, segmenter=segmenter_uri, pretrain_run=pretrain_run,
+                                           register=True, run_name=f"retrain-{snapshot[:8]}"), platform)
         tracking.set_alias(uri, names["classifier"], aliases["challenger"], cls["version"])
         steps["classifier"] = {"version": cls["version"], "test_accuracy": cls["report"]["metrics"]["accuracy"]["value"]}
         if cfg.promote:
-            _, line = _promote(names["classifier"], cls["version"], snapshot)
+            _, line = _promote(platform, names["classifier"], cls["version"], snapshot)
             steps["classifier"]["promotion"] = line
         tracking.log_dict(uri, run_id, steps, "steps.json")
-        ok = True
-    finally:
-        tracking.end_run(uri, run_id, ok)
     print(f"retrain {snapshot[:12]}: " + "; ".join(f"{k}: {v}" for k, v in steps.items()) + f"; run {run_id}")
     return 0
 

@@ -1,13 +1,9 @@
-"""Process set-up that only entry points do: Ray and Ray Train storage."""
+"""Process set-up that only entry points do: starting or joining Ray."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import ray
-
-from cxr.data.storage import StorageConfig, filesystem_for, is_s3
 
 
 def init_ray() -> None:
@@ -24,11 +20,3 @@ def init_ray() -> None:
         dashboard = os.environ.get("CXR_RAY_DASHBOARD", "1") != "0"
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  logging_level="WARNING", log_to_driver=True)
-
-
-def ray_storage(path: str, storage: StorageConfig) -> dict:
-    """RunConfig arguments for Ray Train results under a local folder or an s3:// prefix."""
-    if is_s3(path):
-        fs, inner = filesystem_for(path, storage)
-        return {"storage_path": inner, "storage_filesystem": fs}
-    return {"storage_path": str(Path(path).resolve())}

@@ -1,135 +1,23 @@
 """``cxr tune``: Optuna, through Ray Tune, over the fine-tuning learning rates, dropout and
-weight decay, with ASHA early stopping. Each trial is a Ray Train run and an MLflow run nested
-under the study's run. The best configuration is written as a YAML that ``cxr finetune
---config`` accepts."""
+weight decay, with ASHA early stopping; resumable; the best configuration is written as a
+finetune YAML (``cxr.workflows.tune.run_study``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import sys
-from pathlib import Path
 
-import yaml
-
-from cxr import tracking
-from cxr.config import FinetuneConfig, TuneJobConfig, config_to_dict, load_config, load_platform
-from cxr.data.manifest import read_manifest
-from cxr.data.storage import absolute_uri
-from cxr.tune import METRIC, MODE, finished_trials, scheduler, search_space, searcher, study_storage
-from jobs.classifier_training import initial_state, load_task, make_trainer, put_task
-from jobs.runtime import init_ray, ray_storage
-
-log = logging.getLogger("cxr.jobs.tune")
+from cxr.config import TuneJobConfig, load_platform
+from cxr.tune import METRIC
+from cxr.workflows.tune import run_study
+from jobs.runtime import init_ray
 
 
 def main(cfg: TuneJobConfig) -> int:
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    platform = load_platform()
-    uri = platform.tracking_uri
-    base = load_config(FinetuneConfig, cfg.finetune_config)
-    base = dataclasses.replace(base, manifest=absolute_uri(base.manifest), register=False,
-                               storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
-                               else cfg.storage_path)
-    if cfg.study_storage.startswith("sqlite:///"):
-        Path(cfg.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    done = finished_trials(cfg)
-    remaining = cfg.num_samples - done
-    study_run = tracking.start_run(uri, platform.experiments["tune"], cfg.run_name or cfg.study_name,
-                                   tags={"cxr.job": "tune", "cxr.study": cfg.study_name},
-                                   artifact_location=platform.artifact_location)
-    ok = False
-    try:
-        tracking.log_params(uri, study_run, {**config_to_dict(cfg), "finetune_base": str(config_to_dict(base)),
-                                             "resumed_finished_trials": done})
-        init_ray()
-        rows, images, _ = load_task(base, platform, read_manifest(base.manifest, platform.storage))
-        init_state, _ = initial_state(base, platform)
-        task = put_task(base, rows, images, init_state)
-
-        def trial(params: dict) -> None:
-            trial_cfg = dataclasses.replace(base, **params)
-            context = tune.get_context()
-            run_id = tracking.start_run(uri, platform.experiments["tune"], context.get_trial_name(),
-                                        tags={"cxr.job": "tune-trial", "cxr.study": cfg.study_name,
-                                              "cxr.trial_id": context.get_trial_id()},
-                                        artifact_location=platform.artifact_location, parent_run_id=study_run)
-            tracking.log_params(uri, run_id, config_to_dict(trial_cfg))
-            make_trainer(trial_cfg, platform, task, run_id, f"trial-{run_id[:8]}",
-                         callbacks=[TuneReportCallback()]).fit()
-            # The run is closed by the driver (_close_trial_runs), which alone knows whether the
-            # scheduler stopped this trial or it failed.
-
-        if remaining > 0:
-            max_epochs = base.stage1_epochs + base.stage2_epochs
-            tuner = tune.Tuner(
-                # The trial function only drives a Ray Train run, whose workers hold the CPUs/GPUs.
-                # Tune refuses an empty request, and any share of a CPU would leave a Train run
-                # that uses every CPU (2 workers on 2 cores) waiting forever: it reserves 1 MiB of
-                # Ray's logical memory instead.
-                tune.with_resources(trial, {"memory": 2**20}),
-                param_space=search_space(cfg),
-                tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg, max_epochs),
-                                            num_samples=remaining, max_concurrent_trials=cfg.max_concurrent),
-                run_config=tune.RunConfig(name=f"tune-{study_run[:8]}", **ray_storage(cfg.storage_path, platform.storage)))
-            _close_trial_runs(uri, platform.experiments["tune"], study_run, tuner.fit(), max_epochs)
-        best = _best_params(cfg)
-        best_cfg = dataclasses.replace(base, **best["params"], register=True)
-        out = Path(cfg.best_config_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("# written by cxr tune: the best trial of study "
-                       f"{cfg.study_name!r} ({METRIC} {best['value']:.4f}); use: cxr finetune --config {out}\n"
-                       + yaml.safe_dump(_yaml_ready(config_to_dict(best_cfg)), sort_keys=False))
-        tracking.log_params(uri, study_run, {f"best_{k}": v for k, v in best["params"].items()})
-        tracking.log_metrics(uri, study_run, {f"best_{METRIC}": best["value"], "trials": best["trials"]})
-        tracking.log_artifact(uri, study_run, out, "best")
-        ok = True
-    finally:
-        tracking.end_run(uri, study_run, ok)
+    init_ray()
+    best = run_study(cfg, load_platform())
     print(f"tune: {best['trials']} trials in study {cfg.study_name!r}; best {METRIC} {best['value']:.4f} with "
-          f"{best['params']}; wrote {out}; run {study_run}")
+          f"{best['params']}; wrote {best['out']}; run {best['run_id']}")
     return 0
-
-
-def _close_trial_runs(tracking_uri: str, experiment: str, study_run: str, results, max_epochs: int) -> None:
-    """Close each trial's MLflow run with what happened to it: FINISHED (all epochs), KILLED
-    (stopped early by ASHA; tag cxr.stopped_by) or FAILED (tag cxr.error)."""
-    outcome = {}
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if result.error is not None:
-            outcome[trial_id] = ("FAILED", {"cxr.error": str(result.error).splitlines()[0][:4000]})
-        elif (result.metrics or {}).get("training_iteration", 0) < max_epochs:
-            outcome[trial_id] = ("KILLED", {"cxr.stopped_by": "scheduler"})
-        else:
-            outcome[trial_id] = ("FINISHED", {})
-    c = tracking.client(tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
-    for r in c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{study_run}'"):
-        if r.info.status != "RUNNING":
-            continue
-        status, tags = outcome.get(r.data.tags.get("cxr.trial_id"), ("FAILED", {"cxr.error": "no result"}))
-        for k, v in tags.items():
-            c.set_tag(r.info.run_id, k, v)
-        c.set_terminated(r.info.run_id, status)
-
-
-def _best_params(cfg: TuneJobConfig) -> dict:
-    """The best finished trial of the whole study, this run's and earlier ones'."""
-    import optuna
-
-    study = optuna.load_study(study_name=cfg.study_name, storage=study_storage(cfg.study_storage))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    if not complete:
-        raise RuntimeError(f"study {cfg.study_name!r} has no finished trial")
-    best = min(complete, key=lambda t: t.value) if MODE == "min" else max(complete, key=lambda t: t.value)
-    return {"params": dict(best.params), "value": float(best.value), "trials": len(complete)}
-
-
-def _yaml_ready(values: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The classifier's data: task-manifest rows -> uint8 image arrays (lung-masked where a
-segmenter is given) and integer labels, per split.
+"""The classifier's data: task-manifest rows with integer labels, and the images that
+``cxr.screen.Preprocess.prepare`` made of them, per split.
 
 The task sets are small (dataset II: 1,051 images, 53 MB at 224 px; the source task: 4,759,
 239 MB), so images are decoded once in the driver and shipped to the workers through Ray's
@@ -12,10 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from torch import nn
-
-from cxr.classification import load_letterboxed, lung_masked
-from cxr.data.storage import StorageConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -36,19 +32,6 @@ def task_rows(manifest: pd.DataFrame, classes: Sequence[str], max_train_images: 
         keep = train.sample(n=min(max_train_images, len(train)), random_state=seed).index
         rows = rows[(rows["split"] != "train") | rows.index.isin(keep)]
     return rows.reset_index(drop=True)
-
-
-def build_arrays(rows: pd.DataFrame, size: int, storage: StorageConfig | None = None, threads: int = 8,
-                 segmenter: nn.Module | None = None, segmenter_size: int = 256,
-                 dilation_px: int = 3) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images (N, 1, size, size) uint8, lung area fractions or None) for ``rows["uri"]``,
-    lung-masked by ``segmenter`` when one is given."""
-    uris = rows["uri"].tolist()
-    if segmenter is None:
-        (images,) = load_letterboxed(uris, [size], storage, threads)
-        return images, None
-    images, small = load_letterboxed(uris, [size, segmenter_size], storage, threads)
-    return lung_masked(images, small, segmenter, dilation_px)
 
 
 def by_split(rows: pd.DataFrame, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cxr.data.storage import StorageConfig
 from cxr.train.checkpoints import save_checkpoint
 
 
@@ -37,3 +38,13 @@ def report(metrics: dict, model: nn.Module, meta: dict, save: bool) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
+
+
+def ray_storage(path: str, storage: StorageConfig) -> dict:
+    """RunConfig arguments for Ray Train and Tune results under a local folder or an s3:// prefix."""
+    from cxr.data.storage import filesystem_for, is_s3
+
+    if is_s3(path):
+        fs, inner = filesystem_for(path, storage)
+        return {"storage_path": inner, "storage_filesystem": fs}
+    return {"storage_path": str(Path(path).resolve())}

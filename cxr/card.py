@@ -1,0 +1,289 @@
+"""The model card: the typed contract between training and serving.
+
+Every registered model, exported bundle and screen carries one (``card.json``). It holds all
+that serving needs to feed the model what it saw in training (``Preprocessing``), what its
+outputs mean (labels, the screening ``OperatingPoint``), what it was trained on
+(``DatasetDigest``) and how well it did (metrics with intervals). ``ModelCard.from_dict``
+validates a card when a model is registered and when it is loaded, and names the field that
+is wrong. Cards written before this module existed (card_version 0, a plain dict) are read
+through ``_upgrade_v0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cxr.preprocess import CLASSIFIER_MEAN, CLASSIFIER_STD, PREPROCESS_VERSION, SEGMENTER_MEAN, SEGMENTER_STD
+
+CARD_VERSION = 1
+INTENDED_USE = "research use, not for diagnosis"
+TASKS = ("classifier", "segmenter")
+DEFAULT_DILATION_PX = 3     # the one default of the lung-mask dilation, for cards that name none
+
+
+class CardError(ValueError):
+    """A model card that serving cannot trust; the message names the field."""
+
+
+def _fail(path: str, problem: str) -> CardError:
+    return CardError(f"model card field {path!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Decoded 8-bit grayscale image -> model input: letterbox to ``letterbox_size`` (padding
+    ``letterbox_fill``), optionally zero everything outside the lungs found by the pinned
+    segmenter (mask dilated by ``dilation_px``), scale to [0, 1], normalise."""
+
+    letterbox_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    letterbox_fill: int = 128
+    lung_mask: bool = False
+    segmenter_name: str | None = None
+    segmenter_version: str | None = None
+    dilation_px: int = DEFAULT_DILATION_PX
+    version: str = PREPROCESS_VERSION
+
+    @property
+    def sha256(self) -> str:
+        """A digest to compare preprocessing by (what the model sees, not who pinned it)."""
+        spec = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("segmenter_name", "segmenter_version")}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def segmenter_uri(self) -> str | None:
+        return f"models:/{self.segmenter_name}/{self.segmenter_version}" if self.lung_mask else None
+
+    @classmethod
+    def for_classifier(cls, size: int, lung_mask: bool = False, segmenter_name: str | None = None,
+                       segmenter_version: str | None = None, dilation_px: int = DEFAULT_DILATION_PX) -> "Preprocessing":
+        return cls(letterbox_size=size, channels=3, mean=CLASSIFIER_MEAN, std=CLASSIFIER_STD, lung_mask=lung_mask,
+                   segmenter_name=segmenter_name if lung_mask else None,
+                   segmenter_version=str(segmenter_version) if lung_mask else None, dilation_px=int(dilation_px))
+
+    @classmethod
+    def for_segmenter(cls, size: int, dilation_px: int = DEFAULT_DILATION_PX) -> "Preprocessing":
+        """``dilation_px``: the dilation a classifier trained on this segmenter's masks uses by default."""
+        return cls(letterbox_size=size, channels=1, mean=(SEGMENTER_MEAN,), std=(SEGMENTER_STD,),
+                   dilation_px=int(dilation_px))
+
+    def validate(self, path: str = "preprocessing") -> None:
+        if self.letterbox_size < 8:
+            raise _fail(f"{path}.letterbox_size", f"must be >= 8, got {self.letterbox_size}")
+        if self.channels not in (1, 3):
+            raise _fail(f"{path}.channels", f"must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise _fail(f"{path}.{name}", f"needs {self.channels} value(s), got {list(getattr(self, name))}")
+        if any(s <= 0 for s in self.std):
+            raise _fail(f"{path}.std", "must be > 0")
+        if not 0 <= self.letterbox_fill <= 255:
+            raise _fail(f"{path}.letterbox_fill", f"must be 0..255, got {self.letterbox_fill}")
+        if self.dilation_px < 0:
+            raise _fail(f"{path}.dilation_px", f"must be >= 0, got {self.dilation_px}")
+        if self.lung_mask and not (self.segmenter_name and self.segmenter_version):
+            raise _fail(f"{path}.segmenter_version", "a lung-masked model must pin its segmenter (name and version)")
+        if self.version != PREPROCESS_VERSION:
+            raise _fail(f"{path}.version", f"this cxr implements preprocessing version {PREPROCESS_VERSION}, "
+                                            f"the model was trained with {self.version}")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The screening threshold on ``label``'s probability, chosen on validation data."""
+
+    threshold: float
+    min_specificity: float
+    chosen_on: str
+    label: str = "covid"
+
+
+@dataclass(frozen=True)
+class DatasetDigest:
+    """A manifest a model was trained on: where it was and the digest of its rows."""
+
+    name: str
+    uri: str
+    sha256: str
+    rows: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    task: str                                   # classifier | segmenter
+    architecture: str                           # cxr.models registry name
+    labels: tuple[str, ...]
+    input_shape: tuple[int, int, int]           # (C, H, W) of the model input
+    output: str
+    preprocessing: Preprocessing
+    model_kwargs: dict = field(default_factory=dict)
+    operating_point: OperatingPoint | None = None
+    training_data: tuple[DatasetDigest, ...] = ()
+    metrics: dict = field(default_factory=dict)
+    init: str | None = None
+    intended_use: str = INTENDED_USE
+    run_id: str | None = None
+    git_commit: str | None = None
+    provenance: dict = field(default_factory=dict)   # e.g. the registry and version a bundle came from
+    card_version: int = CARD_VERSION
+
+    def validate(self) -> "ModelCard":
+        from cxr.models import model_names
+
+        if self.task not in TASKS:
+            raise _fail("task", f"must be one of {list(TASKS)}, got {self.task!r}")
+        if self.architecture not in model_names(self.task):
+            raise _fail("architecture", f"{self.architecture!r} is not a {self.task}; choices: {model_names(self.task)}")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise _fail("labels", f"must be distinct and non-empty, got {list(self.labels)}")
+        if len(self.input_shape) != 3 or self.input_shape[0] != self.preprocessing.channels or \
+                self.input_shape[1:] != (self.preprocessing.letterbox_size,) * 2:
+            raise _fail("input_shape", f"{list(self.input_shape)} does not match the preprocessing "
+                                       f"({self.preprocessing.channels} x {self.preprocessing.letterbox_size}^2)")
+        self.preprocessing.validate()
+        if self.task == "segmenter" and self.preprocessing.lung_mask:
+            raise _fail("preprocessing.lung_mask", "a segmenter's input is never lung-masked")
+        op = self.operating_point
+        if op is not None:
+            if op.label not in self.labels:
+                raise _fail("operating_point.label", f"{op.label!r} is not one of the labels {list(self.labels)}")
+            if not (math.isfinite(op.threshold) and 0 <= op.threshold <= 1.0000001):
+                raise _fail("operating_point.threshold", f"must be a probability, got {op.threshold}")
+        if self.card_version != CARD_VERSION:
+            raise _fail("card_version", f"this cxr reads card version {CARD_VERSION}, got {self.card_version}")
+        return self
+
+    # --- (de)serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """JSON-ready: NaN and infinities become null (JSON has none, and MLflow's UI shows them raw)."""
+        return _finite(dataclasses.asdict(self)) | {"preprocessing_sha256": self.preprocessing.sha256}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelCard":
+        """Build and validate; a missing or mistyped field raises ``CardError`` naming it."""
+        if not isinstance(raw, dict):
+            raise CardError(f"a model card is a JSON object, got {type(raw).__name__}")
+        if "card_version" not in raw:
+            raw = _upgrade_v0(raw)
+        raw = {k: v for k, v in raw.items() if k != "preprocessing_sha256"}
+        try:
+            card = cls(
+                task=_get(raw, "task", str), architecture=_get(raw, "architecture", str),
+                labels=tuple(_get(raw, "labels", list)), input_shape=tuple(int(x) for x in _get(raw, "input_shape", list)),
+                output=_get(raw, "output", str),
+                preprocessing=_build(Preprocessing, _get(raw, "preprocessing", dict), "preprocessing"),
+                model_kwargs=dict(raw.get("model_kwargs") or {}),
+                operating_point=(_build(OperatingPoint, raw["operating_point"], "operating_point")
+                                 if raw.get("operating_point") else None),
+                training_data=tuple(_build(DatasetDigest, d, f"training_data[{i}]")
+                                    for i, d in enumerate(raw.get("training_data") or [])),
+                metrics=dict(raw.get("metrics") or {}), init=raw.get("init"),
+                intended_use=raw.get("intended_use", INTENDED_USE), run_id=raw.get("run_id"),
+                git_commit=raw.get("git_commit"), provenance=dict(raw.get("provenance") or {}),
+                card_version=int(raw.get("card_version", CARD_VERSION)))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CardError):
+                raise
+            raise CardError(f"model card: {e}") from e
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CardError(f"model card: unknown field(s) {unknown}")
+        return card.validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        return cls.from_dict(json.loads(text))
+
+
+def _get(raw: dict, name: str, kind: type) -> Any:
+    if name not in raw or raw[name] is None:
+        raise _fail(name, "missing")
+    value = raw[name]
+    if kind is list and isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, kind):
+        raise _fail(name, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, path: str):
+    """A nested dataclass from a mapping, with the field named on a missing or extra key."""
+    if not isinstance(raw, dict):
+        raise _fail(path, f"expected an object, got {type(raw).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names) - {"sha256", "kind", "grayscale", "scale"})   # v0 extras, derived
+    if unknown:
+        raise _fail(path, f"unknown field(s) {unknown}; valid: {sorted(names)}")
+    values = {}
+    for name, f in names.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise _fail(f"{path}.{name}", "missing")
+            continue
+        value = raw[name]
+        if name in ("mean", "std"):
+            value = tuple(float(v) for v in value)
+        elif name in ("letterbox_size", "channels", "letterbox_fill", "dilation_px") or (name == "rows" and value is not None):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise _fail(f"{path}.{name}", f"expected an integer, got {value!r}")
+            value = int(value)
+        elif name in ("threshold", "min_specificity"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise _fail(f"{path}.{name}", f"expected a number, got {value!r}")
+            value = float(value)
+        elif name == "lung_mask":
+            value = bool(value)
+        elif name in ("segmenter_version", "version") and value is not None:
+            value = str(value)
+        values[name] = value
+    return cls(**values)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):      # numpy scalars
+        return _finite(obj.item())
+    return obj
+
+
+def _upgrade_v0(raw: dict) -> dict:
+    """A card written as a plain dict by cxr before card version 1 (issue 12), read as version 1."""
+    prep = dict(raw.get("preprocessing") or {})
+    task = raw.get("task")
+    shape = (raw.get("input") or {}).get("shape")
+    dilation = prep.get("dilation_px", raw.get("mask_dilation_px", DEFAULT_DILATION_PX))
+    preprocessing = {k: prep[k] for k in ("letterbox_size", "letterbox_fill", "channels", "mean", "std",
+                                          "lung_mask", "segmenter_name", "segmenter_version", "version") if k in prep}
+    preprocessing.setdefault("mean", list(CLASSIFIER_MEAN) if task == "classifier" else [SEGMENTER_MEAN])
+    preprocessing.setdefault("std", list(CLASSIFIER_STD) if task == "classifier" else [SEGMENTER_STD])
+    preprocessing["dilation_px"] = dilation
+    metrics = dict(raw.get("metrics") or {})
+    screening = (metrics.get("test") or {}).get("screening")
+    digest = raw.get("training_manifest_sha256")
+    return {
+        "task": task, "architecture": raw.get("architecture"), "labels": raw.get("labels"),
+        "input_shape": shape, "output": raw.get("output", ""), "preprocessing": preprocessing,
+        "model_kwargs": raw.get("model_kwargs") or {},
+        "operating_point": ({k: screening[k] for k in ("threshold", "min_specificity", "chosen_on")}
+                            if screening else None),
+        "training_data": ([{"name": "train", "uri": raw.get("training_manifest", ""), "sha256": digest}]
+                          if digest else []),
+        "metrics": metrics, "init": raw.get("init"), "intended_use": raw.get("intended_use", INTENDED_USE),
+        "run_id": raw.get("run_id"), "git_commit": raw.get("git_commit"), "card_version": CARD_VERSION,
+    }

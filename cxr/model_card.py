@@ -1,0 +1,115 @@
+"""The model card for people: short Markdown (a registered version's description, a bundle's
+MODEL_CARD.md) from the typed card. The full card stays the JSON artifact."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import jinja2
+
+from cxr.card import ModelCard
+
+if TYPE_CHECKING:
+    from cxr.package import Component
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+_ENV.filters["ci"] = lambda v: (f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                                if isinstance(v, dict) and v.get("value") is not None
+                                and v.get("low") is not None else "n/a")
+
+_MODEL = _ENV.from_string("""\
+# {{ card.architecture }} {{ card.task }}{% if name %} ({{ name }}{% if version %} v{{ version }}{% endif %}){% endif %}
+
+**Intended use: {{ card.intended_use }}.**
+
+{% if card.task == "classifier" %}
+Tells {{ card.labels | join(" / ") }} apart on chest X-rays.
+{% else %}
+Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
+{% endif %}
+
+| input | |
+|---|---|
+| image | 8-bit grayscale, letterboxed to {{ p.letterbox_size }} px (padding {{ p.letterbox_fill }}) |
+| lung mask | {% if p.lung_mask %}yes: {{ p.segmenter_name }} v{{ p.segmenter_version }}, dilated {{ p.dilation_px }} px{% else %}no{% endif %} |
+| normalisation | x/255, mean {{ p.mean | list }}, std {{ p.std | list }} |
+{% if card.operating_point %}
+| operating point | {{ card.operating_point.label }} probability >= {{ "%.4f" | format(card.operating_point.threshold) }} (specificity >= {{ card.operating_point.min_specificity }} on {{ card.operating_point.chosen_on }}) |
+{% endif %}
+{% if card.init %}| initialised from | {{ card.init }} |
+{% endif %}
+
+{% if card.training_data %}
+## Data
+{% for d in card.training_data %}
+- {{ d.name }}: `{{ d.uri }}`{% if d.rows %}, {{ d.rows }} rows{% endif %}, sha256 `{{ d.sha256[:16] }}`
+{% endfor %}
+{% endif %}
+
+{% if test %}
+## Test metrics (95% bootstrap intervals)
+| metric | value |
+|---|---|
+{% for key, label in headline if key in test.metrics %}
+| {{ label }} | {{ test.metrics[key] | ci }} |
+{% endfor %}
+{% if test.adult %}
+| adult images (n={{ test.adult.n }}): COVID sensitivity | {{ test.adult.covid_sensitivity | ci }} |
+| adult images: COVID specificity | {{ test.adult.covid_specificity | ci }} |
+{% endif %}
+{% if test.screening %}
+{% for population in ("all", "adult") if population in test.screening %}
+| at the operating point, {{ population }}: sensitivity | {{ test.screening[population].sensitivity | ci }} |
+| at the operating point, {{ population }}: specificity | {{ test.screening[population].specificity | ci }} |
+{% endfor %}
+{% endif %}
+{% for group, v in (test.covid_auroc_within or {}).items() %}
+| COVID AUROC within {{ group }} ({{ v.n_positive }} vs {{ v.n_negative }}) | {{ v | ci }} |
+{% endfor %}
+{% endif %}
+{% if dice %}
+## Test Dice
+| subset | mean | median | 5th percentile | n |
+|---|---|---|---|---|
+{% for source, s in dice.items() %}
+| {{ source }} | {{ "%.3f" | format(s.mean) }} | {{ "%.3f" | format(s.median) }} | {{ "%.3f" | format(s.p05) }} | {{ s.n }} |
+{% endfor %}
+{% endif %}
+
+## Limits
+- Trained and tested on curated public collections; figures on an archive the model never saw
+  can be much lower (see docs/RESULTS.md of cxr). Check it on your own archive first.
+- Not a medical device. {{ card.intended_use | capitalize }}.
+
+Run `{{ card.run_id or "n/a" }}`, commit `{{ (card.git_commit or "n/a")[:12] }}`, card version {{ card.card_version }}.
+""")
+
+_HEADLINE = [("accuracy", "accuracy"), ("f1_covid", "COVID F1"), ("covid_sensitivity", "COVID sensitivity"),
+             ("covid_specificity", "COVID specificity"), ("auroc_covid", "COVID AUROC"), ("auroc_macro", "macro AUROC")]
+
+
+def model_markdown(card: ModelCard, name: str | None = None, version: str | None = None) -> str:
+    test = card.metrics.get("test") if card.task == "classifier" else None
+    dice = card.metrics.get("test_dice") if card.task == "segmenter" else None
+    text = _MODEL.render(card=card, p=card.preprocessing, name=name, version=version, test=test, dice=dice,
+                         headline=_HEADLINE)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def screen_markdown(classifier: "Component", segmenter: "Component | None") -> str:
+    """A screen's card: what it is, then its classifier's card and its segmenter's."""
+    p = classifier.card.preprocessing
+    role = ("cuts out the lungs the classifier sees" if p.lung_mask else
+            "gives the lung-area quality signal only (the classifier sees whole images)")
+    head = (f"# cxr screen: {classifier.card.architecture} classifier"
+            + (f" + {segmenter.card.architecture} segmenter" if segmenter else "") + "\n\n"
+            + "One model: decoded X-ray -> letterbox -> "
+            + ("lung mask -> " if p.lung_mask else "") + "classifier -> probabilities, predicted label, "
+            + "screen flag at the operating point, Grad-CAM heatmap, lung fraction and quality flags.\n"
+            + (f"The segmenter {role}.\n" if segmenter else "No segmenter: no lung-area quality signal.\n"))
+    parts = [model_markdown(classifier.card, classifier.name, classifier.version)]
+    if segmenter:
+        parts.append(model_markdown(segmenter.card, segmenter.name, segmenter.version))
+    # Each component card's title one level under the screen's.
+    return "\n".join([head] + ["#" + part for part in parts])

@@ -1,0 +1,178 @@
+"""The files of a model and of a screen: what the registry stores and what a bundle is.
+
+A model folder: ``model.safetensors`` + ``card.json`` (+ MLflow's ``MLmodel`` and env files).
+A screen folder (a registered ``cxr-screen`` version, and an exported bundle, are the same):
+
+    screen.json               format, version, weights dtype, the component models' origin
+    classifier/               model.safetensors, card.json
+    segmenter/                model.safetensors, card.json (absent for a screen without one)
+    MODEL_CARD.md             the card for people
+    MLmodel, *.yaml, *.txt    MLflow's python_function flavor (loader_module cxr.pyfunc)
+    checksums.sha256          sha256 of every other file (sha256sum's format)
+
+Every reader refuses a folder holding any file outside ``SAFE_NAMES``: nothing in it is ever
+unpickled or executed; the code is the installed ``cxr`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxr.card import ModelCard
+from cxr.models import build_model
+from cxr.weights import load_weights, save_weights, stored_dtype
+
+WEIGHTS, CARD, LEGACY_META = "model.safetensors", "card.json", "meta.json"
+SCREEN, CHECKSUMS, MARKDOWN = "screen.json", "checksums.sha256", "MODEL_CARD.md"
+SCREEN_FORMAT, SCREEN_FORMAT_VERSION = "cxr-screen", 1
+# Data and text only: weights, JSON, YAML, text and MLflow's metadata files.
+SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, "MLmodel", "registered_model_meta",
+              "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+              "serving_input_example.json"}
+COMPONENTS = ("classifier", "segmenter")
+
+
+class PackageError(ValueError):
+    """A model folder or bundle that cannot be trusted: unexpected files, bad checksums, bad card."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A loaded model with its card and where it came from (registry name and version)."""
+
+    model: nn.Module
+    card: ModelCard
+    name: str | None = None
+    version: str | None = None
+
+
+def check_safe(folder: Path, what: str) -> None:
+    folder = Path(folder)
+    unexpected = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                        if p.is_file() and p.name not in SAFE_NAMES)
+    if unexpected:
+        raise PackageError(f"{what} holds unexpected files {unexpected}: refusing to load; "
+                           "cxr models are safetensors + JSON only")
+
+
+def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "float32") -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / WEIGHTS, dtype)
+    (folder / CARD).write_text(card.validate().to_json())
+    return folder
+
+
+def read_card(folder: Path) -> ModelCard:
+    return ModelCard.from_json((Path(folder) / CARD).read_text())
+
+
+def read_model(folder: Path, device: str | torch.device = "cpu", what: str | None = None) -> tuple[nn.Module, ModelCard]:
+    """(module in eval mode on ``device``, validated card) of a model folder."""
+    folder = Path(folder)
+    check_safe(folder, what or str(folder))
+    card = read_card(folder)
+    model = build_model(card.architecture, **card.model_kwargs)
+    load_weights(model, folder / WEIGHTS)
+    return model.to(device).eval(), card
+
+
+def write_screen(folder: Path, classifier: Component, segmenter: Component | None, dtype: str = "float32",
+                 source: str | None = None) -> Path:
+    """The screen's data files (MLflow's files and the checksums are added by the caller)."""
+    from cxr.model_card import screen_markdown
+
+    folder = Path(folder)
+    write_model(folder / "classifier", classifier.model, classifier.card, dtype)
+    if segmenter is not None:
+        write_model(folder / "segmenter", segmenter.model, segmenter.card, dtype)
+    (folder / SCREEN).write_text(json.dumps({
+        "format": SCREEN_FORMAT, "format_version": SCREEN_FORMAT_VERSION, "weights_dtype": dtype,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+        **{kind: ({"name": c.name, "version": c.version} if c else None)
+           for kind, c in (("classifier", classifier), ("segmenter", segmenter))}}, indent=2))
+    (folder / MARKDOWN).write_text(screen_markdown(classifier, segmenter))
+    return folder
+
+
+def read_screen_info(folder: Path) -> dict:
+    path = Path(folder) / SCREEN
+    if not path.exists():
+        raise PackageError(f"{folder} is not a cxr screen (no {SCREEN})")
+    info = json.loads(path.read_text())
+    if info.get("format") != SCREEN_FORMAT or int(info.get("format_version", 0)) > SCREEN_FORMAT_VERSION:
+        raise PackageError(f"{folder}: {SCREEN} is format {info.get('format')!r} version {info.get('format_version')}; "
+                           f"this cxr reads {SCREEN_FORMAT!r} up to version {SCREEN_FORMAT_VERSION}")
+    return info
+
+
+def read_screen(folder: Path, device: str | torch.device = "cpu") -> tuple[Component, Component | None, dict]:
+    folder = Path(folder)
+    check_safe(folder, str(folder))
+    info = read_screen_info(folder)
+    if (folder / CHECKSUMS).exists():
+        verify_checksums(folder)
+    parts = {}
+    for kind in COMPONENTS:
+        if (folder / kind / CARD).exists():
+            model, card = read_model(folder / kind, device)
+            if card.task != kind:
+                raise PackageError(f"{folder}/{kind}/card.json is a {card.task} card")
+            origin = info.get(kind) or {}
+            parts[kind] = Component(model, card, origin.get("name"), origin.get("version"))
+    if "classifier" not in parts:
+        raise PackageError(f"{folder} has no classifier/")
+    return parts["classifier"], parts.get("segmenter"), info
+
+
+def weights_dtype(folder: Path) -> str:
+    return stored_dtype(Path(folder) / "classifier" / WEIGHTS)
+
+
+# --- checksums ---------------------------------------------------------------------------------
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_digest(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    return folder / CHECKSUMS
+
+
+def verify_checksums(folder: Path) -> int:
+    """Check every listed file and that no file is unlisted; returns the number checked."""
+    folder = Path(folder)
+    listed = {}
+    for line in (folder / CHECKSUMS).read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(None, 1)
+            listed[name.strip()] = digest
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.name not in (CHECKSUMS, "registered_model_meta")}
+    if present - set(listed):
+        raise PackageError(f"{folder}: files not in {CHECKSUMS}: {sorted(present - set(listed))}")
+    if set(listed) - present:
+        raise PackageError(f"{folder}: files missing: {sorted(set(listed) - present)}")
+    for name, digest in listed.items():
+        if _digest(folder / name) != digest:
+            raise PackageError(f"{folder}: {name} does not match its checksum (corrupted or changed)")
+    return len(listed)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -1,0 +1,281 @@
+"""The screen: segmenter + classifier + preprocessing + operating point, as one object.
+
+``Preprocess`` is the only path from a decoded image to the classifier's input, built from the
+classifier's card: training, evaluation, promotion, scoring, the benchmark and the Python API
+all go through it. ``Screen`` runs it and the classifier on batches and makes the fields of a
+scores row; ``Screen.predict`` is the Python API (``cxr.load(...).predict(paths_or_bytes)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr.card import Preprocessing
+from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.errors import BadImageError
+from cxr.data.letterbox import letterbox
+from cxr.data.storage import StorageConfig, read_bytes
+from cxr.masking import lung_masks, mask_lungs
+from cxr.package import Component
+from cxr.preprocess import classifier_input, segmenter_input
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def letterbox_pair(gray: np.ndarray, sizes: tuple[int, int | None], fill: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The classifier's and (with a second size) the segmenter's letterboxed images: the CPU
+    half of ``Preprocess``, alone so that decode tasks, which hold no models, can run it."""
+    size, segmenter_size = sizes
+    return letterbox(gray, size, fill), (letterbox(gray, segmenter_size, fill) if segmenter_size else None)
+
+
+class Preprocess:
+    """Decoded image -> classifier input, as the classifier's card (``prep``) says: letterbox at its size
+    (and at the segmenter's), lung-mask with the pinned segmenter when it was trained on lungs,
+    normalise. The segmenter also gives each image's lung-area fraction, a quality signal,
+    whether or not the classifier is masked."""
+
+    def __init__(self, prep: Preprocessing, segmenter: Component | None = None):
+        if prep.lung_mask:
+            if segmenter is None:
+                raise ValueError(f"the classifier was trained on lung-masked images ({prep.segmenter_uri}); "
+                                 "give it that segmenter")
+            pinned = (prep.segmenter_name, prep.segmenter_version)
+            if segmenter.version is not None and (segmenter.name, segmenter.version) != pinned:
+                raise ValueError(f"the classifier was trained on lungs cut by {prep.segmenter_uri}, not by "
+                                 f"models:/{segmenter.name}/{segmenter.version}")
+        self.prep = prep
+        self.segmenter = segmenter
+        self.size = prep.letterbox_size
+        self.segmenter_size = segmenter.card.preprocessing.letterbox_size if segmenter else None
+
+    @property
+    def sizes(self) -> tuple[int, int | None]:
+        return self.size, self.segmenter_size
+
+    def letterbox(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(H, W) uint8 -> the classifier's and the segmenter's letterboxed images (CPU work)."""
+        return letterbox_pair(gray, self.sizes, self.prep.letterbox_fill)
+
+    @torch.no_grad()
+    def masked(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, S, S) uint8 letterboxed images -> (the model's images as float in [0, 255],
+        each image's lung-area fraction or None without a segmenter). Runs on the images' device."""
+        x = images.float()
+        if self.segmenter is None:
+            return x, None
+        seg = self.segmenter.model
+        lung = torch.sigmoid(seg(segmenter_input(seg_images.to(images.device))).float())
+        if self.prep.lung_mask:
+            x, fraction = mask_lungs(x, lung, dilation_px=self.prep.dilation_px)
+            return x.round(), fraction
+        return x, lung_masks(lung).flatten(1).mean(dim=1)
+
+    def __call__(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(classifier input (B, 3, S, S), lung fractions): ``masked`` then normalisation."""
+        x, fraction = self.masked(images, seg_images)
+        return classifier_input(x), fraction
+
+    def prepare(self, uris: Sequence[str], storage: StorageConfig | None = None, threads: int = 8,
+                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """A labeled set's images as the model sees them before normalisation, (N, 1, S, S)
+        uint8, and their lung fractions: what training augments and evaluation predicts on.
+        For manifests that prepare-data checked: a bad image raises ``BadImageError``."""
+        limits = DecodeLimits()
+
+        def one(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+            return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits))
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            boxed = list(pool.map(one, list(uris)))
+        if not boxed:
+            return np.zeros((0, 1, self.size, self.size), np.uint8), None
+        images = np.stack([b[0] for b in boxed])[:, None]
+        if self.segmenter is None:
+            return images, None
+        small = np.stack([b[1] for b in boxed])[:, None]
+        device = next(self.segmenter.model.parameters()).device
+        out, fractions = [], []
+        for start in range(0, len(images), batch_size):
+            x, f = self.masked(torch.from_numpy(images[start:start + batch_size]).to(device),
+                               torch.from_numpy(small[start:start + batch_size]).to(device))
+            out.append(x.round().to(torch.uint8).cpu().numpy())
+            fractions.append(f.cpu().numpy())
+        return np.concatenate(out), np.concatenate(fractions)
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """Lung-area fractions that flag an image: no lungs found, or a fraction out of range."""
+
+    no_lungs: float = 0.01
+    low: float = 0.08
+    high: float = 0.50
+
+    def flags(self, fraction: float | None) -> list[str]:
+        if fraction is None or not np.isfinite(fraction):
+            return []
+        if fraction < self.no_lungs:
+            return ["no_lungs_found"]
+        if fraction < self.low or fraction > self.high:
+            return ["lung_fraction_out_of_range"]
+        return []
+
+
+# The fields of a scores row that a screen produces (cxr.scoring adds lineage and job columns).
+ROW_FIELDS = ("uri", "sha256", "status", "error", "labels", "probabilities", "predicted_label", "covid_probability",
+              "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "lung_fraction", "qc_flags")
+
+
+class Screen:
+    """A classifier, the segmenter its preprocessing needs (or one for the quality signal only),
+    and the card's operating point, on one device."""
+
+    def __init__(self, classifier: Component, segmenter: Component | None = None,
+                 device: str | torch.device | None = None, quality: QualityLimits = QualityLimits(),
+                 bf16: bool | None = None, storage: StorageConfig | None = None):
+        self.device = torch.device(device) if device else default_device()
+        self.classifier = Component(classifier.model.to(self.device).eval(), classifier.card, classifier.name,
+                                    classifier.version)
+        self.segmenter = (Component(segmenter.model.to(self.device).eval(), segmenter.card, segmenter.name,
+                                    segmenter.version) if segmenter else None)
+        self.preprocess = Preprocess(classifier.card.preprocessing, self.segmenter)
+        self.labels = list(classifier.card.labels)
+        op = classifier.card.operating_point
+        self.covid = self.labels.index("covid") if "covid" in self.labels else None
+        self.threshold = op.threshold if op is not None and op.label == "covid" else None
+        self.quality, self.storage = quality, storage
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
+        if self.device.type == "cuda":
+            self.classifier.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | torch.device | None = None, **kwargs) -> "Screen":
+        """A bundle, or a registered screen's downloaded artifacts."""
+        from cxr.package import read_screen
+
+        classifier, segmenter, _ = read_screen(Path(folder), "cpu")
+        return cls(classifier, segmenter, device, **kwargs)
+
+    # --- batches of letterboxed images ----------------------------------------------------------
+
+    @torch.no_grad()
+    def infer(self, images: np.ndarray, seg_images: np.ndarray | None,
+              heatmap_size: int | None = 64) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(B, S, S) uint8 letterboxed images (and the segmenter's) -> (probabilities (B, C),
+        lung fractions (B,) or None, uint8 heatmaps (B, h, h) of the predicted class or None)."""
+        from cxr.explain import heatmap_to_uint8, predict_with_cam
+
+        x_u8 = torch.from_numpy(np.ascontiguousarray(images)[:, None]).to(self.device)
+        seg = torch.from_numpy(np.ascontiguousarray(seg_images)[:, None]) if seg_images is not None else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x, fraction = self.preprocess(x_u8, seg)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            probs, cams = predict_with_cam(self.classifier.model, x, heatmap_size or 7)
+        return (probs.float().cpu().numpy(), fraction.float().cpu().numpy() if fraction is not None else None,
+                heatmap_to_uint8(cams) if heatmap_size else None)
+
+    def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
+             images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64) -> dict[str, list]:
+        """The screen's fields of a scores row (``ROW_FIELDS``) for a batch; an input with an
+        error is an ``error`` row, the others ``ok`` or ``flagged`` (a quality flag)."""
+        from cxr.explain import heatmap_png
+
+        n = len(uris)
+        ok = np.array([e is None for e in errors], bool)
+        probs = np.full((n, len(self.labels)), np.nan, np.float32)
+        fraction = np.full(n, np.nan, np.float32)
+        heatmaps: list[bytes | None] = [None] * n
+        if ok.any():
+            p, f, cams = self.infer(images[ok], seg_images[ok] if seg_images is not None else None, heatmap_size)
+            probs[ok] = p
+            if f is not None:
+                fraction[ok] = f
+            for i, heat in zip(np.flatnonzero(ok), cams):
+                heatmaps[i] = heatmap_png(heat)
+        flags = [self.quality.flags(float(fraction[i])) if ok[i] else [] for i in range(n)]
+        status = ["error" if not ok[i] else "flagged" if flags[i] else "ok" for i in range(n)]
+        return {
+            "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors),
+            "labels": [self.labels if ok[i] else None for i in range(n)],
+            "probabilities": [probs[i].tolist() if ok[i] else None for i in range(n)],
+            "predicted_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] else None for i in range(n)],
+            "covid_probability": [float(probs[i, self.covid]) if ok[i] and self.covid is not None else None
+                                  for i in range(n)],
+            "covid_threshold": [self.threshold] * n,
+            "screen_positive": [bool(probs[i, self.covid] >= self.threshold) if ok[i] and self.threshold is not None
+                                else None for i in range(n)],
+            "heatmap_png": heatmaps, "heatmap_size": [heatmap_size] * n,
+            "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
+            "qc_flags": flags,
+        }
+
+    # --- the Python API -------------------------------------------------------------------------
+
+    def predict(self, inputs, batch_size: int = 32, heatmap_size: int = 64, storage: StorageConfig | None = None,
+                max_bytes: int = 64 * 2**20) -> pd.DataFrame:
+        """Score images given as paths / URIs (local or s3://), bytes, or a DataFrame with a
+        ``path`` or an ``image`` (bytes) column. One row per input, in order, with the fields of a
+        scores row (``ROW_FIELDS``); an input that cannot be read or decoded is an ``error`` row
+        with the reason, never an exception."""
+        items = _as_items(inputs)
+        limits = DecodeLimits(max_bytes=max_bytes)
+        columns: dict[str, list] = {f: [] for f in ROW_FIELDS}
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            uris, shas, errors, boxed = [], [], [], []
+            for i, item in enumerate(batch, start):
+                uri, data, error, pair = (item if isinstance(item, str) else f"<bytes #{i}>"), None, None, None
+                try:
+                    data = read_bytes(item, storage or self.storage, max_bytes) if isinstance(item, str) else bytes(item)
+                    pair = self.preprocess.letterbox(decode_image(data, uri, limits))
+                except BadImageError as e:
+                    error = e.reason
+                except OSError as e:
+                    error = f"cannot read: {e}"
+                uris.append(uri)
+                shas.append(hashlib.sha256(data).hexdigest() if data is not None else None)
+                errors.append(error)
+                boxed.append(pair)
+            images, seg_images = _stack(boxed, self.preprocess.sizes)
+            for k, v in self.rows(uris, shas, errors, images, seg_images, heatmap_size).items():
+                columns[k].extend(v)
+        frame = pd.DataFrame(columns, columns=list(ROW_FIELDS))
+        frame["classifier"] = _ref(self.classifier)
+        frame["segmenter"] = _ref(self.segmenter) if self.segmenter else None
+        return frame
+
+
+def _ref(c: Component) -> str:
+    return f"{c.name}/{c.version}" if c.name else c.card.architecture
+
+
+def _as_items(inputs) -> list[str | bytes]:
+    if isinstance(inputs, pd.DataFrame):
+        if "image" in inputs and inputs["image"].notna().any():
+            return [bytes(v) if v is not None else b"" for v in inputs["image"]]
+        if "path" in inputs:
+            return [str(v) for v in inputs["path"]]
+        raise ValueError(f"a DataFrame input needs a 'path' or an 'image' column, got {list(inputs.columns)}")
+    if isinstance(inputs, (str, bytes, bytearray, Path)):
+        inputs = [inputs]
+    return [str(v) if isinstance(v, Path) else v for v in inputs]
+
+
+def _stack(boxed: list, sizes: tuple[int, int | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    size, seg_size = sizes
+    images = np.stack([b[0] if b else np.zeros((size, size), np.uint8) for b in boxed])
+    seg = (np.stack([b[1] if b else np.zeros((seg_size, seg_size), np.uint8) for b in boxed])
+           if seg_size else None)
+    return images, seg

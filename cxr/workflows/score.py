@@ -1,0 +1,164 @@
+"""The nightly scoring workflow: ``plan_scoring`` resolves the models, checks the output, lists
+the inputs and reads what is already scored (no Ray needed, so a systemic fault stops the job
+before Ray starts); ``run_scoring`` streams the rest through Ray Data and summarises the job's rows."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from cxr import tracking
+from cxr.card import CardError, ModelCard
+from cxr.config import PlatformConfig, ScoreConfig
+from cxr.data.manifest import read_manifest
+from cxr.data.storage import absolute_uri, filesystem_for, list_files, write_bytes
+from cxr.scoring import AtomicParquetSink, ModelRef, ScoringPredictor, decode_batch, read_scores, scored_keys
+
+log = logging.getLogger(__name__)
+
+
+class SystemicFailure(RuntimeError):
+    """Stops the job: nothing about one image, everything about the run."""
+
+
+def resolve(tracking_uri: str, model_uri: str) -> ModelRef:
+    try:
+        version = tracking.resolve_version(tracking_uri, model_uri)
+    except Exception as e:  # MLflow raises its own types for a missing alias, model or server
+        raise SystemicFailure(f"cannot resolve {model_uri}: {str(e).splitlines()[0]}") from e
+    alias = model_uri.split("@", 1)[1] if "@" in model_uri else None
+    return ModelRef(model_uri, version.name, str(version.version), alias, version.run_id)
+
+
+def resolve_models(tracking_uri: str, classifier_uri: str,
+                   segmenter_uri: str | None) -> tuple[ModelRef, ModelCard, ModelRef | None, ModelCard | None]:
+    """The classifier, and the segmenter its card pins if it was trained on lungs (else
+    ``segmenter_uri``, for the lung-area quality signal only, or none)."""
+    classifier = resolve(tracking_uri, classifier_uri)
+    try:
+        card = tracking.load_card(tracking_uri, classifier.pinned_uri)
+    except CardError as e:
+        raise SystemicFailure(f"{classifier.pinned_uri}: {e}") from e
+    prep = card.preprocessing
+    if prep.lung_mask:
+        segmenter = resolve(tracking_uri, prep.segmenter_uri)
+        if segmenter_uri and segmenter_uri != prep.segmenter_uri:
+            log.info("%s was trained on lungs cut by %s: scoring with it, not %s", classifier.pinned_uri,
+                     prep.segmenter_uri, segmenter_uri)
+    else:
+        segmenter = resolve(tracking_uri, segmenter_uri) if segmenter_uri else None
+    seg_card = tracking.load_card(tracking_uri, segmenter.pinned_uri) if segmenter else None
+    return classifier, card, segmenter, seg_card
+
+
+def list_inputs(cfg: ScoreConfig, storage) -> list[str]:
+    source = absolute_uri(cfg.input)
+    try:
+        if source.endswith(".parquet"):
+            uris = read_manifest(source, storage)["uri"].dropna().astype(str).tolist()
+        else:
+            uris = list_files(source, storage)
+    except (OSError, FileNotFoundError) as e:
+        raise SystemicFailure(f"cannot list input {cfg.input}: {e}") from e
+    unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
+    if len(unique) < len(uris):
+        log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
+    return unique[:cfg.limit] if cfg.limit else unique
+
+
+def check_writable(output: str, storage) -> None:
+    probe = f"{output.rstrip('/')}/_tmp/_probe-{uuid.uuid4().hex}"
+    try:
+        write_bytes(probe, b"", storage)
+        fs, path = filesystem_for(probe, storage)
+        fs.delete_file(path)
+    except OSError as e:
+        raise SystemicFailure(f"output {output} is not writable: {e}") from e
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    cfg: ScoreConfig
+    platform: PlatformConfig
+    output: str
+    job_id: str
+    classifier: ModelRef
+    segmenter: ModelRef | None
+    sizes: tuple[int, int | None]
+    fill: int
+    inputs: list[str]
+    skip: set[str]
+
+
+def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
+    storage, uri = platform.storage, platform.tracking_uri
+    output = absolute_uri(cfg.output)
+    job_id = cfg.job_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    classifier, card, segmenter, seg_card = resolve_models(uri, cfg.classifier, cfg.segmenter)
+    check_writable(output, storage)
+    inputs = list_inputs(cfg, storage)
+    skip = scored_keys(output, segmenter, classifier, storage)
+    sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
+    log.info("job %s: %d inputs, %d already scored with %s v%s%s", job_id, len(inputs), len(skip), classifier.name,
+             classifier.version, f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
+    return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
+                       inputs, skip)
+
+
+def run_scoring(plan: ScoringPlan) -> dict:
+    """Score the plan's inputs (Ray must be up); returns the summary of this job's rows."""
+    import ray
+    from ray.data import ActorPoolStrategy, ExecutionResources, TaskPoolStrategy
+
+    cfg, storage = plan.cfg, plan.platform.storage
+    run_date = datetime.now(timezone.utc).date().isoformat()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    # Decoding runs in its own tasks, beside the model actors: Ray Data fuses a task stage into
+    # an actor stage whose pool size equals the task stage's, and a fused actor would decode
+    # and infer in turn on one core.
+    decode_tasks = cfg.decode_tasks or 2 * cfg.actors
+    if decode_tasks == cfg.actors:
+        decode_tasks += 1
+    if cfg.object_store_mb:
+        # Without a cap, decoding outruns the models and Ray Data lets decoded blocks queue up to
+        # its share of the object store (650 MiB seen on 2 cores): memory grew with the run.
+        options = ray.data.DataContext.get_current().execution_options
+        options.resource_limits = ExecutionResources.for_limits(object_store_memory=cfg.object_store_mb * 2**20)
+    if plan.inputs:
+        ds = ray.data.from_items([{"uri": u} for u in plan.inputs])
+        ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
+                            fn_kwargs={"sizes": plan.sizes, "fill": plan.fill, "skip": plan.skip,
+                                       "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage},
+                            compute=TaskPoolStrategy(size=decode_tasks))
+        ds = ds.map_batches(
+            ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+            num_cpus=cfg.cpus_per_actor,
+            fn_constructor_kwargs={"tracking_uri": plan.platform.tracking_uri,
+                                   "segmenter": plan.segmenter.__dict__ if plan.segmenter else None,
+                                   "classifier": plan.classifier.__dict__, "heatmap_size": cfg.heatmap_size,
+                                   "quality": {"no_lungs": cfg.no_lung_fraction, "low": cfg.min_lung_fraction,
+                                               "high": cfg.max_lung_fraction},
+                                   "job_id": plan.job_id, "threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
+                                   "use_gpu": cfg.use_gpu, "cpu_bf16": cfg.cpu_bf16})
+        try:
+            ds.write_datasink(AtomicParquetSink(plan.output, run_date, plan.job_id, storage))
+        except Exception as e:  # a task failed beyond Ray's retries: storage down, a model that cannot run
+            # Parts committed so far stay valid; the next run scores only what is missing.
+            raise SystemicFailure(f"pipeline failed (committed parts are kept; rerun to resume): "
+                                  f"{str(e).strip().splitlines()[-1][:300]}") from e
+    seconds = time.perf_counter() - started
+    rows = read_scores(plan.output, storage, ["job_id", "status", "predicted_label", "screen_positive"]).to_pandas()
+    mine = rows[rows["job_id"] == plan.job_id]
+    seg = plan.segmenter
+    return {"job_id": plan.job_id, "inputs": len(plan.inputs), "skipped": len(plan.inputs) - len(mine),
+            "scored": len(mine), "by_status": mine["status"].value_counts().to_dict(),
+            "by_label": mine["predicted_label"].value_counts().to_dict(),
+            "screen_positive": int(mine["screen_positive"].eq(True).sum()),   # null: no threshold or an error
+            "seconds": seconds, "images_per_s": len(mine) / seconds if seconds > 0 else 0.0,
+            "started_at": started_at, "output": plan.output,
+            "segmenter": f"{seg.name} v{seg.version}" if seg else "none",
+            "classifier": f"{plan.classifier.name} v{plan.classifier.version}"}

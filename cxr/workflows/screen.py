@@ -1,0 +1,214 @@
+"""Screen workflows: register a classifier and its segmenter as one MLflow model
+(``cxr-screen``), export a registered model as a portable bundle, import a bundle into any
+registry, and load a screen from either (``cxr.load``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxr import tracking
+from cxr.config import PlatformConfig
+from cxr.package import (CHECKSUMS, SCREEN, Component, PackageError, folder_bytes, read_screen, read_screen_info,
+                         verify_checksums, write_screen)
+from cxr.screen import Screen
+
+log = logging.getLogger(__name__)
+
+
+def screen_name(platform: PlatformConfig) -> str:
+    return platform.registered_models.get("screen", "cxr-screen")
+
+
+def example_image() -> bytes:
+    """The input example of a screen's signature: a small synthetic grayscale PNG (no patient data)."""
+    ramp = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8) * 2
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def components(tracking_uri: str, model_uri: str, segmenter_uri: str | None = None) -> tuple[Component, Component | None]:
+    """The classifier and segmenter of a registered screen, or of a registered classifier:
+    with the segmenter its card pins, else ``segmenter_uri`` (the quality signal only) or none."""
+    version = tracking.resolve_version(tracking_uri, model_uri)
+    if version.tags.get("cxr.task") == "screen":
+        with tempfile.TemporaryDirectory() as tmp:
+            local, _ = tracking.download_model(tracking_uri, model_uri, tmp)
+            classifier, segmenter, _ = read_screen(local)
+        return classifier, segmenter
+    classifier = tracking.load_registered(tracking_uri, model_uri)
+    if classifier.card.task != "classifier":
+        raise PackageError(f"{model_uri} is a {classifier.card.task}; a screen starts from a classifier or a screen")
+    prep = classifier.card.preprocessing
+    if prep.lung_mask:
+        return classifier, tracking.load_registered(tracking_uri, prep.segmenter_uri)
+    if segmenter_uri and not tracking.model_exists(tracking_uri, segmenter_uri):
+        log.warning("%s does not resolve: the screen of %s has no lung-area quality signal", segmenter_uri, model_uri)
+        segmenter_uri = None
+    return classifier, tracking.load_registered(tracking_uri, segmenter_uri) if segmenter_uri else None
+
+
+def build_screen(folder: Path, classifier: Component, segmenter: Component | None, dtype: str = "float32",
+                 source: str | None = None) -> Path:
+    """A complete screen folder: data files, MLflow's python_function files with a signature
+    from a real prediction, checksums. It is a bundle and a registrable MLflow model at once."""
+    write_screen(folder, classifier, segmenter, dtype, source)
+    tracking.save_screen_model(folder, example_image())
+    return folder
+
+
+def register_screen(platform: PlatformConfig, classifier_uri: str, segmenter_uri: str | None = None,
+                    alias: str | None = None) -> str:
+    """Register the screen of a registered classifier (or re-register a screen) as a new
+    version of ``cxr-screen``; with ``alias``, point it there. Returns the version."""
+    uri = platform.tracking_uri
+    classifier, segmenter = components(uri, classifier_uri, segmenter_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_screen(Path(tmp) / "screen", classifier, segmenter, source=classifier_uri)
+        with tracking.tracked_run(uri, platform.experiments.get("screen", "cxr-screen"), "register-screen",
+                                  tags={"cxr.job": "register-screen", "cxr.source": classifier_uri},
+                                  artifact_location=platform.artifact_location) as run_id:
+            version = tracking.register_screen_folder(uri, screen_name(platform), run_id, folder)
+    if alias:
+        tracking.set_alias(uri, screen_name(platform), alias, version)
+    return version
+
+
+def screen_for_classifier(platform: PlatformConfig, classifier_version: str, alias: str) -> str:
+    """Point ``cxr-screen@alias`` at the screen of ``cxr-classifier`` version ``classifier_version``,
+    registering it first if none exists: what promotion does when the classifier's alias moves."""
+    uri, name = platform.tracking_uri, platform.registered_models["classifier"]
+    wanted = f"{name}/{classifier_version}"
+    c = tracking.client(uri)
+    found = [v for v in c.search_model_versions(f"name='{screen_name(platform)}'")
+             if v.tags.get("cxr.classifier") == wanted and v.tags.get("cxr.weights_dtype") == "float32"]
+    if found:
+        version = str(max(int(v.version) for v in found))
+        tracking.set_alias(uri, screen_name(platform), alias, version)
+        return version
+    return register_screen(platform, f"models:/{wanted}", f"models:/{platform.registered_models['segmenter']}@{alias}",
+                           alias)
+
+
+# --- bundles ----------------------------------------------------------------------------------------
+
+def export_model(platform: PlatformConfig, model_uri: str, out: str | Path, dtype: str = "float32",
+                 segmenter_uri: str | None = None) -> Path:
+    """A self-contained bundle of a registered screen or classifier: a folder (or, for a name
+    ending in .tar, one tar file) that ``import_model`` and ``cxr.load`` read. Weights as
+    ``dtype`` (float32, bfloat16 or int8, see ``cxr.weights``)."""
+    out = Path(out)
+    classifier, segmenter = components(platform.tracking_uri, model_uri, segmenter_uri)
+    version = tracking.resolve_version(platform.tracking_uri, model_uri)
+    source = f"{platform.tracking_uri} {model_uri} (= {version.name}/{version.version})"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_screen(Path(tmp) / "bundle", classifier, segmenter, dtype, source)
+        if out.suffix == ".tar":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(out, "w") as tar:     # uncompressed: weights barely compress
+                tar.add(folder, arcname=out.stem)
+        else:
+            if out.exists():
+                raise FileExistsError(f"{out} exists; export into a new folder")
+            shutil.copytree(folder, out)
+    return out
+
+
+def unpack_bundle(bundle: str | Path, dst: Path) -> Path:
+    """A bundle folder from a folder or a .tar (members checked: plain files under one folder)."""
+    bundle = Path(bundle)
+    if bundle.is_dir():
+        return bundle
+    if not tarfile.is_tarfile(bundle):
+        raise PackageError(f"{bundle} is neither a bundle folder nor a .tar")
+    with tarfile.open(bundle) as tar:
+        # The "data" filter refuses links, devices and paths leaving the folder.
+        tar.extractall(dst, filter="data")
+    folders = [p for p in dst.iterdir() if p.is_dir()]
+    if len(folders) != 1:
+        raise PackageError(f"{bundle} must hold one bundle folder, found {[p.name for p in folders]}")
+    return folders[0]
+
+
+def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None = None) -> dict[str, str]:
+    """Verify a bundle (checksums, cards) and register it in this registry: its segmenter as a
+    new ``cxr-segmenter`` version, its classifier as a new ``cxr-classifier`` version (its card
+    now pinning that segmenter version) and the screen as a new ``cxr-screen`` version. With
+    ``alias``, all three point there. Returns {kind: version}."""
+    uri, names = platform.tracking_uri, platform.registered_models
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = unpack_bundle(bundle, Path(tmp))
+        if not (folder / CHECKSUMS).exists():
+            raise PackageError(f"{bundle} has no {CHECKSUMS}: not a cxr bundle, or incomplete")
+        verify_checksums(folder)
+        info = read_screen_info(folder)
+        classifier, segmenter, _ = read_screen(folder)
+        provenance = {"bundle": Path(bundle).name, "source": info.get("source"), "weights_dtype": info["weights_dtype"]}
+        versions: dict[str, str] = {}
+        experiment = platform.experiments.get("screen", "cxr-screen")
+        with tracking.tracked_run(uri, experiment, "import-model", tags={"cxr.job": "import-model"},
+                                  artifact_location=platform.artifact_location) as parent:
+            if segmenter is not None:
+                card = dataclasses.replace(segmenter.card, provenance={**provenance, **_origin(info, "segmenter")})
+                with tracking.tracked_run(uri, experiment, "import-segmenter", parent_run_id=parent,
+                                          artifact_location=platform.artifact_location) as run_id:
+                    versions["segmenter"] = tracking.register_model(uri, names["segmenter"], run_id, segmenter.model, card)
+                segmenter = Component(segmenter.model, card, names["segmenter"], versions["segmenter"])
+            card = classifier.card
+            if card.preprocessing.lung_mask:
+                # The classifier was trained on this segmenter's masks: pin its version here.
+                card = dataclasses.replace(card, preprocessing=dataclasses.replace(
+                    card.preprocessing, segmenter_name=names["segmenter"], segmenter_version=versions["segmenter"]))
+            card = dataclasses.replace(card, provenance={**provenance, **_origin(info, "classifier")})
+            with tracking.tracked_run(uri, experiment, "import-classifier", parent_run_id=parent,
+                                      artifact_location=platform.artifact_location) as run_id:
+                versions["classifier"] = tracking.register_model(uri, names["classifier"], run_id, classifier.model, card)
+            classifier = Component(classifier.model, card, names["classifier"], versions["classifier"])
+            screen_folder = build_screen(Path(tmp) / "screen", classifier, segmenter, info["weights_dtype"],
+                                         f"bundle {Path(bundle).name}")
+            versions["screen"] = tracking.register_screen_folder(uri, screen_name(platform), parent, screen_folder)
+    if alias:
+        for kind, version in versions.items():
+            tracking.set_alias(uri, names.get(kind, screen_name(platform)), alias, version)
+    return versions
+
+
+def _origin(info: dict, kind: str) -> dict:
+    origin = info.get(kind) or {}
+    return {"source_name": origin.get("name"), "source_version": origin.get("version")}
+
+
+# --- the Python API ---------------------------------------------------------------------------------
+
+def load(model: str | Path, tracking_uri: str | None = None, device: str | torch.device | None = None,
+         segmenter: str | None = None, storage=None) -> Screen:
+    """A ``Screen`` from a bundle (folder or .tar), a screen folder, or the registry
+    (``models:/cxr-screen@champion``, or a classifier's ``models:/...`` with the segmenter it
+    pins, else ``segmenter`` for the quality signal). ``tracking_uri`` and ``storage`` (for
+    s3:// inputs) default to the platform's (``MLFLOW_TRACKING_URI``, ``CXR_S3_ENDPOINT``, mlflow.yaml)."""
+    if storage is None:
+        from cxr.config import load_platform
+
+        storage = load_platform().storage
+    if not str(model).startswith("models:/"):
+        path = Path(model)
+        if path.is_dir() and (path / SCREEN).exists():
+            return Screen.from_folder(path, device, storage=storage)
+        with tempfile.TemporaryDirectory() as tmp:
+            return Screen.from_folder(unpack_bundle(path, Path(tmp)), device, storage=storage)
+    if tracking_uri is None:
+        from cxr.config import load_platform
+
+        tracking_uri = load_platform().tracking_uri
+    classifier, seg = components(tracking_uri, str(model), segmenter)
+    return Screen(classifier, seg, device, storage=storage)

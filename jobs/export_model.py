@@ -1,0 +1,32 @@
+"""``cxr export-model``: a registered screen or classifier as a portable bundle
+(``cxr.workflows.screen.export_model``). Exit 2 on a bad option or model, 0 with the bundle's
+path and size."""
+
+from __future__ import annotations
+
+import sys
+
+from cxr.config import ExportModelConfig, load_platform
+from cxr.package import PackageError, folder_bytes
+from cxr.weights import DTYPES
+from cxr.workflows.screen import export_model
+
+
+def main(cfg: ExportModelConfig) -> int:
+    if cfg.dtype not in DTYPES:
+        print(f"cxr export-model: unknown --dtype {cfg.dtype!r}; choices: {list(DTYPES)}", file=sys.stderr)
+        return 2
+    try:
+        out = export_model(load_platform(), cfg.model, cfg.out, cfg.dtype, cfg.segmenter)
+    except (PackageError, FileExistsError) as e:
+        print(f"cxr export-model: {e}", file=sys.stderr)
+        return 2
+    size = out.stat().st_size if out.is_file() else folder_bytes(out)
+    print(f"export-model: {cfg.model} -> {out} ({size / 2**20:.1f} MiB, weights {cfg.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main(["export-model", *sys.argv[1:]]))
