@@ -51,20 +51,22 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 ## Test metrics (95% bootstrap intervals)
 | metric | value |
 |---|---|
-{% for key, label in headline if key in test.metrics %}
+{% for key, label in headline if key in test.get("metrics", {}) %}
 | {{ label }} | {{ test.metrics[key] | ci }} |
 {% endfor %}
-{% if test.adult %}
-| adult images (n={{ test.adult.n }}): COVID sensitivity | {{ test.adult.covid_sensitivity | ci }} |
-| adult images: COVID specificity | {{ test.adult.covid_specificity | ci }} |
+{% set adult = test.get("adult") %}
+{% if adult %}
+| adult images (n={{ adult.n }}): COVID sensitivity | {{ adult.covid_sensitivity | ci }} |
+| adult images: COVID specificity | {{ adult.covid_specificity | ci }} |
 {% endif %}
-{% if test.screening %}
-{% for population in ("all", "adult") if population in test.screening %}
-| at the operating point, {{ population }}: sensitivity | {{ test.screening[population].sensitivity | ci }} |
-| at the operating point, {{ population }}: specificity | {{ test.screening[population].specificity | ci }} |
+{% set screening = test.get("screening") %}
+{% if screening %}
+{% for population in ("all", "adult") if population in screening %}
+| at the operating point, {{ population }}: sensitivity | {{ screening[population].sensitivity | ci }} |
+| at the operating point, {{ population }}: specificity | {{ screening[population].specificity | ci }} |
 {% endfor %}
 {% endif %}
-{% for group, v in (test.covid_auroc_within or {}).items() %}
+{% for group, v in test.get("covid_auroc_within", {}).items() %}
 | COVID AUROC within {{ group }} ({{ v.n_positive }} vs {{ v.n_negative }}) | {{ v | ci }} |
 {% endfor %}
 {% endif %}

@@ -42,6 +42,8 @@ class TensorModel:
 
     @torch.no_grad()
     def predict(self, model_input, params: dict | None = None) -> np.ndarray:
+        if isinstance(model_input, dict):        # the signature names its one input "image"
+            model_input = model_input["image"]
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)
         return self.model(x).float().cpu().numpy()
 

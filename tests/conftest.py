@@ -81,46 +81,35 @@ def sample_manifests(sample_root: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def tiny_models(local_stack, tmp_path_factory) -> dict[str, str]:
-    """An untrained tiny segmenter and classifier, really registered on the loopback MLflow, with
-    the cards training would write: for tests of what uses models (masking, scoring), not of skill.
-    Returns {"segmenter": models:/NAME/V, "classifier": models:/NAME/V}."""
-    import torch
-
-    from cxr import tracking
+def tiny_models(local_stack) -> dict[str, str]:
+    """An untrained tiny segmenter, a classifier lung-masked by it and one trained on whole
+    images, registered under names of their own: {"segmenter", "classifier",
+    "classifier_nomask": models:/NAME/VERSION}."""
     from cxr.config import load_platform
-    from cxr.models import build_model
-    from cxr.preprocess import preprocessing_spec
-    from cxr.train.checkpoints import save_checkpoint
+    from tests.models import register_classifier, register_segmenter, unique
 
-    platform = load_platform()
-    torch.manual_seed(0)
-    # One run per model, as training does: a run holds one model under its "model" artifacts.
-    run_id = tracking.start_run(platform.tracking_uri, "cxr-test-fixtures", "tiny-segmenter")
-    out = {}
-    seg_dir = tmp_path_factory.mktemp("tiny-seg")
-    save_checkpoint(build_model("unet-tiny"), seg_dir, {"model": "unet-tiny"})
-    seg_card = {"task": "segmenter", "architecture": "unet-tiny", "labels": ["lung"], "input": {"shape": [1, 64, 64]},
-                "preprocessing": preprocessing_spec("segmenter", 64), "mask_dilation_px": 3}
-    version = tracking.register_model(platform.tracking_uri, platform.registered_models["segmenter"], run_id, seg_dir,
-                                      seg_card, (1, 64, 64), (1, 64, 64), "lung_logits")
-    out["segmenter"] = f"models:/{platform.registered_models['segmenter']}/{version}"
-    tracking.end_run(platform.tracking_uri, run_id)
-    run_id = tracking.start_run(platform.tracking_uri, "cxr-test-fixtures", "tiny-classifier")
-    labels = ["covid", "normal", "bacterial", "viral"]
-    cls_dir = tmp_path_factory.mktemp("tiny-cls")
-    kwargs = {"num_classes": 4, "dropout": 0.5}
-    save_checkpoint(build_model("resnet18-tiny", **kwargs), cls_dir, {"model": "resnet18-tiny", "model_kwargs": kwargs})
-    cls_card = {"task": "classifier", "architecture": "resnet18-tiny", "labels": labels, "model_kwargs": kwargs,
-                "input": {"shape": [3, 64, 64]},
-                "preprocessing": preprocessing_spec("classifier", 64, lung_mask=True, dilation_px=3,
-                                                    segmenter_name=platform.registered_models["segmenter"],
-                                                    segmenter_version=str(version)),
-                # An operating point as cxr finetune keeps one, for the scorer's screen_positive.
-                "metrics": {"test": {"screening": {"threshold": 0.25, "min_specificity": 0.85,
-                                                   "chosen_on": "validation, all images (n=6)"}}}}
-    cls_version = tracking.register_model(platform.tracking_uri, platform.registered_models["classifier"], run_id,
-                                          cls_dir, cls_card, (3, 64, 64), (4,), "logits")
-    out["classifier"] = f"models:/{platform.registered_models['classifier']}/{cls_version}"
-    tracking.end_run(platform.tracking_uri, run_id)
-    return out
+    uri = load_platform().tracking_uri
+    segmenter = register_segmenter(uri, unique("tiny-segmenter"))
+    return {"segmenter": segmenter,
+            "classifier": register_classifier(uri, unique("tiny-classifier"), segmenter),
+            "classifier_nomask": register_classifier(uri, unique("tiny-classifier-nomask"), None, seed=1)}
+
+
+def platform_file(folder: Path, **changes) -> Path:
+    """mlflow.yaml with ``changes`` applied at the top level (e.g. registered_models=...), for
+    jobs that read the platform from $CXR_PLATFORM_CONFIG."""
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / "mlflow.yaml").read_text())
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = Path(folder) / "mlflow.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def unique_models(tag: str) -> dict[str, str]:
+    """Registered-model names of one test: {"segmenter", "classifier", "screen"}."""
+    from tests.models import unique
+
+    return {kind: unique(f"{tag}-{kind}") for kind in ("segmenter", "classifier", "screen")}

@@ -25,6 +25,7 @@ from cxr.models.classifier import freeze_batchnorm, load_matching, read_state_fi
 from cxr.train.classifier import class_weights
 from cxr.train.classifier_data import task_rows
 from jobs import evaluate, finetune, pretrain, tune
+from tests.conftest import platform_file, unique_models
 
 
 def test_registry_has_classifier_and_twin():
@@ -136,6 +137,16 @@ def test_task_rows_refuse_labels_outside_the_classes():
 TINY = dict(model="resnet18-tiny", image_size=64, batch_size=8, num_workers=2, load_threads=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_names(tmp_path_factory):
+    """This module's jobs register under names of their own (no test reads another's versions)."""
+    names = unique_models("cls")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path_factory.mktemp("platform"),
+                                                           registered_models=names)))
+        yield names
+
+
 @pytest.fixture(scope="module")
 def tiny_segmenter(tiny_models):
     return tiny_models["segmenter"]
@@ -171,9 +182,9 @@ def finetuned(pretrained, tiny_segmenter, sample_manifests, tmp_path_factory):
         run_name="tiny-finetune", storage_path=str(tmp_path_factory.mktemp("ray"))))
     assert finetune.main(cfg) == 0
     platform = load_platform()
-    client = MlflowClient(platform.tracking_uri)
-    versions = client.search_model_versions(f"name='{platform.registered_models['classifier']}'")
-    return max(versions, key=lambda v: int(v.version))
+    (version,) = MlflowClient(platform.tracking_uri).search_model_versions(
+        f"name='{platform.registered_models['classifier']}'")
+    return version
 
 
 def test_benchmark_train_times_each_part_of_the_step(ray_local, tmp_path):
@@ -207,17 +218,23 @@ def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretraine
     assert "test_accuracy_ci_low" in run.data.metrics and "test_f1_covid" in run.data.metrics
     plots = {a.path for a in client.list_artifacts(finetuned.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/gradcam.png", "plots/loss_curves.png"} <= plots
-    model, card, _ = tracking.load_registered(platform.tracking_uri,
-                                              f"models:/{platform.registered_models['classifier']}/{finetuned.version}")
-    assert card["labels"] == ["covid", "normal", "bacterial", "viral"]
-    assert card["preprocessing"]["lung_mask"] is True
-    assert f"models:/{card['preprocessing']['segmenter_name']}/{card['preprocessing']['segmenter_version']}" == tiny_segmenter
-    assert card["intended_use"] == "research use, not for diagnosis"
-    assert model.fc[1].out_features == 4
+    loaded = tracking.load_registered(platform.tracking_uri,
+                                      f"models:/{platform.registered_models['classifier']}/{finetuned.version}")
+    card = loaded.card
+    assert card.labels == ("covid", "normal", "bacterial", "viral")
+    assert card.preprocessing.lung_mask is True and card.preprocessing.segmenter_uri == tiny_segmenter
+    assert card.intended_use == "research use, not for diagnosis"
+    assert loaded.model.fc[1].out_features == 4
     # The sample's validation split has 5 COVID and 1 other image, no adults: chosen on all of it.
-    screening = card["metrics"]["test"]["screening"]
-    assert screening["chosen_on"] == "validation, all images (n=6)" and screening["min_specificity"] == 0.85
-    assert run.data.metrics["test_screening_threshold"] == pytest.approx(screening["threshold"])
+    op = card.operating_point
+    assert op.chosen_on == "validation, all images (n=6)" and op.min_specificity == 0.85
+    assert run.data.metrics["test_screening_threshold"] == pytest.approx(op.threshold)
+    # Readable parameters, the manifest as the run's dataset, the card in Markdown.
+    assert run.data.params["stage2_trainable"] == "layer3,layer4,fc" and run.data.params["dilation_px"] == "none"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "dataset2-4class" and card.training_data[0].sha256.startswith(dataset.dataset.digest)
+    assert finetuned.description.startswith("# resnet18-tiny classifier") and "COVID F1" in finetuned.description
+    assert "NaN" not in finetuned.description and finetuned.tags["cxr.lung_mask"] == "true"
 
 
 def test_ablation_runs_variants_and_writes_the_tables(pretrained, tiny_segmenter, sample_manifests, tmp_path):

@@ -7,10 +7,11 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cxr.classification import load_letterboxed
+from cxr.card import Preprocessing
 from cxr.explain import heatmap_png, heatmap_to_uint8, predict_with_cam
 from cxr.models import build_model
 from cxr.preprocess import classifier_input
+from cxr.screen import Preprocess
 
 
 @pytest.mark.parametrize("name,size", [("resnet50", 224), ("resnet18-tiny", 64)])
@@ -19,7 +20,7 @@ def test_forward_cam_matches_grad_cam_package(sample_root, name, size):
     model = build_model(name, num_classes=4).eval()
     uris = sorted(str(p) for p in (sample_root / "covid").rglob("*.jpg"))[:2] + \
         sorted(str(p) for p in (sample_root / "kermany").rglob("*.jpg"))[:2]
-    (images,) = load_letterboxed(uris, [size])
+    images, _ = Preprocess(Preprocessing.for_classifier(size)).prepare(uris)
     x = classifier_input(torch.from_numpy(images))
     targets = torch.tensor([0, 1, 2, 3])
     probs, ours = predict_with_cam(model, x, size, classes=targets)

@@ -5,14 +5,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxr.config import PrepareDataConfig
+from cxr.config import PrepareDataConfig, load_platform
 from cxr.data.manifest import SCHEMA, csv_manifest, read_manifest
 from cxr.data.splits import assign_splits, leakage_groups, leaks
+from cxr.workflows.data import build_manifests
 from jobs import prepare_data
 
 
 def _build(root: Path, seed: int = 1234) -> dict[str, pd.DataFrame]:
-    return prepare_data.build(PrepareDataConfig(data_root=str(root), seed=seed))
+    return build_manifests(PrepareDataConfig(data_root=str(root), seed=seed), load_platform())
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,19 @@ why; rollback; a promotion while another holds the lock is refused cleanly."""
 import json
 
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 
 from cxr import tracking
 from cxr.config import REPO_ROOT, PromoteConfig, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.models import build_model
-from cxr.preprocess import preprocessing_spec
 from cxr.promotion import PromotionLock, alias_version
-from cxr.train.checkpoints import save_checkpoint
 from jobs import promote
+from tests.conftest import unique_models
+from tests.models import register_classifier
 
-MODEL = "t-classifier"
-LABELS = ["covid", "normal", "bacterial", "viral"]
+NAMES = unique_models("promo")
+MODEL = NAMES["classifier"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def platform_file(local_stack, sample_manifests, tiny_models, tmp_path_factory):
     manifest = sample_manifests / "tasks" / "dataset2-4class.parquet"
     rows = read_manifest(str(manifest))
     raw = yaml.safe_load((REPO_ROOT / "mlflow.yaml").read_text())
-    raw["registered_models"]["classifier"] = MODEL
+    raw["registered_models"] = {**raw["registered_models"], **NAMES}
     raw["promotion"].update(n_boot=200, classifier={
         "evaluation_manifest": str(manifest), "evaluation_split": "test",
         "evaluation_sha256": manifest_digest(rows[rows["split"] == "test"]),
@@ -45,22 +43,14 @@ def use_platform(platform_file, monkeypatch):
 
 def _register_rigged(always: str, tiny_models, tmp_path) -> str:
     """A real registered classifier whose head always answers ``always``: a model of known quality."""
-    model = build_model("resnet18-tiny", num_classes=4)
-    with torch.no_grad():
-        model.fc[1].weight.zero_()
-        model.fc[1].bias.copy_(torch.tensor([10.0 if c == always else 0.0 for c in LABELS]))
-    kwargs = {"num_classes": 4, "dropout": 0.5}
-    save_checkpoint(model, tmp_path, {"model": "resnet18-tiny", "model_kwargs": kwargs})
-    seg = tiny_models["segmenter"].split("/")
-    card = {"task": "classifier", "architecture": "resnet18-tiny", "labels": LABELS, "model_kwargs": kwargs,
-            "input": {"shape": [3, 64, 64]},
-            "preprocessing": preprocessing_spec("classifier", 64, lung_mask=True, dilation_px=3,
-                                                segmenter_name=seg[1], segmenter_version=seg[2])}
-    uri = load_platform().tracking_uri
-    run_id = tracking.start_run(uri, "cxr-test-fixtures", f"rigged-{always}")
-    version = tracking.register_model(uri, MODEL, run_id, tmp_path, card, (3, 64, 64), (4,), "logits")
-    tracking.end_run(uri, run_id)
-    return version
+    uri = register_classifier(load_platform().tracking_uri, MODEL, tiny_models["segmenter"], always=always)
+    return uri.rsplit("/", 1)[1]
+
+
+def _screen_champion() -> str | None:
+    version = alias_version(load_platform().tracking_uri, NAMES["screen"], "champion")
+    return MlflowClient(load_platform().tracking_uri).get_model_version(NAMES["screen"], version).tags[
+        "cxr.classifier"] if version else None
 
 
 def _aliases() -> tuple[str | None, str | None]:
@@ -78,6 +68,8 @@ def test_promotion_lifecycle(tiny_models, tmp_path_factory, capsys):
     # No champion yet: the gates alone decide.
     assert promote.main(PromoteConfig(model=MODEL, version=first, reason="first", user="alice")) == 0
     assert _aliases() == (first, None)
+    # The screen's champion follows the classifier's: the screen of that version, registered for it.
+    assert _screen_champion() == f"{MODEL}/{first}"
     # A second version, not worse than the champion: champion moves, the old one is kept.
     assert promote.main(PromoteConfig(model=MODEL, version=second, user="bob")) == 0
     assert _aliases() == (second, first)
@@ -96,9 +88,14 @@ def test_promotion_lifecycle(tiny_models, tmp_path_factory, capsys):
     assert _aliases() == (second, first)
     assert "promoted_at" not in client.get_model_version(MODEL, worse).tags
 
-    # Rollback.
+    assert _screen_champion() == f"{MODEL}/{second}"
+
+    # Rollback: the screen follows back, to the screen registered for the first version.
+    screens = len(client.search_model_versions(f"name='{NAMES['screen']}'"))
     assert promote.main(PromoteConfig(model=MODEL, rollback=True, reason="incident 42")) == 0
     assert _aliases() == (first, second)
+    assert _screen_champion() == f"{MODEL}/{first}"
+    assert len(client.search_model_versions(f"name='{NAMES['screen']}'")) == screens
 
     # Another promotion holds the lock: refused cleanly, aliases untouched.
     with PromotionLock(uri, MODEL, ttl_s=3600, owner="carol"):

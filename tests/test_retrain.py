@@ -7,7 +7,9 @@ from mlflow import MlflowClient
 from cxr.config import REPO_ROOT, PrepareDataConfig, RetrainConfig, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.promotion import alias_version
+from cxr.tracking import load_card
 from jobs import prepare_data, retrain
+from tests.conftest import unique_models
 
 TINY = {"num_workers": 2, "batch_size": 8}
 
@@ -22,7 +24,8 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
         return manifest_digest(rows[rows["split"] == "test"])
 
     raw = yaml.safe_load((REPO_ROOT / "mlflow.yaml").read_text())
-    raw["registered_models"] = {"segmenter": "r-segmenter", "classifier": "r-classifier"}
+    names = unique_models("retrain")
+    raw["registered_models"] = names
     task = manifests / "tasks" / "dataset2-4class.parquet"
     raw["promotion"].update(n_boot=100, segmenter={
         "evaluation_manifest": str(manifests / "lungseg.parquet"), "evaluation_split": "test",
@@ -50,17 +53,19 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
     out = capsys.readouterr().out
     uri = load_platform().tracking_uri
     # Both new models are challengers, and the gated promotion made them champions.
-    for model in ("r-segmenter", "r-classifier"):
+    for model in (names["segmenter"], names["classifier"]):
         assert alias_version(uri, model, "challenger") == alias_version(uri, model, "champion") == "1", out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(load_platform().experiments["retrain"])
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and len(run.data.tags["cxr.snapshot"]) == 64
     # Classifier v1 was fine-tuned on lungs masked by segmenter v1 (pinned in its card).
-    card = client.get_model_version("r-classifier", "1").tags
-    assert '"segmenter_name": "r-segmenter"' in card["preprocessing"]
+    card = load_card(uri, f"models:/{names['classifier']}/1")
+    assert card.preprocessing.segmenter_uri == f"models:/{names['segmenter']}/1"
+    # The promoted classifier's screen is the screen champion.
+    assert alias_version(uri, names["screen"], "champion") == "1"
 
     # The same data snapshot again: nothing new is trained or registered.
     assert retrain.main(cfg) == 0
     assert "nothing new" in capsys.readouterr().out
-    assert len(client.search_model_versions("name='r-classifier'")) == 1
+    assert len(client.search_model_versions(f"name='{names['classifier']}'")) == 1

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cxr.config import REPO_ROOT, ReportConfig, ScoreConfig, load_platform
 from cxr.scoring import SCHEMA, read_scores
+from cxr.workflows.score import list_inputs
 from jobs import report, score
 from tests.flaky_proxy import FlakyProxy
 from tests.inputs import BAD_INPUTS, dicom_bytes
@@ -178,7 +179,7 @@ def test_benchmark_compares_pipeline_and_naive_loop_on_the_same_images(tiny_mode
 
 def test_benchmark_repeats_local_files_under_distinct_uris(sample_root, tmp_path):
     """cxr score scores a URI once, so a benchmark larger than its folder links each file again."""
-    from jobs.benchmark import distinct_inputs
+    from cxr.workflows.benchmark import distinct_inputs
 
     files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:3]]
     uris = distinct_inputs(files, 7, tmp_path / "inputs")
@@ -193,7 +194,7 @@ def test_a_uri_named_twice_is_scored_once(sample_root, tmp_path):
     files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:2]]
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"uri": files + files[:1]}).to_parquet(manifest)
-    assert score.list_inputs(ScoreConfig(input=str(manifest)), None) == files
+    assert list_inputs(ScoreConfig(input=str(manifest)), None) == files
 
 
 def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):

@@ -14,6 +14,7 @@ from cxr.models import build_model, model_names
 from cxr.segmentation import predict_probs
 from cxr.train.checkpoints import load_checkpoint, save_checkpoint
 from jobs import train_segmenter
+from tests.conftest import platform_file, unique_models
 
 
 def test_registry_lists_choices_on_unknown_name():
@@ -41,19 +42,22 @@ def test_checkpoint_loads_onto_the_device_asked_for(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(local_stack, ray_local, sample_manifests, tmp_path_factory):
+    """The job, under registered-model names of its own; returns (config, name, its one version)."""
     cfg = SegmenterTrainConfig(manifest=str(sample_manifests / "lungseg.parquet"), model="unet-tiny", image_size=64,
                                epochs=2, batch_size=4, num_workers=2, loader_workers=0, run_name="tiny-test",
                                storage_path=str(tmp_path_factory.mktemp("ray")))
-    assert train_segmenter.main(cfg) == 0
-    return cfg
+    names = unique_models("seg")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path_factory.mktemp("platform"),
+                                                           registered_models=names)))
+        assert train_segmenter.main(cfg) == 0
+    (version,) = MlflowClient(load_platform().tracking_uri).search_model_versions(f"name='{names['segmenter']}'")
+    return cfg, names["segmenter"], version
 
 
 def test_job_logs_run_and_registers_a_version(trained):
-    platform = load_platform()
-    client = MlflowClient(platform.tracking_uri)
-    versions = client.search_model_versions(f"name='{platform.registered_models['segmenter']}'")
-    assert versions
-    latest = max(versions, key=lambda v: int(v.version))
+    _, name, latest = trained
+    client = MlflowClient(load_platform().tracking_uri)
     run = client.get_run(latest.run_id)
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(latest.run_id, "val_dice")
@@ -62,35 +66,52 @@ def test_job_logs_run_and_registers_a_version(trained):
     assert run.data.params["model"] == "unet-tiny" and len(run.data.params["manifest_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(latest.run_id, "plots")}
     assert {"plots/loss_curves.png", "plots/test_overlays.png"} <= artifacts
-    assert latest.tags["intended_use"] == "research use, not for diagnosis"
-    assert "training_manifest_sha256" in latest.tags
+    assert latest.tags["cxr.intended_use"] == "research use, not for diagnosis"
+    assert latest.tags["cxr.task"] == "segmenter" and latest.tags["cxr.input_size"] == "64"
+    # The run page lists its training manifest as a dataset, with the manifest's digest.
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "lungseg" and run.data.params["manifest_sha256"].startswith(dataset.dataset.digest)
+    # The version's description is a Markdown card, not a JSON dump.
+    assert latest.description.startswith("# unet-tiny segmenter") and "## Test Dice" in latest.description
+    card = tracking.load_card(load_platform().tracking_uri, f"models:/{name}/{latest.version}")
+    assert card.training_data[0].sha256 == run.data.params["manifest_sha256"]
+    assert card.metrics["test_dice"]["all"]["n"] > 0
 
 
 def test_registered_model_loads_by_alias_with_same_output(trained, tmp_path):
+    _, name, latest = trained
     platform = load_platform()
-    name = platform.registered_models["segmenter"]
-    client = MlflowClient(platform.tracking_uri)
-    latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     tracking.set_alias(platform.tracking_uri, name, "challenger", latest.version)
-    by_alias, card, version = tracking.load_registered(platform.tracking_uri, f"models:/{name}@challenger")
-    by_version, _, _ = tracking.load_registered(platform.tracking_uri, f"models:/{name}/{latest.version}")
-    assert version.version == latest.version and card["architecture"] == "unet-tiny"
+    by_alias = tracking.load_registered(platform.tracking_uri, f"models:/{name}@challenger")
+    by_version = tracking.load_registered(platform.tracking_uri, f"models:/{name}/{latest.version}")
+    assert by_alias.version == latest.version and by_alias.card.architecture == "unet-tiny"
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 1, 64, 64), dtype=np.uint8))
-    assert torch.equal(predict_probs(by_alias, images), predict_probs(by_version, images))
+    assert torch.equal(predict_probs(by_alias.model, images), predict_probs(by_version.model, images))
+    # Standard MLflow loading works too (python_function through cxr.pyfunc): logits out.
+    import mlflow.pyfunc
+
+    from cxr.preprocess import segmenter_input
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+    logits = pyfunc.predict(segmenter_input(images).numpy())
+    assert np.allclose(torch.sigmoid(torch.from_numpy(logits)), predict_probs(by_version.model, images), atol=1e-5)
 
 
 def test_planted_pickle_is_refused(trained, tmp_path):
     """A version whose artifacts hold a pickle is never loaded (no torch.load of untrusted bytes)."""
+    _, name, latest = trained
     platform = load_platform()
-    name = platform.registered_models["segmenter"]
     client = MlflowClient(platform.tracking_uri)
-    latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pt"
     evil.write_bytes(pickle.dumps(_Exploit(f"touch {marker}")))
     client.log_artifact(latest.run_id, str(evil), "model")
     with pytest.raises(ValueError, match=r"unexpected files \['model.pt'\]"):
         tracking.load_registered(platform.tracking_uri, f"models:/{name}/{latest.version}")
+    import mlflow.pyfunc
+
+    with pytest.raises(ValueError, match=r"unexpected files \['model.pt'\]"):
+        mlflow.pyfunc.load_model(f"models:/{name}/{latest.version}")
     assert not marker.exists()
 
 

@@ -1,0 +1,55 @@
+"""Tiny models, really registered on the loopback MLflow with the cards training writes: for
+tests of what uses models (masking, scoring, promotion, packaging), not of skill."""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from cxr import tracking
+from cxr.card import ModelCard, OperatingPoint, Preprocessing
+from cxr.models import build_model
+
+LABELS = ("covid", "normal", "bacterial", "viral")
+KWARGS = {"num_classes": 4, "dropout": 0.5}
+
+
+def unique(name: str) -> str:
+    """A registered-model name no other test uses (tests never share versions or aliases)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def register_segmenter(tracking_uri: str, name: str, seed: int = 0) -> str:
+    """An untrained unet-tiny at 64 px; returns models:/NAME/VERSION."""
+    torch.manual_seed(seed)
+    card = ModelCard(task="segmenter", architecture="unet-tiny", labels=("lung",), input_shape=(1, 64, 64),
+                     output="one logit per pixel; sigmoid >= 0.5 is lung", preprocessing=Preprocessing.for_segmenter(64))
+    with tracking.tracked_run(tracking_uri, "cxr-test-fixtures", f"tiny-segmenter-{name}") as run_id:
+        version = tracking.register_model(tracking_uri, name, run_id, build_model("unet-tiny"), card)
+    return f"models:/{name}/{version}"
+
+
+def register_classifier(tracking_uri: str, name: str, segmenter_uri: str | None, seed: int = 0,
+                        always: str | None = None, threshold: float | None = 0.25) -> str:
+    """An untrained resnet18-tiny at 64 px, lung-masked by ``segmenter_uri`` (None: whole
+    images), with a COVID operating point at ``threshold``; with ``always``, a head that always
+    answers that label (a model of known quality). Returns models:/NAME/VERSION."""
+    torch.manual_seed(seed)
+    model = build_model("resnet18-tiny", **KWARGS)
+    if always:
+        with torch.no_grad():
+            model.fc[1].weight.zero_()
+            model.fc[1].bias.copy_(torch.tensor([10.0 if c == always else 0.0 for c in LABELS]))
+    if segmenter_uri:
+        seg_name, seg_version = segmenter_uri[len("models:/"):].rsplit("/", 1)
+        prep = Preprocessing.for_classifier(64, True, seg_name, seg_version, 3)
+    else:
+        prep = Preprocessing.for_classifier(64)
+    card = ModelCard(task="classifier", architecture="resnet18-tiny", labels=LABELS, input_shape=(3, 64, 64),
+                     output="one logit per label", preprocessing=prep, model_kwargs=KWARGS,
+                     operating_point=(OperatingPoint(threshold, 0.85, "validation, all images (n=6)")
+                                      if threshold is not None else None))
+    with tracking.tracked_run(tracking_uri, "cxr-test-fixtures", f"tiny-classifier-{name}") as run_id:
+        version = tracking.register_model(tracking_uri, name, run_id, model, card)
+    return f"models:/{name}/{version}"
