@@ -1,14 +1,15 @@
 # The two commands of the README:
 #   make demo   set up .venv, start the local stack, run the main job on the embedded default
 #   make test   set up .venv, run the test suite
-# Other targets: setup, stack-up, stack-down, results-bad-inputs, clean.
+# Other targets: setup, test-fast (no servers, no Ray: under 2 minutes), stack-up, stack-down,
+# results-bad-inputs, clean.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CXR    := $(BIN)/cxr
 
-.PHONY: setup demo test stack-up stack-down results-bad-inputs clean
+.PHONY: setup demo test test-fast stack-up stack-down results-bad-inputs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ demo: stack-up
 
 test: setup
 	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not integration and not slow and not gpu"
 
 results-bad-inputs: setup
 	$(BIN)/python -m tests.inputs

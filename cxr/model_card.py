@@ -3,6 +3,7 @@ MODEL_CARD.md) from the typed card. The full card stays the JSON artifact."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -14,12 +15,23 @@ if TYPE_CHECKING:
     from cxr.package import Component
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-_ENV.filters["ci"] = lambda v: (f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                                if isinstance(v, dict) and v.get("value") is not None
-                                and v.get("low") is not None else "n/a")
+
+
+def _interval(v: object) -> str:
+    """A value with its 95% interval, or n/a where any end is missing or not finite."""
+    if not isinstance(v, dict):
+        return "n/a"
+    ends = [v.get(k) for k in ("value", "low", "high")]
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in ends):
+        return "n/a"
+    return f"{ends[0]:.3f} [{ends[1]:.3f}, {ends[2]:.3f}]"
+
+
+_ENV.filters["ci"] = _interval
 
 _MODEL = _ENV.from_string("""\
 # {{ card.architecture }} {{ card.task }}{% if name %} ({{ name }}{% if version %} v{{ version }}{% endif %}){% endif %}
+
 
 **Intended use: {{ card.intended_use }}.**
 

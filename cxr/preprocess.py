@@ -1,14 +1,13 @@
 """Model input normalisation, shared by training and scoring so they can never drift apart.
 
-Bump PREPROCESS_VERSION whenever what a model sees changes; it is stored in the model card and
-in every scored row.
+Bump PREPROCESS_VERSION whenever what a model sees changes; it is stored in the model card
+(``cxr.card.Preprocessing``) and in every scored row. ``cxr.screen.Preprocess`` composes these
+with the letterbox and the lung mask into the one path from decoded image to model input.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 
 import torch
 
@@ -37,16 +36,3 @@ def _classifier_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     is a blocking host-to-device transfer, which stalls a training step on the GPU."""
     return (torch.tensor(CLASSIFIER_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(CLASSIFIER_STD, device=device).view(1, 3, 1, 1))
-
-
-def preprocessing_spec(kind: str, size: int, **extra) -> dict:
-    """What the model card records about the input, with a hash to compare cards by."""
-    spec = {"version": PREPROCESS_VERSION, "kind": kind, "letterbox_size": size, "letterbox_fill": 128,
-            "grayscale": "8-bit, decoded from JPEG/PNG/TIFF/DICOM (VOI LUT, MONOCHROME1 inverted)"}
-    if kind == "segmenter":
-        spec.update(channels=1, mean=SEGMENTER_MEAN, std=SEGMENTER_STD, scale="x/255")
-    else:
-        spec.update(channels=3, mean=list(CLASSIFIER_MEAN), std=list(CLASSIFIER_STD), scale="x/255")
-    spec.update(extra)
-    spec["sha256"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return spec

@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,7 +89,11 @@ def log_dataset(tracking_uri: str, run_id: str, frame: Any, source: str, name: s
     from mlflow.entities import DatasetInput, InputTag
 
     # MLflow keeps a dataset digest of at most 36 characters; the full sha256 is in the card.
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32])
+    # Its warnings here (a local path "can be interpreted in multiple ways", integer columns
+    # "cannot represent missing values") are about inferring a serving schema, not ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32])
     client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 

@@ -15,6 +15,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as job
 SHARED_DATA = Path(os.environ.get("CXR_DATA") or REPO_ROOT / ".." / "shared" / "data").resolve()
 
 
+INTEGRATION_FIXTURES = {"local_stack", "ray_local"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test that uses the loopback servers or Ray, directly or
+    through another fixture: the mark follows what a test really touches, so it cannot drift.
+    The fast tier is ``pytest -m "not integration"``."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     return SAMPLE_DATA

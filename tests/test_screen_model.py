@@ -42,7 +42,7 @@ def names(tmp_path_factory, local_stack):
 @pytest.fixture(scope="module")
 def screen_uri(names, tiny_models) -> str:
     """The screen of the lung-masked tiny classifier, registered and aliased champion."""
-    version = register_screen(load_platform(), tiny_models["classifier"], alias="champion")
+    register_screen(load_platform(), tiny_models["classifier"], alias="champion")
     return f"models:/{names['screen']}@champion"
 
 

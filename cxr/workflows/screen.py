@@ -18,7 +18,7 @@ from PIL import Image
 
 from cxr import tracking
 from cxr.config import PlatformConfig
-from cxr.package import (CHECKSUMS, SCREEN, Component, PackageError, folder_bytes, read_screen, read_screen_info,
+from cxr.package import (CHECKSUMS, SCREEN, Component, PackageError, read_screen, read_screen_info,
                          verify_checksums, write_screen)
 from cxr.screen import Screen
 
