@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxr.data.letterbox import PAD_VALUE as LETTERBOX_FILL
 from cxr.preprocess import CLASSIFIER_MEAN, CLASSIFIER_STD, PREPROCESS_VERSION, SEGMENTER_MEAN, SEGMENTER_STD
 
 CARD_VERSION = 1
@@ -44,7 +45,7 @@ class Preprocessing:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    letterbox_fill: int = 128
+    letterbox_fill: int = LETTERBOX_FILL
     lung_mask: bool = False
     segmenter_name: str | None = None
     segmenter_version: str | None = None
@@ -75,19 +76,25 @@ class Preprocessing:
                    dilation_px=int(dilation_px))
 
     def validate(self, path: str = "preprocessing") -> None:
-        if self.letterbox_size < 8:
-            raise _fail(f"{path}.letterbox_size", f"must be >= 8, got {self.letterbox_size}")
+        if not 8 <= self.letterbox_size <= 4096:
+            raise _fail(f"{path}.letterbox_size", f"must be 8..4096, got {self.letterbox_size}")
         if self.channels not in (1, 3):
             raise _fail(f"{path}.channels", f"must be 1 or 3, got {self.channels}")
         for name in ("mean", "std"):
             if len(getattr(self, name)) != self.channels:
                 raise _fail(f"{path}.{name}", f"needs {self.channels} value(s), got {list(getattr(self, name))}")
-        if any(s <= 0 for s in self.std):
-            raise _fail(f"{path}.std", "must be > 0")
-        if not 0 <= self.letterbox_fill <= 255:
-            raise _fail(f"{path}.letterbox_fill", f"must be 0..255, got {self.letterbox_fill}")
-        if self.dilation_px < 0:
-            raise _fail(f"{path}.dilation_px", f"must be >= 0, got {self.dilation_px}")
+        # What cxr.preprocess implements: a card that says otherwise describes a model this cxr
+        # would feed the wrong input, so it is refused rather than silently ignored.
+        implemented = {1: ((SEGMENTER_MEAN,), (SEGMENTER_STD,)), 3: (CLASSIFIER_MEAN, CLASSIFIER_STD)}[self.channels]
+        for name, want in zip(("mean", "std"), implemented):
+            got = getattr(self, name)
+            if not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(got, want)):
+                raise _fail(f"{path}.{name}", f"this cxr normalises {self.channels}-channel input with {name} "
+                                              f"{list(want)}, the card says {list(got)}")
+        if self.letterbox_fill != LETTERBOX_FILL:
+            raise _fail(f"{path}.letterbox_fill", f"this cxr pads with {LETTERBOX_FILL}, got {self.letterbox_fill}")
+        if not 0 <= self.dilation_px <= 64:
+            raise _fail(f"{path}.dilation_px", f"must be 0..64, got {self.dilation_px}")
         if self.lung_mask and not (self.segmenter_name and self.segmenter_version):
             raise _fail(f"{path}.segmenter_version", "a lung-masked model must pin its segmenter (name and version)")
         if self.version != PREPROCESS_VERSION:
@@ -141,8 +148,12 @@ class ModelCard:
             raise _fail("task", f"must be one of {list(TASKS)}, got {self.task!r}")
         if self.architecture not in model_names(self.task):
             raise _fail("architecture", f"{self.architecture!r} is not a {self.task}; choices: {model_names(self.task)}")
-        if not self.labels or len(set(self.labels)) != len(self.labels):
-            raise _fail("labels", f"must be distinct and non-empty, got {list(self.labels)}")
+        if not self.labels or len(set(self.labels)) != len(self.labels) or \
+                not all(isinstance(label, str) and label for label in self.labels):
+            raise _fail("labels", f"must be distinct, non-empty strings, got {list(self.labels)}")
+        if self.task == "classifier" and self.model_kwargs.get("num_classes", len(self.labels)) != len(self.labels):
+            raise _fail("model_kwargs.num_classes", f"{self.model_kwargs['num_classes']} outputs for "
+                                                    f"{len(self.labels)} labels")
         if len(self.input_shape) != 3 or self.input_shape[0] != self.preprocessing.channels or \
                 self.input_shape[1:] != (self.preprocessing.letterbox_size,) * 2:
             raise _fail("input_shape", f"{list(self.input_shape)} does not match the preprocessing "
@@ -156,6 +167,18 @@ class ModelCard:
                 raise _fail("operating_point.label", f"{op.label!r} is not one of the labels {list(self.labels)}")
             if not (math.isfinite(op.threshold) and 0 <= op.threshold <= 1.0000001):
                 raise _fail("operating_point.threshold", f"must be a probability, got {op.threshold}")
+            if not (math.isfinite(op.min_specificity) and 0 <= op.min_specificity <= 1):
+                raise _fail("operating_point.min_specificity", f"must be in [0, 1], got {op.min_specificity}")
+        for i, d in enumerate(self.training_data):
+            for name in ("name", "uri", "sha256"):
+                if not isinstance(getattr(d, name), str):
+                    raise _fail(f"training_data[{i}].{name}", f"expected a string, got {getattr(d, name)!r}")
+        for name in ("intended_use", "output"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(name, f"expected a string, got {getattr(self, name)!r}")
+        for name in ("init", "run_id", "git_commit"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise _fail(name, f"expected a string or null, got {getattr(self, name)!r}")
         if self.card_version != CARD_VERSION:
             raise _fail("card_version", f"this cxr reads card version {CARD_VERSION}, got {self.card_version}")
         return self
@@ -174,10 +197,20 @@ class ModelCard:
         """Build and validate; a missing or mistyped field raises ``CardError`` naming it."""
         if not isinstance(raw, dict):
             raise CardError(f"a model card is a JSON object, got {type(raw).__name__}")
-        if "card_version" not in raw:
-            raw = _upgrade_v0(raw)
-        raw = {k: v for k, v in raw.items() if k != "preprocessing_sha256"}
         try:
+            if "card_version" not in raw:
+                raw = _upgrade_v0(raw)
+            version = raw["card_version"]
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise _fail("card_version", f"expected an integer, got {version!r}")
+            for name, kind in (("model_kwargs", dict), ("metrics", dict), ("provenance", dict),
+                               ("training_data", list)):
+                if raw.get(name) is not None and not isinstance(raw[name], kind):
+                    raise _fail(name, f"expected {kind.__name__}, got {type(raw[name]).__name__}")
+            if raw.get("operating_point") is not None and not isinstance(raw["operating_point"], dict):
+                raise _fail("operating_point", "expected an object or null")
+            recorded_sha = raw.get("preprocessing_sha256")
+            raw = {k: v for k, v in raw.items() if k != "preprocessing_sha256"}
             card = cls(
                 task=_get(raw, "task", str), architecture=_get(raw, "architecture", str),
                 labels=tuple(_get(raw, "labels", list)), input_shape=tuple(int(x) for x in _get(raw, "input_shape", list)),
@@ -185,21 +218,24 @@ class ModelCard:
                 preprocessing=_build(Preprocessing, _get(raw, "preprocessing", dict), "preprocessing"),
                 model_kwargs=dict(raw.get("model_kwargs") or {}),
                 operating_point=(_build(OperatingPoint, raw["operating_point"], "operating_point")
-                                 if raw.get("operating_point") else None),
+                                 if raw.get("operating_point") is not None else None),
                 training_data=tuple(_build(DatasetDigest, d, f"training_data[{i}]")
                                     for i, d in enumerate(raw.get("training_data") or [])),
                 metrics=dict(raw.get("metrics") or {}), init=raw.get("init"),
                 intended_use=raw.get("intended_use", INTENDED_USE), run_id=raw.get("run_id"),
                 git_commit=raw.get("git_commit"), provenance=dict(raw.get("provenance") or {}),
-                card_version=int(raw.get("card_version", CARD_VERSION)))
-        except (TypeError, ValueError) as e:
-            if isinstance(e, CardError):
-                raise
-            raise CardError(f"model card: {e}") from e
+                card_version=version)
+        except CardError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as e:
+            raise CardError(f"model card: not readable ({type(e).__name__}: {e})") from e
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise CardError(f"model card: unknown field(s) {unknown}")
-        return card.validate()
+        card.validate()
+        if recorded_sha is not None and recorded_sha != card.preprocessing.sha256:
+            raise _fail("preprocessing_sha256", "does not match the preprocessing it describes (edited by hand?)")
+        return card
 
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
@@ -233,21 +269,32 @@ def _build(cls: type, raw: Any, path: str):
             continue
         value = raw[name]
         if name in ("mean", "std"):
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                raise _fail(f"{path}.{name}", f"expected a list of numbers, got {value!r}")
             value = tuple(float(v) for v in value)
         elif name in ("letterbox_size", "channels", "letterbox_fill", "dilation_px") or (name == "rows" and value is not None):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            if not _is_number(value) or not math.isfinite(value) or int(value) != value:
                 raise _fail(f"{path}.{name}", f"expected an integer, got {value!r}")
             value = int(value)
         elif name in ("threshold", "min_specificity"):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not _is_number(value):
                 raise _fail(f"{path}.{name}", f"expected a number, got {value!r}")
             value = float(value)
         elif name == "lung_mask":
-            value = bool(value)
+            if not isinstance(value, bool):
+                raise _fail(f"{path}.{name}", f"expected true or false, got {value!r}")
         elif name in ("segmenter_version", "version") and value is not None:
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise _fail(f"{path}.{name}", f"expected a string, got {value!r}")
             value = str(value)
+        elif value is not None and not isinstance(value, str):
+            raise _fail(f"{path}.{name}", f"expected a string, got {value!r}")
         values[name] = value
     return cls(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _finite(obj: Any) -> Any:
@@ -266,21 +313,25 @@ def _upgrade_v0(raw: dict) -> dict:
     """A card written as a plain dict by cxr before card version 1 (issue 12), read as version 1."""
     prep = dict(raw.get("preprocessing") or {})
     task = raw.get("task")
-    shape = (raw.get("input") or {}).get("shape")
+    shape = (raw.get("input") or {}).get("shape") if isinstance(raw.get("input"), dict) else None
     dilation = prep.get("dilation_px", raw.get("mask_dilation_px", DEFAULT_DILATION_PX))
     preprocessing = {k: prep[k] for k in ("letterbox_size", "letterbox_fill", "channels", "mean", "std",
                                           "lung_mask", "segmenter_name", "segmenter_version", "version") if k in prep}
     preprocessing.setdefault("mean", list(CLASSIFIER_MEAN) if task == "classifier" else [SEGMENTER_MEAN])
     preprocessing.setdefault("std", list(CLASSIFIER_STD) if task == "classifier" else [SEGMENTER_STD])
+    for name in ("mean", "std"):      # v0 segmenter cards wrote one number
+        if _is_number(preprocessing[name]):
+            preprocessing[name] = [preprocessing[name]]
     preprocessing["dilation_px"] = dilation
     metrics = dict(raw.get("metrics") or {})
-    screening = (metrics.get("test") or {}).get("screening")
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+    screening = test.get("screening") if isinstance(test.get("screening"), dict) else None
     digest = raw.get("training_manifest_sha256")
     return {
         "task": task, "architecture": raw.get("architecture"), "labels": raw.get("labels"),
         "input_shape": shape, "output": raw.get("output", ""), "preprocessing": preprocessing,
         "model_kwargs": raw.get("model_kwargs") or {},
-        "operating_point": ({k: screening[k] for k in ("threshold", "min_specificity", "chosen_on")}
+        "operating_point": ({k: screening.get(k) for k in ("threshold", "min_specificity", "chosen_on")}
                             if screening else None),
         "training_data": ([{"name": "train", "uri": raw.get("training_manifest", ""), "sha256": digest}]
                           if digest else []),

@@ -328,6 +328,8 @@ class ExportModelConfig:
     dtype: str = option("float32", "weights as float32, bfloat16 or int8 (per-channel, weight-only; see cxr/weights.py)")
     segmenter: str | None = option("models:/cxr-segmenter@champion", "for a classifier trained without lung masks: "
                                    "the segmenter of the quality signal (a lung-masked one brings its own)")
+    part_mb: float | None = option(None, "cut a .tar bundle larger than this into NAME.tar.000, .001, ... (e.g. 16 "
+                                         "for a transfer of at most 16 MiB per file); import-model takes NAME.tar.000")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ def _interval(v: object) -> str:
 
 
 _ENV.filters["ci"] = _interval
+_ENV.filters["num"] = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 _MODEL = _ENV.from_string("""\
 # {{ card.architecture }} {{ card.task }}{% if name %} ({{ name }}{% if version %} v{{ version }}{% endif %}){% endif %}
@@ -63,31 +64,32 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 ## Test metrics (95% bootstrap intervals)
 | metric | value |
 |---|---|
-{% for key, label in headline if key in test.get("metrics", {}) %}
-| {{ label }} | {{ test.metrics[key] | ci }} |
+{% set metrics = test.get("metrics") or {} %}
+{% for key, label in headline if key in metrics %}
+| {{ label }} | {{ metrics[key] | ci }} |
 {% endfor %}
 {% set adult = test.get("adult") %}
-{% if adult %}
-| adult images (n={{ adult.n }}): COVID sensitivity | {{ adult.covid_sensitivity | ci }} |
+{% if adult is mapping %}
+| adult images (n={{ adult.get("n", "?") }}): COVID sensitivity | {{ adult.covid_sensitivity | ci }} |
 | adult images: COVID specificity | {{ adult.covid_specificity | ci }} |
 {% endif %}
 {% set screening = test.get("screening") %}
-{% if screening %}
-{% for population in ("all", "adult") if population in screening %}
-| at the operating point, {{ population }}: sensitivity | {{ screening[population].sensitivity | ci }} |
-| at the operating point, {{ population }}: specificity | {{ screening[population].specificity | ci }} |
+{% if screening is mapping %}
+{% for population in ("all", "adult") if screening.get(population) is mapping %}
+| at the operating point, {{ population }}: sensitivity | {{ screening[population].get("sensitivity") | ci }} |
+| at the operating point, {{ population }}: specificity | {{ screening[population].get("specificity") | ci }} |
 {% endfor %}
 {% endif %}
-{% for group, v in test.get("covid_auroc_within", {}).items() %}
-| COVID AUROC within {{ group }} ({{ v.n_positive }} vs {{ v.n_negative }}) | {{ v | ci }} |
+{% for group, v in (test.get("covid_auroc_within") or {}).items() if v is mapping %}
+| COVID AUROC within {{ group }} ({{ v.get("n_positive", "?") }} vs {{ v.get("n_negative", "?") }}) | {{ v | ci }} |
 {% endfor %}
 {% endif %}
 {% if dice %}
 ## Test Dice
 | subset | mean | median | 5th percentile | n |
 |---|---|---|---|---|
-{% for source, s in dice.items() %}
-| {{ source }} | {{ "%.3f" | format(s.mean) }} | {{ "%.3f" | format(s.median) }} | {{ "%.3f" | format(s.p05) }} | {{ s.n }} |
+{% for source, s in dice.items() if s is mapping %}
+| {{ source }} | {{ s.get("mean") | num }} | {{ s.get("median") | num }} | {{ s.get("p05") | num }} | {{ s.get("n", "?") }} |
 {% endfor %}
 {% endif %}
 
@@ -106,6 +108,8 @@ _HEADLINE = [("accuracy", "accuracy"), ("f1_covid", "COVID F1"), ("covid_sensiti
 def model_markdown(card: ModelCard, name: str | None = None, version: str | None = None) -> str:
     test = card.metrics.get("test") if card.task == "classifier" else None
     dice = card.metrics.get("test_dice") if card.task == "segmenter" else None
+    test = test if isinstance(test, dict) else None
+    dice = dice if isinstance(dice, dict) else None
     text = _MODEL.render(card=card, p=card.preprocessing, name=name, version=version, test=test, dice=dice,
                          headline=_HEADLINE)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"

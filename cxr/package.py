@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,11 +55,21 @@ class Component:
 
 
 def check_safe(folder: Path, what: str) -> None:
+    """Refuse a folder holding a link or any file outside ``SAFE_NAMES``, before reading anything."""
     folder = Path(folder)
-    unexpected = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                        if p.is_file() and p.name not in SAFE_NAMES)
+    links, unexpected = [], []
+    for root, dirs, files in os.walk(folder):       # links are listed, never followed
+        for name in dirs + files:
+            path = Path(root) / name
+            rel = str(path.relative_to(folder))
+            if path.is_symlink():
+                links.append(rel)
+            elif name in files and name not in SAFE_NAMES:
+                unexpected.append(rel)
+    if links:
+        raise PackageError(f"{what} holds links {sorted(links)}: refusing to load")
     if unexpected:
-        raise PackageError(f"{what} holds unexpected files {unexpected}: refusing to load; "
+        raise PackageError(f"{what} holds unexpected files {sorted(unexpected)}: refusing to load; "
                            "cxr models are safetensors + JSON only")
 
 
@@ -80,7 +91,11 @@ def read_model(folder: Path, device: str | torch.device = "cpu", what: str | Non
     check_safe(folder, what or str(folder))
     card = read_card(folder)
     model = build_model(card.architecture, **card.model_kwargs)
-    load_weights(model, folder / WEIGHTS)
+    try:
+        load_weights(model, folder / WEIGHTS)
+    except (RuntimeError, OSError, ValueError) as e:   # safetensors and load_state_dict's errors
+        raise PackageError(f"{what or folder}: its weights do not fit a {card.architecture} "
+                           f"({str(e).splitlines()[0][:200]})") from e
     return model.to(device).eval(), card
 
 
@@ -106,8 +121,14 @@ def read_screen_info(folder: Path) -> dict:
     path = Path(folder) / SCREEN
     if not path.exists():
         raise PackageError(f"{folder} is not a cxr screen (no {SCREEN})")
-    info = json.loads(path.read_text())
-    if info.get("format") != SCREEN_FORMAT or int(info.get("format_version", 0)) > SCREEN_FORMAT_VERSION:
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise PackageError(f"{path} is not readable JSON ({type(e).__name__})") from e
+    if not isinstance(info, dict) or not isinstance(info.get("format_version"), int) or \
+            not all(isinstance(info.get(k), (dict, type(None))) for k in COMPONENTS):
+        raise PackageError(f"{path} is not a cxr screen description")
+    if info.get("format") != SCREEN_FORMAT or info["format_version"] > SCREEN_FORMAT_VERSION:
         raise PackageError(f"{folder}: {SCREEN} is format {info.get('format')!r} version {info.get('format_version')}; "
                            f"this cxr reads {SCREEN_FORMAT!r} up to version {SCREEN_FORMAT_VERSION}")
     return info
@@ -117,8 +138,7 @@ def read_screen(folder: Path, device: str | torch.device = "cpu") -> tuple[Compo
     folder = Path(folder)
     check_safe(folder, str(folder))
     info = read_screen_info(folder)
-    if (folder / CHECKSUMS).exists():
-        verify_checksums(folder)
+    verify_checksums(folder)
     parts = {}
     for kind in COMPONENTS:
         if (folder / kind / CARD).exists():
@@ -157,11 +177,16 @@ def write_checksums(folder: Path) -> Path:
 def verify_checksums(folder: Path) -> int:
     """Check every listed file and that no file is unlisted; returns the number checked."""
     folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        raise PackageError(f"{folder} has no {CHECKSUMS}: not a complete cxr screen or bundle")
     listed = {}
-    for line in (folder / CHECKSUMS).read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(None, 1)
-            listed[name.strip()] = digest
+    for number, line in enumerate((folder / CHECKSUMS).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise PackageError(f"{folder}/{CHECKSUMS} line {number} is not 'SHA256  NAME'")
+        listed[parts[1].strip().removeprefix("*")] = parts[0].lower()     # "*": sha256sum -b
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
                if p.is_file() and p.name not in (CHECKSUMS, "registered_model_meta")}
     if present - set(listed):

@@ -202,7 +202,7 @@ class Screen:
             probs[ok] = p
             if f is not None:
                 fraction[ok] = f
-            for i, heat in zip(np.flatnonzero(ok), cams):
+            for i, heat in zip(np.flatnonzero(ok), cams if cams is not None else []):
                 heatmaps[i] = heatmap_png(heat)
         flags = [self.quality.flags(float(fraction[i])) if ok[i] else [] for i in range(n)]
         status = ["error" if not ok[i] else "flagged" if flags[i] else "ok" for i in range(n)]
@@ -216,7 +216,7 @@ class Screen:
             "covid_threshold": [self.threshold] * n,
             "screen_positive": [bool(probs[i, self.covid] >= self.threshold) if ok[i] and self.threshold is not None
                                 else None for i in range(n)],
-            "heatmap_png": heatmaps, "heatmap_size": [heatmap_size] * n,
+            "heatmap_png": heatmaps, "heatmap_size": [heatmap_size or None] * n,
             "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
             "qc_flags": flags,
         }
@@ -229,21 +229,15 @@ class Screen:
         ``path`` or an ``image`` (bytes) column. One row per input, in order, with the fields of a
         scores row (``ROW_FIELDS``); an input that cannot be read or decoded is an ``error`` row
         with the reason, never an exception."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = _as_items(inputs)
         limits = DecodeLimits(max_bytes=max_bytes)
         columns: dict[str, list] = {f: [] for f in ROW_FIELDS}
         for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
             uris, shas, errors, boxed = [], [], [], []
-            for i, item in enumerate(batch, start):
-                uri, data, error, pair = (item if isinstance(item, str) else f"<bytes #{i}>"), None, None, None
-                try:
-                    data = read_bytes(item, storage or self.storage, max_bytes) if isinstance(item, str) else bytes(item)
-                    pair = self.preprocess.letterbox(decode_image(data, uri, limits))
-                except BadImageError as e:
-                    error = e.reason
-                except OSError as e:
-                    error = f"cannot read: {e}"
+            for i, item in enumerate(items[start:start + batch_size], start):
+                uri, data, error, pair = self._decode(item, i, storage or self.storage, limits)
                 uris.append(uri)
                 shas.append(hashlib.sha256(data).hexdigest() if data is not None else None)
                 errors.append(error)
@@ -257,20 +251,56 @@ class Screen:
         return frame
 
 
+    def _decode(self, item, i: int, storage: StorageConfig | None, limits: DecodeLimits) -> tuple:
+        """(uri, bytes or None, error or None, letterboxed pair or None) of one input. Whatever
+        goes wrong with one input is its error, with a reason a person understands."""
+        if isinstance(item, str):
+            uri = item
+        elif isinstance(item, bytes):
+            uri = f"<bytes #{i}>"
+        else:
+            return f"<input #{i}>", None, f"not an image path or bytes: {type(item).__name__} {str(item)[:80]!r}", None
+        data = None
+        try:
+            data = read_bytes(item, storage, limits.max_bytes) if isinstance(item, str) else item
+            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits))
+        except BadImageError as e:
+            return uri, data, e.reason, None
+        except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug
+            return uri, data, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no message'}", None
+
+
 def _ref(c: Component) -> str:
     return f"{c.name}/{c.version}" if c.name else c.card.architecture
 
 
-def _as_items(inputs) -> list[str | bytes]:
+def _as_items(inputs) -> list:
+    """One item per input: a str (path or URI), bytes, or anything else (then an error row).
+    A DataFrame gives its ``image`` column where a row has bytes, else its ``path``."""
     if isinstance(inputs, pd.DataFrame):
-        if "image" in inputs and inputs["image"].notna().any():
-            return [bytes(v) if v is not None else b"" for v in inputs["image"]]
-        if "path" in inputs:
-            return [str(v) for v in inputs["path"]]
-        raise ValueError(f"a DataFrame input needs a 'path' or an 'image' column, got {list(inputs.columns)}")
-    if isinstance(inputs, (str, bytes, bytearray, Path)):
-        inputs = [inputs]
-    return [str(v) if isinstance(v, Path) else v for v in inputs]
+        if "image" not in inputs and "path" not in inputs:
+            raise ValueError(f"a DataFrame input needs a 'path' or an 'image' column, got {list(inputs.columns)}")
+        images = inputs["image"] if "image" in inputs else pd.Series([None] * len(inputs), index=inputs.index)
+        paths = inputs["path"] if "path" in inputs else pd.Series([None] * len(inputs), index=inputs.index)
+        return [_one(image) if _present(image) else _one(path) for image, path in zip(images, paths)]
+    if isinstance(inputs, (str, bytes, bytearray, memoryview, Path)) or \
+            (isinstance(inputs, np.ndarray) and inputs.dtype == np.uint8 and inputs.ndim == 1):
+        inputs = [inputs]        # one image, not a sequence of inputs (an encoded buffer is one image)
+    return [_one(v) for v in inputs]
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+def _one(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1:
+        return value.tobytes()
+    return value
 
 
 def _stack(boxed: list, sizes: tuple[int, int | None]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             other = LocalStack(Path(tmp) / "second-registry").start()
             try:
                 for dtype in DTYPES:
-                    bundle = export_model(load_platform(), args.model, Path(tmp) / f"export-{dtype}", dtype)
+                    (bundle,) = export_model(load_platform(), args.model, Path(tmp) / f"export-{dtype}", dtype)
                     rows[dtype] = cxr.load(bundle, device="cpu").predict(images)
                     entry = result.setdefault("model", {"uri": args.model, "images": len(images)})[dtype] = sizes(bundle)
                     entry["round_trip_max_abs_difference"] = round_trip(bundle, other, images, rows[dtype])

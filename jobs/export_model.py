@@ -17,12 +17,13 @@ def main(cfg: ExportModelConfig) -> int:
         print(f"cxr export-model: unknown --dtype {cfg.dtype!r}; choices: {list(DTYPES)}", file=sys.stderr)
         return 2
     try:
-        out = export_model(load_platform(), cfg.model, cfg.out, cfg.dtype, cfg.segmenter)
-    except (PackageError, FileExistsError) as e:
+        written = export_model(load_platform(), cfg.model, cfg.out, cfg.dtype, cfg.segmenter, cfg.part_mb)
+    except (PackageError, FileExistsError, ValueError) as e:
         print(f"cxr export-model: {e}", file=sys.stderr)
         return 2
-    size = out.stat().st_size if out.is_file() else folder_bytes(out)
-    print(f"export-model: {cfg.model} -> {out} ({size / 2**20:.1f} MiB, weights {cfg.dtype})")
+    size = sum(p.stat().st_size if p.is_file() else folder_bytes(p) for p in written)
+    where = str(written[0]) if len(written) == 1 else f"{len(written)} parts {written[0]} .. {written[-1].name}"
+    print(f"export-model: {cfg.model} -> {where} ({size / 2**20:.1f} MiB, weights {cfg.dtype})")
     return 0
 
 

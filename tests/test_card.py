@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,6 +50,9 @@ def test_a_card_round_trips_through_json_without_nan():
     assert again.preprocessing.segmenter_uri == "models:/seg/7"
 
 
+PREP = {"letterbox_size": 64, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
 @pytest.mark.parametrize("change,field", [
     ({"labels": ["covid", "covid"]}, "labels"),
     ({"architecture": "resnet9000"}, "architecture"),
@@ -57,15 +61,30 @@ def test_a_card_round_trips_through_json_without_nan():
      "operating_point.label"),
     ({"preprocessing": {"letterbox_size": 64, "channels": 3, "mean": [0.5, 0.5], "std": [1, 1, 1]}},
      "preprocessing.mean"),
-    ({"preprocessing": {"letterbox_size": 64, "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1], "lung_mask": True}},
-     "preprocessing.segmenter_version"),
-    ({"preprocessing": {"letterbox_size": "big", "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}},
-     "preprocessing.letterbox_size"),
+    ({"preprocessing": {**PREP, "lung_mask": True}}, "preprocessing.segmenter_version"),
+    ({"preprocessing": {**PREP, "lung_mask": "false"}}, "preprocessing.lung_mask"),
+    ({"preprocessing": {**PREP, "letterbox_size": "big"}}, "preprocessing.letterbox_size"),
+    ({"preprocessing": {**PREP, "letterbox_size": float("inf")}}, "preprocessing.letterbox_size"),
+    ({"preprocessing": {**PREP, "mean": [0, 0, 0], "std": [1, 1, 1]}}, "preprocessing.mean"),
+    ({"preprocessing": {**PREP, "letterbox_fill": 0}}, "preprocessing.letterbox_fill"),
+    ({"model_kwargs": {"num_classes": 2}}, "model_kwargs.num_classes"),
+    ({"operating_point": {}}, "operating_point.threshold"),
+    ({"operating_point": {"threshold": 0.3, "min_specificity": 5, "chosen_on": "v"}}, "operating_point.min_specificity"),
+    ({"training_data": [{"name": "t", "uri": "u", "sha256": None}]}, "training_data[0].sha256"),
     ({"card_version": 99}, "card_version"),
+    ({"card_version": "1"}, "card_version"),
+    ({"preprocessing_sha256": "0" * 64}, "preprocessing_sha256"),
 ])
 def test_a_bad_card_is_refused_naming_the_field(change, field):
     raw = {**classifier_card().to_dict(), **change}
-    with pytest.raises(CardError, match=f"field '{field}'"):
+    with pytest.raises(CardError, match=re.escape(f"field '{field}'")):
+        ModelCard.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw", [[], {"labels": [["a"]]}, {"card_version": 1, "labels": [["nested"]]},
+                                 {"task": "classifier", "input": ["x"], "metrics": {"test": {"screening": []}}}])
+def test_garbage_is_a_card_error_never_a_crash(raw):
+    with pytest.raises(CardError):
         ModelCard.from_dict(raw)
 
 
@@ -93,6 +112,20 @@ def test_a_card_written_before_card_version_1_is_read():
     card = ModelCard.from_dict(old)
     assert card.preprocessing.dilation_px == 8 and card.preprocessing.segmenter_uri == "models:/cxr-segmenter/2"
     assert card.operating_point.threshold == 0.4 and card.training_data[0].sha256 == "f" * 64
+
+
+def test_a_segmenter_card_written_before_card_version_1_is_read():
+    """Old segmenter cards wrote mean and std as single numbers and the dilation beside them."""
+    old = {"task": "segmenter", "architecture": "unet-tiny", "labels": ["lung"], "input": {"shape": [1, 64, 64]},
+           "output": "one logit per pixel; sigmoid >= 0.5 is lung",
+           "preprocessing": {"version": "1", "kind": "segmenter", "letterbox_size": 64, "letterbox_fill": 128,
+                             "grayscale": "8-bit", "channels": 1, "mean": 0.5, "std": 0.25, "scale": "x/255",
+                             "sha256": "ab"},
+           "mask_dilation_px": 5, "training_manifest_sha256": "e" * 64,
+           "metrics": {"test_dice": {"all": {"mean": 0.9, "median": 0.9, "p05": 0.8, "n": 3}}}}
+    card = ModelCard.from_dict(old)
+    assert card.preprocessing.mean == (0.5,) and card.preprocessing.dilation_px == 5
+    assert "| all | 0.900 | 0.900 | 0.800 | 3 |" in model_markdown(card)
 
 
 def test_preprocessing_digest_ignores_who_pinned_the_segmenter():
@@ -185,3 +218,49 @@ def test_screen_masks_only_a_lung_masked_classifier(tmp_path):
     assert torch.equal(x_masked, torch.zeros_like(x_masked))
     assert torch.equal(x_plain, torch.full_like(x_plain, 200.0))
     assert float(f_masked[0]) == float(f_plain[0]) == 0.0
+
+
+def test_predict_makes_every_odd_input_an_error_row(tmp_path, sample_root):
+    """Per-input isolation in the Python API: nothing one input is raises."""
+    screen = Screen.from_folder(_screen_folder(tmp_path), "cpu")
+    image = sorted((sample_root / "covid").rglob("*.jpg"))[0]
+    data = image.read_bytes()
+    rows = screen.predict([image, None, 3, "gs://bucket/key.png", b"", bytearray(data), str(tmp_path / "gone.png")])
+    assert [s != "error" for s in rows["status"]] == [True, False, False, False, False, True, False]
+    assert "not an image path or bytes" in rows["error"][1] and "unsupported URI scheme" in rows["error"][3]
+    assert rows["sha256"][0] == rows["sha256"][5]                     # a path and its bytes: the same image
+    # An encoded buffer (what cv2.imencode returns) is one image, not one input per byte.
+    assert len(screen.predict(np.frombuffer(data, np.uint8))) == 1
+    # A DataFrame: bytes where a row has them, else its path; NaN is missing, not an input.
+    frame = screen.predict(__import__("pandas").DataFrame({"image": [data, float("nan")], "path": [None, str(image)]}))
+    assert list(frame["uri"]) == ["<bytes #0>", str(image)] and set(frame["status"]) <= {"ok", "flagged"}
+    no_heatmaps = screen.predict([image], heatmap_size=0)
+    assert no_heatmaps["heatmap_png"][0] is None and no_heatmaps["probabilities"][0] is not None
+
+
+def test_a_bundle_without_checksums_or_with_a_link_is_refused(tmp_path):
+    folder = _screen_folder(tmp_path)
+    (folder / "checksums.sha256").unlink()
+    with pytest.raises(PackageError, match="no checksums.sha256"):
+        read_screen(folder)
+    write_checksums(folder)
+    (folder / "segmenter" / "card.json").unlink()
+    (folder / "segmenter" / "card.json").symlink_to(folder / "classifier" / "card.json")
+    with pytest.raises(PackageError, match=r"links \['segmenter/card.json'\]"):
+        read_screen(folder)
+
+
+def test_a_tar_bundle_with_a_link_is_refused(tmp_path):
+    import tarfile
+
+    from cxr.workflows.screen import unpack_bundle
+
+    folder = _screen_folder(tmp_path)
+    bundle = tmp_path / "b.tar"
+    with tarfile.open(bundle, "w") as tar:
+        tar.add(folder, arcname="b")
+        link = tarfile.TarInfo("b/classifier/evil.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(PackageError, match="links or special files"):
+        unpack_bundle(bundle, tmp_path / "out")

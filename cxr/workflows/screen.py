@@ -18,8 +18,7 @@ from PIL import Image
 
 from cxr import tracking
 from cxr.config import PlatformConfig
-from cxr.package import (CHECKSUMS, SCREEN, Component, PackageError, read_screen, read_screen_info,
-                         verify_checksums, write_screen)
+from cxr.package import SCREEN, Component, PackageError, read_screen, write_screen
 from cxr.screen import Screen
 
 log = logging.getLogger(__name__)
@@ -103,10 +102,12 @@ def screen_for_classifier(platform: PlatformConfig, classifier_version: str, ali
 # --- bundles ----------------------------------------------------------------------------------------
 
 def export_model(platform: PlatformConfig, model_uri: str, out: str | Path, dtype: str = "float32",
-                 segmenter_uri: str | None = None) -> Path:
+                 segmenter_uri: str | None = None, part_mb: float | None = None) -> list[Path]:
     """A self-contained bundle of a registered screen or classifier: a folder (or, for a name
     ending in .tar, one tar file) that ``import_model`` and ``cxr.load`` read. Weights as
-    ``dtype`` (float32, bfloat16 or int8, see ``cxr.weights``)."""
+    ``dtype`` (float32, bfloat16 or int8, see ``cxr.weights``). With ``part_mb``, a tar larger
+    than that is cut into ``NAME.tar.000``, ``.001``, ... (a transfer limited per file, like
+    the GPU machine's 16 MiB). Returns the files or the folder written."""
     out = Path(out)
     classifier, segmenter = components(platform.tracking_uri, model_uri, segmenter_uri)
     version = tracking.resolve_version(platform.tracking_uri, model_uri)
@@ -117,23 +118,64 @@ def export_model(platform: PlatformConfig, model_uri: str, out: str | Path, dtyp
             out.parent.mkdir(parents=True, exist_ok=True)
             with tarfile.open(out, "w") as tar:     # uncompressed: weights barely compress
                 tar.add(folder, arcname=out.stem)
-        else:
-            if out.exists():
-                raise FileExistsError(f"{out} exists; export into a new folder")
-            shutil.copytree(folder, out)
-    return out
+            if part_mb and out.stat().st_size > part_mb * 2**20:
+                return split_file(out, int(part_mb * 2**20))
+            return [out]
+        if part_mb:
+            raise ValueError("parts are cut from a .tar bundle: give an --out ending in .tar")
+        if out.exists():
+            raise FileExistsError(f"{out} exists; export into a new folder")
+        shutil.copytree(folder, out)
+    return [out]
+
+
+def split_file(path: Path, part_bytes: int) -> list[Path]:
+    """``path`` cut into ``path.000``, ``path.001``, ... of at most ``part_bytes``; ``path`` removed."""
+    parts = []
+    with open(path, "rb") as f:
+        for i, chunk in enumerate(iter(lambda: f.read(part_bytes), b"")):
+            part = path.with_name(f"{path.name}.{i:03d}")
+            part.write_bytes(chunk)
+            parts.append(part)
+    path.unlink()
+    return parts
+
+
+def _joined(bundle: Path, dst: Path) -> Path:
+    """A bundle given as its first part (``NAME.tar.000``), or as ``NAME.tar`` whose parts lie
+    beside it, joined into one tar under ``dst``; any other path as it is."""
+    first = bundle if bundle.suffix == ".000" else bundle.with_name(bundle.name + ".000")
+    if bundle.exists() and bundle.suffix != ".000" or not first.exists():
+        return bundle
+    stem = first.name[:-len(".000")]
+    parts = sorted(first.parent.glob(f"{stem}.[0-9][0-9][0-9]"))
+    if [p.suffix for p in parts] != [f".{i:03d}" for i in range(len(parts))]:
+        raise PackageError(f"{bundle}: the parts of {stem} are not numbered 000 to {len(parts) - 1:03d} without gaps")
+    joined = dst / stem
+    with open(joined, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    return joined
 
 
 def unpack_bundle(bundle: str | Path, dst: Path) -> Path:
-    """A bundle folder from a folder or a .tar (members checked: plain files under one folder)."""
+    """A bundle folder from a folder, a .tar, or a .tar cut in parts (members checked: plain
+    files and folders under one folder; the checksums inside catch a bad join)."""
     bundle = Path(bundle)
     if bundle.is_dir():
         return bundle
-    if not tarfile.is_tarfile(bundle):
+    bundle = _joined(bundle, dst)
+    if not bundle.is_file() or not tarfile.is_tarfile(bundle):
         raise PackageError(f"{bundle} is neither a bundle folder nor a .tar")
-    with tarfile.open(bundle) as tar:
-        # The "data" filter refuses links, devices and paths leaving the folder.
-        tar.extractall(dst, filter="data")
+    try:
+        with tarfile.open(bundle) as tar:
+            odd = [m.name for m in tar.getmembers() if not (m.isfile() or m.isdir())]
+            if odd:
+                raise PackageError(f"{bundle} holds links or special files {odd[:5]}: refusing it")
+            # The "data" filter also refuses absolute paths and paths leaving the folder.
+            tar.extractall(dst, filter="data")
+    except tarfile.TarError as e:
+        raise PackageError(f"{bundle}: {e}") from e
     folders = [p for p in dst.iterdir() if p.is_dir()]
     if len(folders) != 1:
         raise PackageError(f"{bundle} must hold one bundle folder, found {[p.name for p in folders]}")
@@ -148,11 +190,7 @@ def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None
     uri, names = platform.tracking_uri, platform.registered_models
     with tempfile.TemporaryDirectory() as tmp:
         folder = unpack_bundle(bundle, Path(tmp))
-        if not (folder / CHECKSUMS).exists():
-            raise PackageError(f"{bundle} has no {CHECKSUMS}: not a cxr bundle, or incomplete")
-        verify_checksums(folder)
-        info = read_screen_info(folder)
-        classifier, segmenter, _ = read_screen(folder)
+        classifier, segmenter, info = read_screen(folder)      # links, files, checksums, cards, weights
         provenance = {"bundle": Path(bundle).name, "source": info.get("source"), "weights_dtype": info["weights_dtype"]}
         versions: dict[str, str] = {}
         experiment = platform.experiments.get("screen", "cxr-screen")
