@@ -51,6 +51,32 @@ def sizes(folder: Path) -> dict:
             "largest": f"{largest.relative_to(folder)} {largest.stat().st_size / 2**20:.1f} MiB"}
 
 
+def int8_halves(model_uri: str, images: list[str], base) -> dict:
+    """Where int8's cost comes from: the classifier alone in int8, then the segmenter alone."""
+    from cxr.config import load_platform
+    from cxr.screen import Screen
+    from cxr.weights import state_for_storage, state_from_storage
+    from cxr.workflows.screen import components
+
+    def int8(c: Component) -> Component:
+        model = build_model(c.card.architecture, **c.card.model_kwargs)
+        model.load_state_dict(state_from_storage(state_for_storage(c.model.state_dict(), "int8")))
+        return Component(model.eval(), c.card, c.name, c.version)
+
+    classifier, segmenter = components(load_platform().tracking_uri, model_uri)
+    ok = base["status"] != "error"
+    out = {}
+    for name, pair in (("classifier", (int8(classifier), segmenter)), ("segmenter", (classifier, int8(segmenter)))):
+        rows = Screen(*pair, device="cpu").predict(images)
+        out[f"{name} in int8"] = {
+            "max_abs_probability_difference": float(np.abs(np.stack(rows["probabilities"][ok])
+                                                           - np.stack(base["probabilities"][ok])).max()),
+            "max_abs_lung_fraction_difference": float(np.abs(rows["lung_fraction"][ok].astype(float)
+                                                             - base["lung_fraction"][ok].astype(float)).max()),
+            "changed_labels": int((rows["predicted_label"][ok] != base["predicted_label"][ok]).sum())}
+    return out
+
+
 def round_trip(bundle: Path, other, images: list[str], expected) -> float:
     """Import ``bundle`` into the ``other`` registry and predict through it: the largest
     probability difference from ``expected`` (0.0: identical)."""
@@ -109,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                     changed_labels=int((other["predicted_label"][ok] != base["predicted_label"][ok]).sum()),
                     changed_screen_flags=int((other["screen_positive"][ok] != base["screen_positive"][ok]).sum()))
                 print(f"{args.model} as {dtype}: {result['model'][dtype]}")
+            result["model"]["int8_one_half_at_a_time"] = int8_halves(args.model, images, base)
+            print(f"int8, one half at a time: {result['model']['int8_one_half_at_a_time']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
