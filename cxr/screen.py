@@ -107,8 +107,10 @@ class Preprocess:
         device = next(self.segmenter.model.parameters()).device
         out, fractions = [], []
         for start in range(0, len(images), batch_size):
-            x, f = self.masked(torch.from_numpy(images[start:start + batch_size]).to(device),
-                               torch.from_numpy(small[start:start + batch_size]).to(device))
+            # bf16 on a GPU, as ``Screen.infer`` runs the segmenter there: the same masks.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                x, f = self.masked(torch.from_numpy(images[start:start + batch_size]).to(device),
+                                   torch.from_numpy(small[start:start + batch_size]).to(device))
             out.append(x.round().to(torch.uint8).cpu().numpy())
             fractions.append(f.cpu().numpy())
         return np.concatenate(out), np.concatenate(fractions)

@@ -59,8 +59,8 @@ def components(tracking_uri: str, model_uri: str, segmenter_uri: str | None = No
 
 def build_screen(folder: Path, classifier: Component, segmenter: Component | None, dtype: str = "float32",
                  source: str | None = None) -> Path:
-    """A complete screen folder: data files, MLflow's python_function files with a signature
-    from a real prediction, checksums. It is a bundle and a registrable MLflow model at once."""
+    """A complete screen folder: data files, MLflow's python_function files (signature, input
+    example), checksums. It is a bundle and a registrable MLflow model at once."""
     write_screen(folder, classifier, segmenter, dtype, source)
     tracking.save_screen_model(folder, example_image())
     return folder
