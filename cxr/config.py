@@ -223,6 +223,9 @@ class ScoreConfig:
     max_lung_fraction: float = option(0.50, "flag an image whose lung area fraction is above this")
     no_lung_fraction: float = option(0.01, "below this lung fraction: no lungs found")
     max_file_mb: float = option(64.0, "files larger than this are error rows, never read whole")
+    max_unreadable_share: float = option(
+        0.5, "stop the job when storage errors (after retries) hit more than this share of a decode batch of "
+             "16 (and at least 2 inputs): the store is failing, not the files; below it, each is an error row")
     limit: int | None = option(None, "score at most this many inputs (quick runs)")
     job_id: str | None = option(None, "job id recorded in every row (default: a new one)")
 

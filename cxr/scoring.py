@@ -105,18 +105,35 @@ def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------
 
+class StorageOutage(RuntimeError):
+    """Most of a batch could not be read after the store's retries: the store, not the files."""
+
+
+def storage_reason(error: OSError) -> str:
+    """A person's reading of a storage error that is about one object."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "ACCESS_DENIED" in text or "AccessDenied" in text or " 403" in text:
+        return f"S3 403 Forbidden (no permission to read this object): {text[:200]}"
+    return f"storage error: {type(error).__name__}: {text[:300]}"
+
+
 def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fill: int, skip: set[str],
-                 max_bytes: int, storage: StorageConfig | None) -> dict[str, np.ndarray]:
+                 max_bytes: int, storage: StorageConfig | None,
+                 max_unreadable_share: float = 0.5) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
     (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``).
 
-    Inputs whose key is in ``skip`` are dropped. A bad file becomes an ``error`` row with the
-    reason; it never fails the batch. Storage errors that survive pyarrow's retries do fail it:
-    they are not a property of the file, and writing no row lets the next run score it.
+    Inputs whose key is in ``skip`` are dropped. Whatever goes wrong with one input (a bad
+    file, an odd DICOM header, an unsupported URI, an object the store refuses) is that input's
+    ``error`` row with the reason; it never fails the batch. Only when storage errors hit more
+    than ``max_unreadable_share`` of the batch (and at least 2 inputs) does the batch fail with
+    ``StorageOutage``, naming the first input and its error: that is the store, not the files,
+    and writing no rows lets the next run score them.
     """
     limits = DecodeLimits(max_bytes=max_bytes)
     out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": []}
     blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
+    unreadable: list[tuple[str, str]] = []
     for uri in batch["uri"]:
         uri = str(uri)
         sha, error, images = None, None, blank
@@ -128,14 +145,23 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
             images = letterbox_pair(decode_image(data, uri, limits), sizes, fill)
         except BadImageError as e:
             error = e.reason
-            if sha is None and key(uri, None) in skip:
-                continue
+        except OSError as e:
+            error = storage_reason(e)
+            unreadable.append((uri, error))
+        except Exception as e:  # noqa: BLE001 - per-input isolation: one input never stops the night
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else 'no message'}"
+        if error and sha is None and key(uri, None) in skip:
+            continue
         out["uri"].append(uri)
         out["sha256"].append(sha)
         out["status"].append("error" if error else "ok")
         out["error"].append(error)
         out["image"].append(images[0])
         out["seg_image"].append(images[1])
+    if len(unreadable) >= 2 and len(unreadable) > max_unreadable_share * len(batch["uri"]):
+        first_uri, first_error = unreadable[0]
+        raise StorageOutage(f"storage failed for {len(unreadable)} of {len(batch['uri'])} inputs of a batch "
+                            f"after retries; first {first_uri}: {first_error}")
     n = len(out["uri"])
     columns = {"uri": np.array(out["uri"], dtype=object), "sha256": np.array(out["sha256"], dtype=object),
                "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),

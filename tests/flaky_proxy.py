@@ -1,5 +1,7 @@
 """An HTTP proxy in front of the loopback S3 server that fails every Nth request with a 503
-SlowDown, as an overloaded object store does. The client's own retries must absorb it."""
+SlowDown, as an overloaded object store does (the client's own retries must absorb it), and
+answers 403 AccessDenied for the keys in ``forbidden``, as a store does for an object the job
+may not read."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ from urllib.parse import urlparse
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b'<Message>Please reduce your request rate.</Message></Error>')
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b'<Message>Access Denied</Message></Error>')
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str, fail_every: int = 3):
+    def __init__(self, upstream: str, fail_every: int = 3, forbidden: set[str] = frozenset()):
         target = urlparse(upstream)
         counter = itertools.count(1)
         self.failed = 0
@@ -26,16 +30,21 @@ class FlakyProxy:
             def log_message(self, *args):
                 pass
 
+            def _error(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if urlparse(self.path).path.lstrip("/") in forbidden:
+                    return self._error(403, ACCESS_DENIED)
                 if next(counter) % fail_every == 0:
                     proxy.failed += 1
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
-                    return
+                    return self._error(503, SLOW_DOWN)
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 headers["Host"] = target.netloc
@@ -46,7 +55,10 @@ class FlakyProxy:
                 for k, v in reply.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD reply has no body but the object's length: pass that on, or the client
+                # believes every object is empty.
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -6,6 +6,7 @@ actual answers.
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import zlib
@@ -36,7 +37,8 @@ def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def dicom_bytes(photometric: str = "MONOCHROME2", transfer_syntax=ExplicitVRLittleEndian,
-                pixels: bool = True, window: bool = True, compress_to=None) -> bytes:
+                pixels: bool = True, window: bool = True, compress_to=None, window_width: float | None = None,
+                rescale_slope_text: str | None = None) -> bytes:
     """A real X-ray as a 12-bit DICOM, with rescale and window tags like a CR/DR file."""
     gray = real_gray().astype(np.uint16) * 16            # 8 -> 12 bits stored
     stored = (4095 - gray) if photometric == "MONOCHROME1" else gray
@@ -54,7 +56,9 @@ def dicom_bytes(photometric: str = "MONOCHROME2", transfer_syntax=ExplicitVRLitt
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleSlope, ds.RescaleIntercept = 2, -1000
         if window:
-            ds.WindowCenter, ds.WindowWidth = 2 * 2048 - 1000, 2 * 4096
+            ds.WindowCenter, ds.WindowWidth = 2 * 2048 - 1000, 2 * 4096 if window_width is None else window_width
+        if rescale_slope_text is not None:     # as a broken modality writes it: text in a number tag
+            ds.add_new(0x00281053, "LO", rescale_slope_text)
         ds.PixelData = stored.tobytes()
     if compress_to is not None:
         ds.compress(compress_to)
@@ -100,7 +104,13 @@ BAD_INPUTS: dict[str, tuple[str, Callable[[], bytes]]] = {
     "unsupported DICOM (MPEG-2 transfer syntax)": ("video.dcm", lambda: dicom_bytes(transfer_syntax=MPEG2MPML)),
     "truncated DICOM (first half)": ("truncated.dcm", lambda: dicom_bytes()[: len(dicom_bytes()) // 2]),
     "corrupt DICOM (preamble, then garbage)": ("garbage.dcm", lambda: b"\x00" * 128 + b"DICM" + b"\xff" * 300),
+    "DICOM with WindowWidth 0": ("window0.dcm", lambda: dicom_bytes(window_width=0)),
+    "DICOM with RescaleSlope as text": ("slope-text.dcm", lambda: dicom_bytes(rescale_slope_text="abc")),
+    "gzip-compressed JPEG (never decompressed)": ("xray.jpg.gz", lambda: gzip.compress(real_jpeg_bytes())),
 }
+
+# Real JPEGs under names that pyarrow would once decompress by extension: all decode.
+COMPRESSED_NAMES = ("xray.gz", "xray.bz2", "xray.lz4", "xray.zst")
 
 
 def markdown_table() -> str:

@@ -96,3 +96,53 @@ def test_size_limits_are_config():
         decode_image(data, "x.jpg", DecodeLimits(max_pixels=100 * 100))
     with pytest.raises(BadImageError, match="too small"):
         decode_image(data, "x.jpg", DecodeLimits(min_side=1000))
+
+
+def test_ybr_full_dicom_is_colour_converted_once():
+    """pydicom already gives RGB for YBR data; a second conversion shifted every colour."""
+    import io
+
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    gray = real_gray()
+    rgb = np.stack([gray, np.roll(gray, 5, 0), 255 - gray], -1).astype(np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert np.abs(decode_image(buf.getvalue(), "ybr.dcm").astype(int) - expected).max() <= 2
+
+
+@pytest.mark.parametrize("tag,value,reason", [("WindowWidth", 0, "DICOM WindowWidth is 0"),
+                                              ("RescaleSlope", "abc", "DICOM RescaleSlope is not a number: 'abc'")])
+def test_odd_dicom_lut_tags_are_named(tag, value, reason):
+    data = dicom_bytes(window_width=value) if tag == "WindowWidth" else dicom_bytes(rescale_slope_text=value)
+    with pytest.raises(BadImageError, match=reason):
+        decode_image(data, "odd.dcm")
+
+
+def test_bytes_are_read_as_bytes_whatever_the_name(tmp_path):
+    """pyarrow decompressed *.gz / .bz2 / .lz4 / .zst by extension, past the size limit."""
+    import gzip
+
+    from cxr.data.storage import read_bytes
+    from tests.inputs import COMPRESSED_NAMES
+
+    for name in COMPRESSED_NAMES:                    # a real JPEG under each name: read as is, decoded
+        (tmp_path / name).write_bytes(real_jpeg_bytes())
+        assert read_bytes(str(tmp_path / name), max_bytes=10**7) == real_jpeg_bytes()
+    bomb = gzip.compress(b"\0" * 50_000_000)         # 50 MB of zeros, 49 KB on disk
+    (tmp_path / "zeros.gz").write_bytes(bomb)
+    assert read_bytes(str(tmp_path / "zeros.gz"), max_bytes=1_000_000) == bomb

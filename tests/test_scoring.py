@@ -2,6 +2,7 @@
 good and bad images, reruns, a kill -9 halfway, a flaky endpoint, systemic failures."""
 
 import dataclasses
+import hashlib
 import io
 import os
 import signal
@@ -18,7 +19,7 @@ from cxr.scoring import SCHEMA, read_scores
 from cxr.workflows.score import list_inputs
 from jobs import report, score
 from tests.flaky_proxy import FlakyProxy
-from tests.inputs import BAD_INPUTS, dicom_bytes
+from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_jpeg_bytes
 
 BUCKET = "cxr-score"
 
@@ -36,11 +37,14 @@ def archive(local_stack, sample_root):
     for path in _real_images(sample_root, 12):
         good[f"archive/good/{path.name}"] = path.read_bytes()
     good["archive/good/xray.dcm"] = dicom_bytes()
+    for name in COMPRESSED_NAMES:          # real JPEGs under compressed-looking names: read as bytes
+        good[f"archive/good/{name}"] = real_jpeg_bytes()
     bad = {f"archive/bad/{name}": make() for name, make in BAD_INPUTS.values()}
     for k, v in {**good, **bad}.items():
         s3.put_object(Bucket=BUCKET, Key=k, Body=v)
     return {"prefix": f"s3://{BUCKET}/archive", "good": {f"s3://{BUCKET}/{k}" for k in good},
-            "bad": {f"s3://{BUCKET}/{k}": name for k, name in zip(bad, bad)}}
+            "bad": {f"s3://{BUCKET}/{k}": name for k, name in zip(bad, bad)},
+            "sha256": {f"s3://{BUCKET}/{k}": hashlib.sha256(v).hexdigest() for k, v in {**good, **bad}.items()}}
 
 
 def _cfg(tiny_models, **kw) -> ScoreConfig:
@@ -112,13 +116,36 @@ def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, a
 
 
 def test_flaky_storage_endpoint_still_completes(local_stack, archive, tiny_models, ray_local, tmp_path, monkeypatch):
-    with FlakyProxy(local_stack.s3_endpoint, fail_every=3) as proxy:
+    """503s on every third request are absorbed by retries; an object the store refuses (403)
+    is that input's error row; every other image comes back ok with its real sha256."""
+    forbidden = sorted(archive["good"])[0]
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=3,
+                    forbidden={forbidden.removeprefix("s3://")}) as proxy:
         monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
         assert load_platform().storage.s3_endpoint == proxy.endpoint
         out = str(tmp_path / "scores")
         summary = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
         assert proxy.failed > 5
-    assert summary["scored"] == len(read_scores(out)) == len(archive["good"]) + len(archive["bad"])
+    rows = read_scores(out).to_pandas().set_index("uri")
+    assert summary["scored"] == len(rows) == len(archive["good"]) + len(archive["bad"])
+    assert rows.loc[forbidden, "status"] == "error" and "S3 403 Forbidden" in rows.loc[forbidden, "error"]
+    good = rows.loc[sorted(archive["good"] - {forbidden})]
+    assert good["status"].isin(["ok", "flagged"]).all()
+    assert list(good["sha256"]) == [archive["sha256"][u] for u in good.index]
+
+
+def test_unsupported_uris_in_a_manifest_are_error_rows(archive, tiny_models, ray_local, tmp_path):
+    import pandas as pd
+
+    good = sorted(archive["good"])[:2]
+    odd = ["http://pacs.example/1.jpg", "gs://bucket/2.png", "ftp://host/3.dcm"]
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"uri": good + odd}).to_parquet(manifest)
+    summary = score.run(_cfg(tiny_models, input=str(manifest), output=str(tmp_path / "scores")))
+    rows = read_scores(str(tmp_path / "scores")).to_pandas().set_index("uri")
+    assert summary["scored"] == 5 and rows.loc[good, "status"].isin(["ok", "flagged"]).all()
+    for uri in odd:
+        assert rows.loc[uri, "status"] == "error" and "unsupported URI scheme" in rows.loc[uri, "error"]
 
 
 def test_systemic_failures_exit_1_with_one_line(tiny_models, archive, ray_local, tmp_path, capsys):
@@ -218,3 +245,18 @@ def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
     assert rows.loc["s3://b/a-old.jpg", "screen_positive"] is None
     assert bool(rows.loc["s3://b/b-new.jpg", "screen_positive"]) is True
     assert set(rows["scored_date"]) == {"2026-11-26"}
+
+
+def test_a_store_that_refuses_most_objects_stops_the_job_naming_the_first(local_stack, archive, tiny_models,
+                                                                           ray_local, tmp_path, monkeypatch, capsys):
+    """Storage errors on most of a batch are the store, not the files: the job stops (exit 1)
+    with one line naming the first input and its error, and writes no rows for them."""
+    keys = {u.removeprefix("s3://") for u in archive["good"] | set(archive["bad"])}
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9, forbidden=keys) as proxy:
+        monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
+        out = tmp_path / "scores"
+        assert score.main(_cfg(tiny_models, input=archive["prefix"], output=str(out))) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "storage failed for" in err and "S3 403 Forbidden" in err
+    assert f"first s3://{BUCKET}/archive/" in err
+    assert len(read_scores(str(out))) == 0

@@ -17,7 +17,8 @@ import numpy as np
 import pydicom
 import pydicom.errors
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+import pydicom.multival
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.data.errors import BadImageError
 
@@ -111,6 +112,31 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def _first_number(value) -> float:
+    """A DICOM numeric tag's (first) value as a float; raises ValueError/TypeError if it is not one."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    return float(value)
+
+
+def _check_lut_tags(ds, uri: str) -> None:
+    """The rescale and window tags pydicom applies, checked first, so an odd header is named
+    ("DICOM WindowWidth is 0") instead of failing deep inside the LUT code."""
+    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if tag not in ds or ds[tag].value in (None, ""):
+            continue
+        try:
+            value = _first_number(ds[tag].value)
+        except (ValueError, TypeError, IndexError) as e:
+            raise BadImageError(uri, f"DICOM {tag} is not a number: {ds[tag].value!r}") from e
+        if not np.isfinite(value):
+            raise BadImageError(uri, f"DICOM {tag} is {value}")
+        if tag == "WindowWidth" and value <= 0:
+            raise BadImageError(uri, f"DICOM WindowWidth is {value:g}: no window can be applied")
+        if tag == "RescaleSlope" and value == 0:
+            raise BadImageError(uri, "DICOM RescaleSlope is 0: every pixel would be the same")
+
+
 def _decode_dicom(data: bytes, uri: str, limits: DecodeLimits, has_preamble: bool) -> np.ndarray:
     with warnings.catch_warnings():
         # pydicom warns about what it tolerates; we raise on what it cannot decode instead.
@@ -152,15 +178,18 @@ def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
         log.info("%s: %d frames, using the first", uri, frames)
         arr = arr[0]
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR") or arr.ndim == 3:
-        if photometric.startswith("YBR"):
-            arr = convert_color_space(arr, photometric, "RGB")
+        # pydicom's pixel_array already gives RGB for YBR data: converting again shifts colours.
         if arr.ndim != 3:
             raise BadImageError(uri, f"unsupported DICOM: photometric interpretation {photometric}")
         return np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("L"), dtype=np.uint8)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise BadImageError(uri, f"unsupported DICOM: photometric interpretation {photometric}")
-    pixels = apply_modality_lut(arr, ds)          # stored values -> e.g. rescaled units
-    pixels = apply_voi_lut(pixels, ds, index=0)    # window or VOI LUT, if the file has one
+    _check_lut_tags(ds, uri)
+    try:
+        pixels = apply_modality_lut(arr, ds)          # stored values -> e.g. rescaled units
+        pixels = apply_voi_lut(pixels, ds, index=0)    # window or VOI LUT, if the file has one
+    except Exception as e:  # noqa: BLE001 - pydicom's LUT code raises many types on odd headers
+        raise BadImageError(uri, f"DICOM LUT cannot be applied: {type(e).__name__}: {e}") from e
     out = _to_uint8(np.asarray(pixels, dtype=np.float32))
     if photometric == "MONOCHROME1":               # MONOCHROME1: high values are dark
         out = 255 - out

@@ -83,8 +83,13 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None, max_bytes: int | None
         raise BadImageError(uri, "not a regular file")
     if max_bytes is not None and info.size is not None and info.size > max_bytes:
         raise BadImageError(uri, f"file too large: {info.size:,} bytes > limit {max_bytes:,}")
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    # compression=None: bytes are read as bytes. pyarrow would otherwise decompress a file
+    # named *.gz / .bz2 / .lz4 / .zst transparently, past the size limit.
+    with fs.open_input_stream(path, compression=None) as stream:
+        data = stream.read(max_bytes + 1) if max_bytes is not None else stream.read()
+    if max_bytes is not None and len(data) > max_bytes:     # the listing's size was stale or missing
+        raise BadImageError(uri, f"file too large: more than the limit of {max_bytes:,} bytes")
+    return data
 
 
 def list_files(prefix: str, cfg: StorageConfig | None = None) -> list[str]:

@@ -5,6 +5,7 @@ before Ray starts); ``run_scoring`` streams the rest through Ray Data and summar
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -79,6 +80,26 @@ def check_writable(output: str, storage) -> None:
         raise SystemicFailure(f"output {output} is not writable: {e}") from e
 
 
+_CAUSE = re.compile(r"^\s*([A-Za-z_.]*(?:Error|Outage|Exception|Failure)): (.+)$")
+_RAY_WRAPPERS = ("RayTaskError", "UserCodeException", "RayActorError", "ray.exceptions")
+
+
+def pipeline_reason(error: BaseException) -> str:
+    """The cause of a failed Ray Data pipeline in one line: the innermost ``Type: message``
+    line of the chained errors that is not one of Ray's wrappers (Ray's own last line is a hint
+    about retry settings)."""
+    found = None
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        for line in str(chain).splitlines():
+            match = _CAUSE.match(line)
+            if match and not match.group(1).startswith(_RAY_WRAPPERS):
+                found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+        chain = chain.__cause__ or chain.__context__
+    return (found or str(error).strip().splitlines()[-1])[:400]
+
+
 @dataclass(frozen=True)
 class ScoringPlan:
     cfg: ScoreConfig
@@ -131,7 +152,8 @@ def run_scoring(plan: ScoringPlan) -> dict:
         ds = ray.data.from_items([{"uri": u} for u in plan.inputs])
         ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
                             fn_kwargs={"sizes": plan.sizes, "fill": plan.fill, "skip": plan.skip,
-                                       "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage},
+                                       "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage,
+                                       "max_unreadable_share": cfg.max_unreadable_share},
                             compute=TaskPoolStrategy(size=decode_tasks))
         ds = ds.map_batches(
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
@@ -149,7 +171,7 @@ def run_scoring(plan: ScoringPlan) -> dict:
         except Exception as e:  # a task failed beyond Ray's retries: storage down, a model that cannot run
             # Parts committed so far stay valid; the next run scores only what is missing.
             raise SystemicFailure(f"pipeline failed (committed parts are kept; rerun to resume): "
-                                  f"{str(e).strip().splitlines()[-1][:300]}") from e
+                                  f"{pipeline_reason(e)}") from e
     seconds = time.perf_counter() - started
     rows = read_scores(plan.output, storage, ["job_id", "status", "predicted_label", "screen_positive"]).to_pandas()
     mine = rows[rows["job_id"] == plan.job_id]
