@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mlflow_fail_fast() -> None:
+    """An unreachable tracking server fails a job in about 20 s, not MLflow's default 4 minutes
+    (7 retries, backoff factor 2, 120 s timeout). The environment still wins."""
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Batch jobs log to files: MLflow's download progress bars would only be noise there.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow_fail_fast()
     return importlib.import_module(module_name).main(cfg)
 
 

@@ -158,6 +158,34 @@ def test_systemic_failures_exit_1_with_one_line(tiny_models, archive, ray_local,
     blocker.write_text("not a folder")
     assert score.main(_cfg(tiny_models, input=archive["prefix"], output=str(blocker / "scores"))) == 1
     assert "not writable" in capsys.readouterr().err
+    # A missing bucket, a prefix with no object, an output inside the input: one line each.
+    for source, reason in ((f"s3://no-such-bucket-{os.getpid()}/x", "S3 bucket no-such-bucket"),
+                           (f"{archive['prefix']}-typo", "holds no object")):
+        assert score.main(_cfg(tiny_models, input=source, output=str(tmp_path / "b"))) == 1
+        err = capsys.readouterr().err.strip()
+        assert reason in err and "\n" not in err, err
+    (tmp_path / "in").mkdir()
+    assert score.main(_cfg(tiny_models, input=str(tmp_path / "in"), output=str(tmp_path / "in" / "scores"))) == 1
+    assert "is inside the input" in capsys.readouterr().err
+    # An empty folder is no work: a warning, exit 0.
+    assert score.main(_cfg(tiny_models, input=str(tmp_path / "in"), output=str(tmp_path / "c"))) == 0
+    assert "0 inputs" in capsys.readouterr().out
+
+
+def test_an_unreachable_tracking_server_fails_within_30_s(tiny_models, tmp_path, monkeypatch, capsys):
+    from infra.local.stack import free_port
+    from jobs.cli import main as cli
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "0")       # recorded, so what the job sets is undone after the test
+        monkeypatch.delenv(name)            # the job's own defaults, as in production
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    assert cli(["score", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                "--classifier", tiny_models["classifier"]]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cxr score: cannot resolve") and "\n" not in err
 
 
 

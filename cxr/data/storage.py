@@ -100,6 +100,10 @@ def list_files(prefix: str, cfg: StorageConfig | None = None) -> list[str]:
         return [to_uri(fs, path)]
     if info.type == pafs.FileType.NotFound and not is_s3(prefix):
         raise FileNotFoundError(f"input not found: {prefix}")
+    if is_s3(prefix):
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"S3 bucket {bucket} not found")
     selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
     files = [
         to_uri(fs, i.path)

@@ -15,7 +15,7 @@ from cxr import tracking
 from cxr.card import CardError, ModelCard
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
-from cxr.data.storage import absolute_uri, filesystem_for, list_files, write_bytes
+from cxr.data.storage import absolute_uri, filesystem_for, is_s3, list_files, write_bytes
 from cxr.scoring import AtomicParquetSink, ModelRef, ScoringPredictor, decode_batch, read_scores, scored_keys
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,19 @@ def resolve_models(tracking_uri: str, classifier_uri: str,
     return classifier, card, segmenter, seg_card
 
 
+def check_output_outside_input(output: str, source: str) -> None:
+    """Scores written inside the scored folder would be scored as input the next night."""
+    if source.endswith(".parquet"):
+        return
+    inside = output.rstrip("/") + "/"
+    if inside.startswith(source.rstrip("/") + "/"):
+        raise SystemicFailure(f"output {output} is inside the input {source}: the next run would score its own "
+                              "files; write the scores elsewhere")
+
+
 def list_inputs(cfg: ScoreConfig, storage) -> list[str]:
+    """The input URIs, once each. A missing input (a folder, an S3 bucket or a prefix with no
+    object) stops the job; an existing but empty folder is 0 inputs, with a warning."""
     source = absolute_uri(cfg.input)
     try:
         if source.endswith(".parquet"):
@@ -63,7 +75,11 @@ def list_inputs(cfg: ScoreConfig, storage) -> list[str]:
         else:
             uris = list_files(source, storage)
     except (OSError, FileNotFoundError) as e:
-        raise SystemicFailure(f"cannot list input {cfg.input}: {e}") from e
+        raise SystemicFailure(f"cannot list input {cfg.input}: {str(e).splitlines()[0]}") from e
+    if not uris and is_s3(source):
+        raise SystemicFailure(f"input {cfg.input} holds no object: check the bucket and the prefix")
+    if not uris:
+        log.warning("input %s is empty: nothing to score", cfg.input)
     unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
     if len(unique) < len(uris):
         log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
@@ -119,6 +135,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     output = absolute_uri(cfg.output)
     job_id = cfg.job_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     classifier, card, segmenter, seg_card = resolve_models(uri, cfg.classifier, cfg.segmenter)
+    check_output_outside_input(output, absolute_uri(cfg.input))
     check_writable(output, storage)
     inputs = list_inputs(cfg, storage)
     skip = scored_keys(output, segmenter, classifier, storage)
