@@ -100,7 +100,9 @@ def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
     df = table.to_pandas()
     same_segmenter = df["segmenter_version"].isna() if segmenter is None else df["segmenter_version"] == segmenter.version
     df = df[same_segmenter & (df["classifier_version"] == classifier.version)]
-    return {key(u, s) for u, s in zip(df["uri"], df["sha256"])}
+    # A row without sha256 (a file too large to read) reads back as NaN: its key must be "uri\t",
+    # as decode_batch makes it, or the input would come back on every run.
+    return {key(u, s if isinstance(s, str) else None) for u, s in zip(df["uri"], df["sha256"])}
 
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------

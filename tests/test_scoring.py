@@ -288,3 +288,26 @@ def test_a_store_that_refuses_most_objects_stops_the_job_naming_the_first(local_
     assert "\n" not in err and "storage failed for" in err and "S3 403 Forbidden" in err
     assert f"first s3://{BUCKET}/archive/" in err
     assert len(read_scores(str(out))) == 0
+
+
+def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
+    """A file too large to read has no sha256; its error row must still count as scored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxr.scoring import ModelRef, decode_batch, scored_keys, to_schema
+
+    big = str(sorted((sample_root / "covid").rglob("*.jpg"))[0])
+    seg = ModelRef("models:/s/1", "s", "1", None, None)
+    cls = ModelRef("models:/c/2", "c", "2", None, None)
+    first = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, set(), 100, None)
+    assert first["sha256"][0] is None and "file too large" in first["error"][0]
+    row = {f.name: [None] for f in SCHEMA}
+    row.update(uri=[big], status=["error"], error=[first["error"][0]], segmenter_version=["1"],
+               classifier_version=["2"], qc_flags=[[]])
+    (tmp_path / "scores" / "scored_date=2026-11-27").mkdir(parents=True)
+    pq.write_table(to_schema(pa.Table.from_pydict(row, schema=SCHEMA)),
+                   tmp_path / "scores" / "scored_date=2026-11-27" / "part-0.parquet")
+    skip = scored_keys(str(tmp_path / "scores"), seg, cls)
+    again = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, skip, 100, None)
+    assert len(again["uri"]) == 0
