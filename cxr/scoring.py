@@ -94,12 +94,14 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
 def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
                 storage: StorageConfig | None = None) -> set[str]:
     """Keys of the rows already committed for this pair of model versions (no segmenter: rows without one)."""
-    table = read_scores(output, storage, ["uri", "sha256", "segmenter_version", "classifier_version"])
+    table = read_scores(output, storage, ["uri", "sha256", "segmenter_version", "classifier_version", "error"])
     if table.num_rows == 0:
         return set()
     df = table.to_pandas()
     same_segmenter = df["segmenter_version"].isna() if segmenter is None else df["segmenter_version"] == segmenter.version
-    df = df[same_segmenter & (df["classifier_version"] == classifier.version)]
+    # An object the store could not give us is tried again next run: nothing is lost to a blip.
+    retried = df["error"].fillna("").str.startswith(STORAGE_ERRORS)
+    df = df[same_segmenter & (df["classifier_version"] == classifier.version) & ~retried]
     # A row without sha256 (a file too large to read) reads back as NaN: its key must be "uri\t",
     # as decode_batch makes it, or the input would come back on every run.
     return {key(u, s if isinstance(s, str) else None) for u, s in zip(df["uri"], df["sha256"])}
@@ -107,16 +109,20 @@ def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------
 
+STORAGE_ERRORS = ("S3 403 Forbidden", "storage error:")
+
+
 class StorageOutage(RuntimeError):
     """Most of a batch could not be read after the store's retries: the store, not the files."""
 
 
 def storage_reason(error: OSError) -> str:
-    """A person's reading of a storage error that is about one object."""
+    """A person's reading of a storage error that is about one object (it starts with one of
+    ``STORAGE_ERRORS``, so the next run tries that object again)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "ACCESS_DENIED" in text or "AccessDenied" in text or " 403" in text:
-        return f"S3 403 Forbidden (no permission to read this object): {text[:200]}"
-    return f"storage error: {type(error).__name__}: {text[:300]}"
+        return f"{STORAGE_ERRORS[0]} (no permission to read this object): {text[:200]}"
+    return f"{STORAGE_ERRORS[1]} {type(error).__name__}: {text[:300]}"
 
 
 def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fill: int, skip: set[str],

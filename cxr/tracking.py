@@ -237,7 +237,7 @@ def screen_signature() -> ModelSignature:
         col("string", "uri", True), col("string", "sha256"), col("string", "status", True), col("string", "error"),
         col(Array(DataType.string), "labels"), col(Array(DataType.double), "probabilities"),
         col("string", "predicted_label"), col("double", "covid_probability"), col("double", "covid_threshold"),
-        col("boolean", "screen_positive"), col("binary", "heatmap_png"), col("long", "heatmap_size", True),
+        col("boolean", "screen_positive"), col("binary", "heatmap_png"), col("long", "heatmap_size"),
         col("double", "lung_fraction"), col(Array(DataType.string), "qc_flags", True),
         col("string", "classifier", True), col("string", "segmenter")])
     inputs = Schema([col("string", "path"), col("binary", "image")])

@@ -311,3 +311,21 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     skip = scored_keys(str(tmp_path / "scores"), seg, cls)
     again = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, skip, 100, None)
     assert len(again["uri"]) == 0
+
+
+def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
+    """Unlike a bad file, an object the store did not give us (403, a blip after retries) is not
+    'scored': the next run reads it again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxr.scoring import ModelRef, scored_keys, to_schema
+
+    rows = {f.name: [None, None] for f in SCHEMA}
+    rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
+                error=["S3 403 Forbidden (no permission to read this object): ...", "empty file (0 bytes)"],
+                segmenter_version=["1"] * 2, classifier_version=["2"] * 2, qc_flags=[[], []])
+    (tmp_path / "scored_date=2026-11-27").mkdir()
+    pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
+    keys = scored_keys(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None))
+    assert keys == {"s3://b/broken.jpg\t" + "ab" * 32}
