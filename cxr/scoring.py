@@ -1,10 +1,12 @@
 """The Ray Data scoring pipeline: inputs -> bytes -> decoded, letterboxed images (CPU tasks) ->
 segment, mask, classify and Grad-CAM (one actor pool) -> Parquet, committed atomically.
 
-Exactly-once: a row's key is (uri, sha256) for a (segmenter version, classifier version) pair.
-A run first reads the keys already committed under the output and drops those inputs after
-hashing them, so a rerun scores nothing new and a run killed at any point, started again,
-fills exactly the gaps. Each write task commits one file: written under ``_tmp/`` and renamed
+Exactly-once: an input is (uri, source_size, source_mtime_ns), what a listing gives without
+opening it, scored once per (segmenter version, classifier version) pair. A run anti-joins its
+listing against those columns of the rows already committed (``new_work``), so a rerun reads
+no byte of what it scored, and a run killed at any point, started again, fills exactly the
+gaps. Rows written before version 3 have no listing columns: for them the old key, (uri,
+sha256) after reading the bytes, still applies (``legacy_keys``). Each write task commits one file: written under ``_tmp/`` and renamed
 into place on local disk, or one S3 PUT, which S3 makes visible only when complete. Readers
 (pyarrow datasets) ignore files whose names start with ``_``, so they never see a half-written part.
 """
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -34,7 +37,7 @@ from cxr.screen import letterbox_pair
 log = logging.getLogger(__name__)
 
 # Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 SCHEMA = pa.schema([
     ("uri", pa.string()), ("sha256", pa.string()),
     ("status", pa.string()),                     # ok | flagged | error
@@ -50,6 +53,7 @@ SCHEMA = pa.schema([
     ("classifier_run_id", pa.string()),
     ("preprocess_version", pa.string()), ("schema_version", pa.string()),
     ("job_id", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC")),
+    ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()),   # added in version 3
 ])
 TMP_DIR = "_tmp"
 PARTITION = pa.schema([("scored_date", pa.string())])
@@ -91,20 +95,54 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     return dataset.to_table(columns=columns)
 
 
+def _committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
+               storage: StorageConfig | None) -> pa.Table:
+    """The listing columns (and sha256) of the rows committed for this pair of model versions
+    that count as scored: every row but a storage error's, which the next run tries again.
+    Parquet is columnar, so the heatmaps are never read."""
+    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_version", "classifier_version", "error"]
+    table = read_scores(output, storage, columns)
+    if table.num_rows == 0:
+        return table
+    same_segmenter = (pc.is_null(table["segmenter_version"]) if segmenter is None
+                      else pc.equal(table["segmenter_version"], segmenter.version))
+    retried = pc.fill_null(pc.or_(*[pc.starts_with(table["error"], p) for p in STORAGE_ERRORS]), False)
+    keep = pc.and_(pc.and_(pc.fill_null(same_segmenter, False),
+                           pc.fill_null(pc.equal(table["classifier_version"], classifier.version), False)),
+                   pc.invert(retried))
+    return table.filter(keep)
+
+
+def new_work(listing: pa.Table, output: str, segmenter: ModelRef | None, classifier: ModelRef,
+             storage: StorageConfig | None = None) -> pa.Table:
+    """The listing rows (``ENTRY_SCHEMA``) not yet scored with these model versions: an
+    anti-join on (uri, source_size, source_mtime_ns), vectorised in Arrow. A changed file (new
+    size or time) is new work; nothing is read but the committed rows' listing columns."""
+    done = _committed(output, segmenter, classifier, storage)
+    if done.num_rows == 0:
+        return listing
+    keys = ["uri", "source_size", "source_mtime_ns"]
+    done = done.filter(pc.is_valid(done["source_size"])).select(keys)
+    return listing.join(done, keys=keys, join_type="left anti").sort_by("uri")
+
+
+def legacy_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
+                storage: StorageConfig | None = None) -> set[str]:
+    """(uri, sha256) keys of rows written before schema version 3 (no listing columns), for
+    the decode tasks to skip after hashing, as they did then. Empty for outputs written since."""
+    done = _committed(output, segmenter, classifier, storage)
+    if done.num_rows == 0:
+        return set()
+    old = done.filter(pc.is_null(done["source_size"]))
+    # A row without sha256 (a file too large to read) has the key "uri\t", as decode_batch makes it.
+    return {key(u, s) for u, s in zip(old["uri"].to_pylist(), old["sha256"].to_pylist())}
+
+
 def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
                 storage: StorageConfig | None = None) -> set[str]:
-    """Keys of the rows already committed for this pair of model versions (no segmenter: rows without one)."""
-    table = read_scores(output, storage, ["uri", "sha256", "segmenter_version", "classifier_version", "error"])
-    if table.num_rows == 0:
-        return set()
-    df = table.to_pandas()
-    same_segmenter = df["segmenter_version"].isna() if segmenter is None else df["segmenter_version"] == segmenter.version
-    # An object the store could not give us is tried again next run: nothing is lost to a blip.
-    retried = df["error"].fillna("").str.startswith(STORAGE_ERRORS)
-    df = df[same_segmenter & (df["classifier_version"] == classifier.version) & ~retried]
-    # A row without sha256 (a file too large to read) reads back as NaN: its key must be "uri\t",
-    # as decode_batch makes it, or the input would come back on every run.
-    return {key(u, s if isinstance(s, str) else None) for u, s in zip(df["uri"], df["sha256"])}
+    """(uri, sha256) keys of every row that counts as scored for this pair of model versions."""
+    done = _committed(output, segmenter, classifier, storage)
+    return {key(u, s) for u, s in zip(done["uri"].to_pylist(), done["sha256"].to_pylist())} if done.num_rows else set()
 
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------
@@ -139,10 +177,14 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     and writing no rows lets the next run score them.
     """
     limits = DecodeLimits(max_bytes=max_bytes)
-    out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": []}
+    out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": [],
+           "source_size": [], "source_mtime_ns": []}
     blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
     unreadable: list[tuple[str, str]] = []
-    for uri in batch["uri"]:
+    n_in = len(batch["uri"])
+    sizes_in = batch.get("source_size", np.full(n_in, -1, np.int64))
+    mtimes_in = batch.get("source_mtime_ns", np.zeros(n_in, np.int64))
+    for uri, size, mtime in zip(batch["uri"], sizes_in, mtimes_in):
         uri = str(uri)
         sha, error, images = None, None, blank
         try:
@@ -166,6 +208,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
         out["error"].append(error)
         out["image"].append(images[0])
         out["seg_image"].append(images[1])
+        out["source_size"].append(int(size))
+        out["source_mtime_ns"].append(int(mtime))
     if len(unreadable) >= 2 and len(unreadable) > max_unreadable_share * len(batch["uri"]):
         first_uri, first_error = unreadable[0]
         raise StorageOutage(f"storage failed for {len(unreadable)} of {len(batch['uri'])} inputs of a batch "
@@ -173,6 +217,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     n = len(out["uri"])
     columns = {"uri": np.array(out["uri"], dtype=object), "sha256": np.array(out["sha256"], dtype=object),
                "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),
+               "source_size": np.array(out["source_size"], np.int64),
+               "source_mtime_ns": np.array(out["source_mtime_ns"], np.int64),
                "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8)}
     if sizes[1]:
         columns["seg_image"] = np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)
@@ -221,6 +267,8 @@ class ScoringPredictor:
             "classifier_alias": [cls.alias] * n, "classifier_run_id": [cls.run_id] * n,
             "preprocess_version": [PREPROCESS_VERSION] * n, "schema_version": [SCHEMA_VERSION] * n,
             "job_id": [self.job_id] * n, "scored_at": [now] * n,
+            "source_size": [int(v) for v in batch["source_size"]],
+            "source_mtime_ns": [int(v) for v in batch["source_mtime_ns"]],
         }, schema=SCHEMA)
 
 

@@ -17,7 +17,8 @@ from jobs.runtime import init_ray
 
 def run(cfg: ScoreConfig) -> dict:
     plan = plan_scoring(cfg, load_platform())     # before Ray: a systemic fault stops the job at once
-    init_ray()
+    if plan.inputs.num_rows:                      # nothing new: Ray is not even started
+        init_ray()
     return run_scoring(plan)
 
 

@@ -22,6 +22,7 @@ class FlakyProxy:
         target = urlparse(upstream)
         counter = itertools.count(1)
         self.failed = 0
+        self.requests: list[tuple[str, str]] = []     # (method, path with query) of every request
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,6 +41,7 @@ class FlakyProxy:
 
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path))
                 if urlparse(self.path).path.lstrip("/") in forbidden:
                     return self._error(403, ACCESS_DENIED)
                 if next(counter) % fail_every == 0:

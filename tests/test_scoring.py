@@ -249,7 +249,7 @@ def test_a_uri_named_twice_is_scored_once(sample_root, tmp_path):
     files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:2]]
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"uri": files + files[:1]}).to_parquet(manifest)
-    assert list_inputs(ScoreConfig(input=str(manifest)), None) == files
+    assert list_inputs(ScoreConfig(input=str(manifest)), None).column("uri").to_pylist() == files
 
 
 def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
@@ -329,3 +329,28 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
     keys = scored_keys(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None))
     assert keys == {"s3://b/broken.jpg\t" + "ab" * 32}
+
+
+def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_models, sample_root, ray_local, tmp_path,
+                                                           monkeypatch):
+    """Through a proxy that records every request: the second run lists the prefix and reads
+    the committed rows' listing columns, but never GETs an image; a changed file (new bytes,
+    new size) is scored again."""
+    s3 = local_stack.s3_client()
+    keys = [f"meta/{p.name}" for p in _real_images(sample_root, 6)]
+    for k, p in zip(keys, _real_images(sample_root, 6)):
+        s3.put_object(Bucket=BUCKET, Key=k, Body=p.read_bytes())
+    out = str(tmp_path / "scores")
+    first = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
+    assert first["scored"] == 6
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9) as proxy:
+        monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
+        again = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
+        object_reads = [path for method, path in proxy.requests if method == "GET" and "/meta/" in path.split("?")[0]]
+        assert again["scored"] == 0 and again["skipped"] == 6 and object_reads == []
+        s3.put_object(Bucket=BUCKET, Key=keys[0], Body=_real_images(sample_root, 8)[-1].read_bytes())
+        changed = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
+    assert changed["scored"] == 1
+    rows = read_scores(out).to_pandas()
+    assert rows["source_size"].notna().all() and (rows["schema_version"] == "3").all()
+    assert len(rows[rows["uri"] == f"s3://{BUCKET}/{keys[0]}"]) == 2       # the old row is kept (history)

@@ -179,6 +179,7 @@ def write_manifest(df: pd.DataFrame, uri: str, storage: StorageConfig | None = N
     return table.schema.metadata[b"cxr.digest"].decode()
 
 
-def read_manifest(uri: str, storage: StorageConfig | None = None) -> pd.DataFrame:
+def read_manifest(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """A manifest as a DataFrame; with ``columns``, only those are read (Parquet is columnar)."""
     fs, path = filesystem_for(uri, storage)
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()

@@ -9,14 +9,17 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+
+import pyarrow as pa
 from datetime import datetime, timezone
 
 from cxr import tracking
 from cxr.card import CardError, ModelCard
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
-from cxr.data.storage import absolute_uri, filesystem_for, is_s3, list_files, write_bytes
-from cxr.scoring import AtomicParquetSink, ModelRef, ScoringPredictor, decode_batch, read_scores, scored_keys
+from cxr.data.storage import absolute_uri, filesystem_for, is_s3, list_entries, stat_entries, write_bytes
+from cxr.scoring import (AtomicParquetSink, ModelRef, ScoringPredictor, decode_batch, legacy_keys, new_work,
+                         read_scores)
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +68,29 @@ def check_output_outside_input(output: str, source: str) -> None:
                               "files; write the scores elsewhere")
 
 
-def list_inputs(cfg: ScoreConfig, storage) -> list[str]:
-    """The input URIs, once each. A missing input (a folder, an S3 bucket or a prefix with no
-    object) stops the job; an existing but empty folder is 0 inputs, with a warning."""
+def list_inputs(cfg: ScoreConfig, storage) -> pa.Table:
+    """The inputs, once each, with their size and modification time (``ENTRY_SCHEMA``), from
+    metadata only: a listing, or a manifest's ``uri`` column (plus one HEAD per object). A
+    missing input (a folder, an S3 bucket or a prefix with no object) stops the job; an
+    existing but empty folder is 0 inputs, with a warning."""
     source = absolute_uri(cfg.input)
     try:
         if source.endswith(".parquet"):
-            uris = read_manifest(source, storage)["uri"].dropna().astype(str).tolist()
+            uris = read_manifest(source, storage, columns=["uri"])["uri"].dropna().astype(str).tolist()
+            unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
+            if len(unique) < len(uris):
+                log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
+            entries = stat_entries(unique[:cfg.limit] if cfg.limit else unique, storage)
         else:
-            uris = list_files(source, storage)
+            entries = list_entries(source, storage)
+            entries = entries.slice(0, cfg.limit) if cfg.limit else entries
     except (OSError, FileNotFoundError) as e:
         raise SystemicFailure(f"cannot list input {cfg.input}: {str(e).splitlines()[0]}") from e
-    if not uris and is_s3(source):
+    if entries.num_rows == 0 and is_s3(source):
         raise SystemicFailure(f"input {cfg.input} holds no object: check the bucket and the prefix")
-    if not uris:
+    if entries.num_rows == 0:
         log.warning("input %s is empty: nothing to score", cfg.input)
-    unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
-    if len(unique) < len(uris):
-        log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
-    return unique[:cfg.limit] if cfg.limit else unique
+    return entries
 
 
 def check_writable(output: str, storage) -> None:
@@ -126,8 +133,9 @@ class ScoringPlan:
     segmenter: ModelRef | None
     sizes: tuple[int, int | None]
     fill: int
-    inputs: list[str]
-    skip: set[str]
+    listed: int             # inputs in the listing
+    inputs: pa.Table        # those not yet scored with these models (ENTRY_SCHEMA)
+    skip: set[str]          # (uri, sha256) keys of rows from before schema version 3
 
 
 def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
@@ -137,13 +145,14 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     classifier, card, segmenter, seg_card = resolve_models(uri, cfg.classifier, cfg.segmenter)
     check_output_outside_input(output, absolute_uri(cfg.input))
     check_writable(output, storage)
-    inputs = list_inputs(cfg, storage)
-    skip = scored_keys(output, segmenter, classifier, storage)
+    listing = list_inputs(cfg, storage)
+    inputs = new_work(listing, output, segmenter, classifier, storage)
+    skip = legacy_keys(output, segmenter, classifier, storage)
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
-    log.info("job %s: %d inputs, %d already scored with %s v%s%s", job_id, len(inputs), len(skip), classifier.name,
+    log.info("job %s: %d inputs, %d new for %s v%s%s", job_id, listing.num_rows, inputs.num_rows, classifier.name,
              classifier.version, f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
     return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
-                       inputs, skip)
+                       listing.num_rows, inputs, skip)
 
 
 def run_scoring(plan: ScoringPlan) -> dict:
@@ -160,13 +169,13 @@ def run_scoring(plan: ScoringPlan) -> dict:
     decode_tasks = cfg.decode_tasks or 2 * cfg.actors
     if decode_tasks == cfg.actors:
         decode_tasks += 1
-    if cfg.object_store_mb:
+    if plan.inputs.num_rows and cfg.object_store_mb:
         # Without a cap, decoding outruns the models and Ray Data lets decoded blocks queue up to
         # its share of the object store (650 MiB seen on 2 cores): memory grew with the run.
         options = ray.data.DataContext.get_current().execution_options
         options.resource_limits = ExecutionResources.for_limits(object_store_memory=cfg.object_store_mb * 2**20)
-    if plan.inputs:
-        ds = ray.data.from_items([{"uri": u} for u in plan.inputs])
+    if plan.inputs.num_rows:      # nothing new: no decode task, no model actor
+        ds = ray.data.from_items(plan.inputs.to_pylist())
         ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
                             fn_kwargs={"sizes": plan.sizes, "fill": plan.fill, "skip": plan.skip,
                                        "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage,
@@ -193,7 +202,7 @@ def run_scoring(plan: ScoringPlan) -> dict:
     rows = read_scores(plan.output, storage, ["job_id", "status", "predicted_label", "screen_positive"]).to_pandas()
     mine = rows[rows["job_id"] == plan.job_id]
     seg = plan.segmenter
-    return {"job_id": plan.job_id, "inputs": len(plan.inputs), "skipped": len(plan.inputs) - len(mine),
+    return {"job_id": plan.job_id, "inputs": plan.listed, "skipped": plan.listed - len(mine),
             "scored": len(mine), "by_status": mine["status"].value_counts().to_dict(),
             "by_label": mine["predicted_label"].value_counts().to_dict(),
             "screen_positive": int(mine["screen_positive"].eq(True).sum()),   # null: no threshold or an error
