@@ -8,8 +8,10 @@ with the letterbox and the lung mask into the one path from decoded image to mod
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:      # torch is imported where it runs, so the card and the scoring driver need none
+    import torch
 
 PREPROCESS_VERSION = "1"
 SEGMENTER_MEAN, SEGMENTER_STD = 0.5, 0.25
@@ -18,7 +20,7 @@ SEGMENTER_MEAN, SEGMENTER_STD = 0.5, 0.25
 CLASSIFIER_MEAN, CLASSIFIER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def segmenter_input(images_uint8: torch.Tensor) -> torch.Tensor:
+def segmenter_input(images_uint8: "torch.Tensor") -> "torch.Tensor":
     """(B, 1, H, W) uint8 letterboxed images -> normalised float32."""
     return (images_uint8.float() / 255.0 - SEGMENTER_MEAN) / SEGMENTER_STD
 
@@ -34,5 +36,7 @@ def classifier_input(images: torch.Tensor) -> torch.Tensor:
 def _classifier_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std as (1, 3, 1, 1) tensors, copied to each device once: a fresh copy per batch
     is a blocking host-to-device transfer, which stalls a training step on the GPU."""
+    import torch
+
     return (torch.tensor(CLASSIFIER_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(CLASSIFIER_STD, device=device).view(1, 3, 1, 1))

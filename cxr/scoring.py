@@ -30,9 +30,9 @@ from ray.data import Datasink
 
 from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError
+from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, filesystem_for, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
-from cxr.screen import letterbox_pair
 
 log = logging.getLogger(__name__)
 

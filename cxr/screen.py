@@ -21,7 +21,7 @@ import torch
 from cxr.card import Preprocessing
 from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError
-from cxr.data.letterbox import letterbox
+from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.masking import lung_masks, mask_lungs
 from cxr.package import Component
@@ -30,13 +30,6 @@ from cxr.preprocess import classifier_input, segmenter_input
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def letterbox_pair(gray: np.ndarray, sizes: tuple[int, int | None], fill: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The classifier's and (with a second size) the segmenter's letterboxed images: the CPU
-    half of ``Preprocess``, alone so that decode tasks, which hold no models, can run it."""
-    size, segmenter_size = sizes
-    return letterbox(gray, size, fill), (letterbox(gray, segmenter_size, fill) if segmenter_size else None)
 
 
 class Preprocess:

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -26,10 +26,15 @@ from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
-from torch import nn
 
 from cxr.card import INTENDED_USE, ModelCard
-from cxr.package import CARD, Component, check_safe
+
+if TYPE_CHECKING:        # torch and the model code load where models do, not in a planning driver
+    from torch import nn
+
+    from cxr.package import Component
+
+CARD = "card.json"       # cxr.package.CARD
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +342,8 @@ def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "ch
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
                                         tracking_uri=tracking_uri))
+        from cxr.package import check_safe
+
         check_safe(local, f"run {run_id} {artifact_path}/")
         return load_checkpoint(local, map_location)
 
@@ -349,12 +356,12 @@ def log_figures(tracking_uri: str, run_id: str, figures: dict, folder: str) -> N
         plt.close(figure)
 
 
-def load_card(tracking_uri: str, model_uri: str) -> ModelCard:
+def load_card(tracking_uri: str, model_uri: str, check_architecture: bool = True) -> ModelCard:
     """The validated model card of a registered version, without its weights."""
     version = resolve_version(tracking_uri, model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(artifact_uri=f"{version.source}/{CARD}", dst_path=tmp, tracking_uri=tracking_uri)
-        return ModelCard.from_json(Path(local).read_text())
+        return ModelCard.from_json(Path(local).read_text(), check_architecture)
 
 
 def metric_history(tracking_uri: str, run_id: str | None, keys: list[str]):

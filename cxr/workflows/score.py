@@ -43,7 +43,8 @@ def resolve_models(tracking_uri: str, classifier_uri: str,
     ``segmenter_uri``, for the lung-area quality signal only, or none)."""
     classifier = resolve(tracking_uri, classifier_uri)
     try:
-        card = tracking.load_card(tracking_uri, classifier.pinned_uri)
+        # The architecture is checked where the model is built (the actors): the driver imports no torch.
+        card = tracking.load_card(tracking_uri, classifier.pinned_uri, check_architecture=False)
     except CardError as e:
         raise SystemicFailure(f"{classifier.pinned_uri}: {e}") from e
     prep = card.preprocessing
@@ -54,7 +55,7 @@ def resolve_models(tracking_uri: str, classifier_uri: str,
                      prep.segmenter_uri, segmenter_uri)
     else:
         segmenter = resolve(tracking_uri, segmenter_uri) if segmenter_uri else None
-    seg_card = tracking.load_card(tracking_uri, segmenter.pinned_uri) if segmenter else None
+    seg_card = tracking.load_card(tracking_uri, segmenter.pinned_uri, check_architecture=False) if segmenter else None
     return classifier, card, segmenter, seg_card
 
 
