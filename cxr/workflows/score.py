@@ -157,7 +157,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
 
 
 def run_scoring(plan: ScoringPlan) -> dict:
-    """Score the plan's inputs (Ray must be up); returns the summary of this job's rows."""
+    """Score the plan's new inputs (Ray must be up if there are any); returns the summary of this job's rows."""
     import ray
     from ray.data import ActorPoolStrategy, ExecutionResources, TaskPoolStrategy
 
