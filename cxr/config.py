@@ -226,7 +226,8 @@ class ScoreConfig:
     max_unreadable_share: float = option(
         0.5, "stop the job when storage errors (after retries) hit more than this share of a decode batch of "
              "16 (and at least 2 inputs): the store is failing, not the files; below it, each is an error row")
-    limit: int | None = option(None, "score at most this many inputs (quick runs)")
+    limit: int | None = option(None, "score at most this many new inputs in this run (quick runs, or a backlog "
+                                     "worked through night by night)")
     job_id: str | None = option(None, "job id recorded in every row (default: a new one)")
 
 

@@ -100,7 +100,8 @@ def _committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
     """The listing columns (and sha256) of the rows committed for this pair of model versions
     that count as scored: every row but a storage error's, which the next run tries again.
     Parquet is columnar, so the heatmaps are never read."""
-    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_version", "classifier_version", "error"]
+    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_version", "classifier_version", "error",
+               "scored_at"]
     table = read_scores(output, storage, columns)
     if table.num_rows == 0:
         return table
@@ -122,8 +123,17 @@ def new_work(listing: pa.Table, output: str, segmenter: ModelRef | None, classif
     if done.num_rows == 0:
         return listing
     keys = ["uri", "source_size", "source_mtime_ns"]
-    done = done.filter(pc.is_valid(done["source_size"])).select(keys)
-    return listing.join(done, keys=keys, join_type="left anti").sort_by("uri")
+    new = listing.join(done.filter(pc.is_valid(done["source_size"])).select(keys), keys=keys, join_type="left anti")
+    # Rows from before version 3 have no listing columns: their input counts as done when it
+    # was last modified before it was scored (then the bytes scored are the bytes there now).
+    legacy = done.filter(pc.is_null(done["source_size"])).select(["uri", "scored_at"])
+    if legacy.num_rows and new.num_rows:
+        legacy = legacy.group_by("uri").aggregate([("scored_at", "max")]).rename_columns(["uri", "scored_at"])
+        matched = new.join(legacy, keys="uri", join_type="inner")
+        scored_ns = pc.multiply(pc.cast(pc.cast(matched["scored_at"], pa.timestamp("ms")), pa.int64()), 1_000_000)
+        unchanged = matched.filter(pc.less_equal(matched["source_mtime_ns"], scored_ns)).select(["uri"])
+        new = new.join(unchanged, keys="uri", join_type="left anti")
+    return new.sort_by("uri")
 
 
 def legacy_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
@@ -197,7 +207,10 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
             error = e.reason
         except OSError as e:
             error = storage_reason(e)
-            unreadable.append((uri, error))
+            if is_s3(uri) and not error.startswith(STORAGE_ERRORS[0]):
+                # Only what says "the store is failing" counts towards an outage: a 403 is this
+                # object's, and a local errno is this file's.
+                unreadable.append((uri, error))
         except Exception as e:  # noqa: BLE001 - per-input isolation: one input never stops the night
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else 'no message'}"
         if error and sha is None and key(uri, None) in skip:

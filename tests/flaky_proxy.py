@@ -1,7 +1,7 @@
 """An HTTP proxy in front of the loopback S3 server that fails every Nth request with a 503
 SlowDown, as an overloaded object store does (the client's own retries must absorb it), and
 answers 403 AccessDenied for the keys in ``forbidden``, as a store does for an object the job
-may not read."""
+may not read, and 503 for every request to the keys in ``down``, as a failing store does."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDeni
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str, fail_every: int = 3, forbidden: set[str] = frozenset()):
+    def __init__(self, upstream: str, fail_every: int = 3, forbidden: set[str] = frozenset(),
+                 down: set[str] = frozenset()):
         target = urlparse(upstream)
         counter = itertools.count(1)
         self.failed = 0
@@ -44,6 +45,8 @@ class FlakyProxy:
                 proxy.requests.append((self.command, self.path))
                 if urlparse(self.path).path.lstrip("/") in forbidden:
                     return self._error(403, ACCESS_DENIED)
+                if urlparse(self.path).path.lstrip("/") in down:       # a store failing for these, always
+                    return self._error(503, SLOW_DOWN)
                 if next(counter) % fail_every == 0:
                     proxy.failed += 1
                     return self._error(503, SLOW_DOWN)

@@ -18,6 +18,7 @@ from cxr.config import REPO_ROOT, ReportConfig, ScoreConfig, load_platform
 from cxr.scoring import SCHEMA, read_scores
 from cxr.workflows.score import list_inputs
 from jobs import report, score
+from tests.conftest import platform_file
 from tests.flaky_proxy import FlakyProxy
 from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_jpeg_bytes
 
@@ -275,17 +276,18 @@ def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
     assert set(rows["scored_date"]) == {"2026-11-26"}
 
 
-def test_a_store_that_refuses_most_objects_stops_the_job_naming_the_first(local_stack, archive, tiny_models,
-                                                                           ray_local, tmp_path, monkeypatch, capsys):
-    """Storage errors on most of a batch are the store, not the files: the job stops (exit 1)
-    with one line naming the first input and its error, and writes no rows for them."""
+def test_a_failing_store_stops_the_job_naming_the_first_input(local_stack, archive, tiny_models,
+                                                               ray_local, tmp_path, monkeypatch, capsys):
+    """Storage errors after retries on most of a batch are the store, not the files: the job
+    stops (exit 1) with one line naming the first input and its error, and writes no rows."""
     keys = {u.removeprefix("s3://") for u in archive["good"] | set(archive["bad"])}
-    with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9, forbidden=keys) as proxy:
+    monkeypatch.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path, storage={"max_attempts": 2})))
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9, down=keys) as proxy:
         monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
         out = tmp_path / "scores"
         assert score.main(_cfg(tiny_models, input=archive["prefix"], output=str(out))) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "storage failed for" in err and "S3 403 Forbidden" in err
+    assert "\n" not in err and "storage failed for" in err and "storage error:" in err
     assert f"first s3://{BUCKET}/archive/" in err
     assert len(read_scores(str(out))) == 0
 
@@ -354,3 +356,53 @@ def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_mode
     rows = read_scores(out).to_pandas()
     assert rows["source_size"].notna().all() and (rows["schema_version"] == "3").all()
     assert len(rows[rows["uri"] == f"s3://{BUCKET}/{keys[0]}"]) == 2       # the old row is kept (history)
+
+
+def test_a_manifest_listing_never_fails_on_one_uri(tmp_path, sample_root):
+    """One path the filesystem will not describe, a file:// URI, an unsupported scheme: each
+    gets its own entry, the listing goes on."""
+    from cxr.data.storage import stat_entries
+
+    real = sorted((sample_root / "covid").rglob("*.jpg"))[0]
+    too_long = str(tmp_path / ("x" * 300) / "a.jpg")
+    entries = stat_entries([str(real), too_long, f"file://{real}", "gs://b/k.png"]).to_pydict()
+    assert entries["source_size"] == [real.stat().st_size, -1, real.stat().st_size, -1]
+    assert entries["source_mtime_ns"][2] == real.stat().st_mtime_ns
+
+
+def test_local_read_errors_are_rows_not_an_outage(tmp_path):
+    """An errno on a local file is that file's; only store-wide failures count towards stopping."""
+    from cxr.scoring import decode_batch
+
+    uris = [str(tmp_path / ("x" * 300) / f"{i}.jpg") for i in range(3)]
+    out = decode_batch({"uri": np.array(uris, dtype=object)}, (64, 64), 128, set(), 10**6, None)
+    assert list(out["status"]) == ["error"] * 3
+
+
+def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tmp_path, sample_root):
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxr.data.storage import list_entries
+    from cxr.scoring import ModelRef, new_work, to_schema
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for p in sorted((sample_root / "covid").rglob("*.jpg"))[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    listing = list_entries(str(folder))
+    uris = listing.column("uri").to_pylist()
+    rows = {f.name: [None, None] for f in SCHEMA}
+    rows.update(uri=uris, status=["ok"] * 2, segmenter_version=["1"] * 2, classifier_version=["2"] * 2,
+                qc_flags=[[], []], schema_version=["2"] * 2,
+                scored_at=[dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)] * 2)   # scored after the copy
+    (tmp_path / "scores" / "scored_date=2026-11-26").mkdir(parents=True)
+    pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)),
+                   tmp_path / "scores" / "scored_date=2026-11-26" / "p.parquet")
+    seg, cls = ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)
+    assert new_work(listing, str(tmp_path / "scores"), seg, cls).num_rows == 0
+    later = time.time() + 60                        # one file modified after it was scored
+    os.utime(uris[0], (later, later))
+    assert new_work(list_entries(str(folder)), str(tmp_path / "scores"), seg, cls).column("uri").to_pylist() == uris[:1]

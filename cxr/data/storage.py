@@ -119,26 +119,39 @@ def list_entries(prefix: str, cfg: StorageConfig | None = None) -> pa.Table:
 
 def stat_entries(uris: list[str], cfg: StorageConfig | None = None, chunk: int = 1000) -> pa.Table:
     """``ENTRY_SCHEMA`` rows for the URIs of a manifest, in order, from metadata only (one
-    HEAD per S3 object, batched by pyarrow). A URI that is not there, or whose scheme the
-    storage layer cannot read, gets size -1 and time 0 (scoring makes it an error row, and the
-    same answer next run counts as already scored)."""
+    HEAD per S3 object, batched by pyarrow). A URI that is not there, that the store refuses
+    to describe, or whose scheme the storage layer cannot read gets size -1 and time 0: scoring
+    then reads it and makes the real reason its error row. No one URI fails the listing."""
     sizes: list[int] = [MISSING_SIZE] * len(uris)
     mtimes: list[int] = [0] * len(uris)
     groups: dict[bool, list[int]] = {True: [], False: []}
     for i, uri in enumerate(uris):
-        if "://" not in uri or is_s3(uri):
-            groups[is_s3(uri)].append(i)
+        try:
+            filesystem_for(uri, cfg)
+        except ValueError:            # an unsupported scheme: stays -1 / 0
+            continue
+        groups[is_s3(uri)].append(i)
     for s3, indices in groups.items():
         if not indices:
             continue
         fs, _ = filesystem_for(uris[indices[0]], cfg)
         for start in range(0, len(indices), chunk):
             part = indices[start:start + chunk]
-            for i, info in zip(part, fs.get_file_info([filesystem_for(uris[j], cfg)[1] for j in part])):
-                found = info.type == pafs.FileType.File
-                sizes[i] = info.size if found else MISSING_SIZE
-                mtimes[i] = (info.mtime_ns or 0) if found else 0
+            try:
+                infos = fs.get_file_info([filesystem_for(uris[j], cfg)[1] for j in part])
+            except OSError:           # one path the store will not describe fails the whole call
+                infos = [_info_or_none(fs, filesystem_for(uris[j], cfg)[1]) for j in part]
+            for i, info in zip(part, infos):
+                if info is not None and info.type == pafs.FileType.File:
+                    sizes[i], mtimes[i] = info.size, info.mtime_ns or 0
     return pa.Table.from_pydict({"uri": uris, "source_size": sizes, "source_mtime_ns": mtimes}, schema=ENTRY_SCHEMA)
+
+
+def _info_or_none(fs: pafs.FileSystem, path: str) -> pafs.FileInfo | None:
+    try:
+        return fs.get_file_info(path)
+    except OSError:
+        return None
 
 
 def _entries(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> pa.Table:

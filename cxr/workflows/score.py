@@ -81,13 +81,12 @@ def list_inputs(cfg: ScoreConfig, storage) -> pa.Table:
             unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
             if len(unique) < len(uris):
                 log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
-            entries = stat_entries(unique[:cfg.limit] if cfg.limit else unique, storage)
+            entries = stat_entries(unique, storage)
         else:
             entries = list_entries(source, storage)
-            entries = entries.slice(0, cfg.limit) if cfg.limit else entries
     except (OSError, FileNotFoundError) as e:
         raise SystemicFailure(f"cannot list input {cfg.input}: {str(e).splitlines()[0]}") from e
-    if entries.num_rows == 0 and is_s3(source):
+    if entries.num_rows == 0 and is_s3(source) and not source.endswith(".parquet"):
         raise SystemicFailure(f"input {cfg.input} holds no object: check the bucket and the prefix")
     if entries.num_rows == 0:
         log.warning("input %s is empty: nothing to score", cfg.input)
@@ -121,7 +120,8 @@ def pipeline_reason(error: BaseException) -> str:
             if match and not match.group(1).startswith(_RAY_WRAPPERS):
                 found = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
         chain = chain.__cause__ or chain.__context__
-    return (found or str(error).strip().splitlines()[-1])[:400]
+    lines = str(error).strip().splitlines()
+    return (found or (lines[-1] if lines else type(error).__name__))[:400]
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,8 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     check_writable(output, storage)
     listing = list_inputs(cfg, storage)
     inputs = new_work(listing, output, segmenter, classifier, storage)
+    if cfg.limit:                 # at most this many new inputs per run: a limited run still progresses
+        inputs = inputs.slice(0, cfg.limit)
     skip = legacy_keys(output, segmenter, classifier, storage)
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
     log.info("job %s: %d inputs, %d new for %s v%s%s", job_id, listing.num_rows, inputs.num_rows, classifier.name,
