@@ -95,11 +95,12 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     return dataset.to_table(columns=columns)
 
 
-def _committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
-               storage: StorageConfig | None) -> pa.Table:
+def committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
+              storage: StorageConfig | None = None) -> pa.Table:
     """The listing columns (and sha256) of the rows committed for this pair of model versions
     that count as scored: every row but a storage error's, which the next run tries again.
-    Parquet is columnar, so the heatmaps are never read."""
+    Parquet is columnar, so the heatmaps are never read. Read once per run, for ``new_work``
+    and ``legacy_keys`` both."""
     columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_version", "classifier_version", "error",
                "scored_at"]
     table = read_scores(output, storage, columns)
@@ -114,12 +115,10 @@ def _committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
     return table.filter(keep)
 
 
-def new_work(listing: pa.Table, output: str, segmenter: ModelRef | None, classifier: ModelRef,
-             storage: StorageConfig | None = None) -> pa.Table:
-    """The listing rows (``ENTRY_SCHEMA``) not yet scored with these model versions: an
-    anti-join on (uri, source_size, source_mtime_ns), vectorised in Arrow. A changed file (new
-    size or time) is new work; nothing is read but the committed rows' listing columns."""
-    done = _committed(output, segmenter, classifier, storage)
+def new_work(listing: pa.Table, done: pa.Table) -> pa.Table:
+    """The listing rows (``ENTRY_SCHEMA``) not among ``done`` (``committed``): an anti-join on
+    (uri, source_size, source_mtime_ns), vectorised in Arrow. A changed file (new size or
+    time) is new work."""
     if done.num_rows == 0:
         return listing
     keys = ["uri", "source_size", "source_mtime_ns"]
@@ -136,23 +135,15 @@ def new_work(listing: pa.Table, output: str, segmenter: ModelRef | None, classif
     return new.sort_by("uri")
 
 
-def legacy_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
-                storage: StorageConfig | None = None) -> set[str]:
-    """(uri, sha256) keys of rows written before schema version 3 (no listing columns), for
-    the decode tasks to skip after hashing, as they did then. Empty for outputs written since."""
-    done = _committed(output, segmenter, classifier, storage)
+def legacy_keys(done: pa.Table) -> set[str]:
+    """(uri, sha256) keys of the ``committed`` rows written before schema version 3 (no listing
+    columns), for the decode tasks to skip after hashing, as they did then. Empty for outputs
+    written since."""
     if done.num_rows == 0:
         return set()
     old = done.filter(pc.is_null(done["source_size"]))
     # A row without sha256 (a file too large to read) has the key "uri\t", as decode_batch makes it.
     return {key(u, s) for u, s in zip(old["uri"].to_pylist(), old["sha256"].to_pylist())}
-
-
-def scored_keys(output: str, segmenter: ModelRef | None, classifier: ModelRef,
-                storage: StorageConfig | None = None) -> set[str]:
-    """(uri, sha256) keys of every row that counts as scored for this pair of model versions."""
-    done = _committed(output, segmenter, classifier, storage)
-    return {key(u, s) for u, s in zip(done["uri"].to_pylist(), done["sha256"].to_pylist())} if done.num_rows else set()
 
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------

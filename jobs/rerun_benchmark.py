@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from cxr.config import ScoreConfig
 from cxr.data.storage import ENTRY_SCHEMA, list_files
-from cxr.scoring import SCHEMA, ModelRef, new_work
+from cxr.scoring import SCHEMA, ModelRef, committed, new_work
 
 # cxr.workflows.benchmark (and torch with it) is imported where used: the decision's memory is
 # measured in a process that imports only what the scoring driver does.
@@ -76,8 +76,8 @@ def decide(n: int, out: str) -> None:
                         "source_mtime_ns": pa.array([1_700_000_000_000_000_000] * (n + extra), pa.int64())},
                        schema=ENTRY_SCHEMA)
     listed = time.perf_counter()
-    new = new_work(listing, str(Path(out) / "synthetic-scores"), ModelRef("", "s", "1", None, None),
-                   ModelRef("", "c", "2", None, None))
+    new = new_work(listing, committed(str(Path(out) / "synthetic-scores"), ModelRef("", "s", "1", None, None),
+                                      ModelRef("", "c", "2", None, None)))
     done = time.perf_counter()
     assert new.num_rows == extra, (new.num_rows, extra)
     print(json.dumps({"committed": n, "listed": n + extra, "new": new.num_rows,

@@ -297,7 +297,7 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxr.scoring import ModelRef, decode_batch, scored_keys, to_schema
+    from cxr.scoring import ModelRef, committed, decode_batch, legacy_keys, to_schema
 
     big = str(sorted((sample_root / "covid").rglob("*.jpg"))[0])
     seg = ModelRef("models:/s/1", "s", "1", None, None)
@@ -310,7 +310,7 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     (tmp_path / "scores" / "scored_date=2026-11-27").mkdir(parents=True)
     pq.write_table(to_schema(pa.Table.from_pydict(row, schema=SCHEMA)),
                    tmp_path / "scores" / "scored_date=2026-11-27" / "part-0.parquet")
-    skip = scored_keys(str(tmp_path / "scores"), seg, cls)
+    skip = legacy_keys(committed(str(tmp_path / "scores"), seg, cls))
     again = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, skip, 100, None)
     assert len(again["uri"]) == 0
 
@@ -321,7 +321,7 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxr.scoring import ModelRef, scored_keys, to_schema
+    from cxr.scoring import ModelRef, committed, legacy_keys, to_schema
 
     rows = {f.name: [None, None] for f in SCHEMA}
     rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
@@ -329,7 +329,7 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
                 segmenter_version=["1"] * 2, classifier_version=["2"] * 2, qc_flags=[[], []])
     (tmp_path / "scored_date=2026-11-27").mkdir()
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
-    keys = scored_keys(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None))
+    keys = legacy_keys(committed(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)))
     assert keys == {"s3://b/broken.jpg\t" + "ab" * 32}
 
 
@@ -386,7 +386,7 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     import pyarrow.parquet as pq
 
     from cxr.data.storage import list_entries
-    from cxr.scoring import ModelRef, new_work, to_schema
+    from cxr.scoring import ModelRef, committed, new_work, to_schema
 
     folder = tmp_path / "archive"
     folder.mkdir()
@@ -402,7 +402,8 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)),
                    tmp_path / "scores" / "scored_date=2026-11-26" / "p.parquet")
     seg, cls = ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)
-    assert new_work(listing, str(tmp_path / "scores"), seg, cls).num_rows == 0
+    assert new_work(listing, committed(str(tmp_path / "scores"), seg, cls)).num_rows == 0
     later = time.time() + 60                        # one file modified after it was scored
     os.utime(uris[0], (later, later))
-    assert new_work(list_entries(str(folder)), str(tmp_path / "scores"), seg, cls).column("uri").to_pylist() == uris[:1]
+    assert new_work(list_entries(str(folder)), committed(str(tmp_path / "scores"), seg, cls)).column("uri").to_pylist() \
+        == uris[:1]

@@ -18,7 +18,7 @@ from cxr.card import CardError, ModelCard
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
 from cxr.data.storage import absolute_uri, filesystem_for, is_s3, list_entries, stat_entries, write_bytes
-from cxr.scoring import (AtomicParquetSink, ModelRef, ScoringPredictor, decode_batch, legacy_keys, new_work,
+from cxr.scoring import (AtomicParquetSink, ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work,
                          read_scores)
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,11 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     check_output_outside_input(output, absolute_uri(cfg.input))
     check_writable(output, storage)
     listing = list_inputs(cfg, storage)
-    inputs = new_work(listing, output, segmenter, classifier, storage)
+    done = committed(output, segmenter, classifier, storage)
+    inputs = new_work(listing, done)
     if cfg.limit:                 # at most this many new inputs per run: a limited run still progresses
         inputs = inputs.slice(0, cfg.limit)
-    skip = legacy_keys(output, segmenter, classifier, storage)
+    skip = legacy_keys(done)
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
     log.info("job %s: %d inputs, %d new for %s v%s%s", job_id, listing.num_rows, inputs.num_rows, classifier.name,
              classifier.version, f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
