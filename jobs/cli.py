@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_for(args: argparse.Namespace):
+    """The job config that parsed ``cxr COMMAND ...`` arguments resolve to (defaults < --config < flags)."""
+    cls = COMMANDS[args.command][0]
+    return load_config(cls, args.config, {f.name: getattr(args, f.name) for f in config_fields(cls)})
+
+
 def mlflow_fail_fast() -> None:
     """An unreachable tracking server fails a job in about 20 s, not MLflow's default 4 minutes
     (7 retries, backoff factor 2, 120 s timeout). The environment still wins."""
@@ -99,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    cls, module_name, _ = COMMANDS[args.command]
-    overrides = {f.name: getattr(args, f.name) for f in config_fields(cls)}
+    _, module_name, _ = COMMANDS[args.command]
     try:
-        cfg = load_config(cls, args.config, overrides)
+        cfg = config_for(args)
     except (ValueError, OSError) as e:
         parser.exit(2, f"cxr {args.command}: {e}\n")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

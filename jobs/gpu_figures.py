@@ -35,14 +35,14 @@ import torch
 import yaml
 
 from cxr.ablation import run_ablation
-from cxr.config import (CONFIG_DIR, AblationConfig, BenchmarkConfig, FinetuneConfig, PrepareDataConfig, PretrainConfig,
-                        SegmenterTrainConfig, TrainBenchmarkConfig, load_config, load_platform)
+from cxr.config import (CONFIG_DIR, FinetuneConfig, PrepareDataConfig, PretrainConfig, SegmenterTrainConfig, load_config,
+                        load_platform)
 from cxr.workflows.benchmark import (benchmark_inputs, benchmark_naive, benchmark_pipeline, benchmark_record,
                                      benchmark_training)
 from cxr.workflows.classifier import finetune, pretrain
 from cxr.workflows.data import prepare_manifests
 from cxr.workflows.segmenter import train_segmenter
-from jobs.cli import build_parser
+from jobs.cli import build_parser, config_for
 from jobs.runtime import init_ray
 
 PRESETS = CONFIG_DIR / "presets"
@@ -66,10 +66,9 @@ def finished(out: Path) -> dict[str, dict]:
     return {f["step"]: f for f in json.loads(path.read_text())} if path.exists() else {}
 
 
-def flags_to_config(cls: type, command: str, flags: list[str]):
-    """A job config from command-line flags, as ``cxr COMMAND FLAGS`` would resolve it."""
-    args = build_parser().parse_args([command, *flags])
-    return load_config(cls, None, {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")})
+def flags_to_config(command: str, flags: list[str]):
+    """A job config from command-line flags, as ``cxr COMMAND FLAGS`` resolves it."""
+    return config_for(build_parser().parse_args([command, *flags]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         flags += (["--model", "resnet18-tiny", "--image-size", "64", "--steps", "3", "--warmup-steps", "1"] if args.smoke
                   else ["--use-gpu", *(["--compile"] if i == 0 else [])])
         if step not in done:
-            record(out, step, benchmark_training(flags_to_config(TrainBenchmarkConfig, "benchmark-train", flags)), t)
+            record(out, step, benchmark_training(flags_to_config("benchmark-train", flags)), t)
 
     t = time.perf_counter()
     if "prepare-data" not in done:
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
              "--classifier", cls_uri, "--input", f"{args.manifests}/tasks/dataset2-4class.parquet", "--out", str(bench_out)]
     flags += ["--batch-size", "16", "--naive-images", "8"] if args.smoke else ["--use-gpu", *args.score_args.split()]
     if "benchmark" not in done:
-        bench = flags_to_config(BenchmarkConfig, "benchmark", flags)
+        bench = flags_to_config("benchmark", flags)
         uris = benchmark_inputs(bench, platform)
         result = {**benchmark_record(bench, uris), "pipeline": benchmark_pipeline(bench, platform, init_ray)}
         if bench.naive_images:
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         record(out, "benchmark", result, t)
 
     t = time.perf_counter()
-    run_ablation(flags_to_config(AblationConfig, "ablation", [
+    run_ablation(flags_to_config("ablation", [
         "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
         "--variants", args.variants, "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")]),
         platform)
