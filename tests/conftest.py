@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,16 @@ def platform_file(folder: Path, **changes) -> Path:
     path = Path(folder) / "mlflow.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@contextlib.contextmanager
+def own_platform(folder: Path, tag: str) -> Iterator[dict[str, str]]:
+    """$CXR_PLATFORM_CONFIG pointing at an mlflow.yaml with registered-model names of their own
+    (``unique_models(tag)``), for jobs that read the platform; yields the names."""
+    names = unique_models(tag)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(folder, registered_models=names)))
+        yield names
 
 
 def unique_models(tag: str) -> dict[str, str]:

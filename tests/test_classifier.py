@@ -25,7 +25,7 @@ from cxr.models.classifier import freeze_batchnorm, load_matching, read_state_fi
 from cxr.train.classifier import class_weights
 from cxr.train.classifier_data import task_rows
 from jobs import evaluate, finetune, pretrain, tune
-from tests.conftest import platform_file, unique_models
+from tests.conftest import own_platform
 
 
 def test_registry_has_classifier_and_twin():
@@ -140,10 +140,7 @@ TINY = dict(model="resnet18-tiny", image_size=64, batch_size=8, num_workers=2, l
 @pytest.fixture(scope="module", autouse=True)
 def own_names(tmp_path_factory):
     """This module's jobs register under names of their own (no test reads another's versions)."""
-    names = unique_models("cls")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path_factory.mktemp("platform"),
-                                                           registered_models=names)))
+    with own_platform(tmp_path_factory.mktemp("platform"), "cls") as names:
         yield names
 
 

@@ -22,7 +22,7 @@ from cxr.scoring import read_scores
 from cxr.workflows.screen import register_screen
 from infra.local.stack import LocalStack
 from jobs import evaluate, export_model, import_model, score
-from tests.conftest import platform_file, unique_models
+from tests.conftest import own_platform
 
 
 def _images(sample_root, n: int = 6) -> list[str]:
@@ -32,10 +32,7 @@ def _images(sample_root, n: int = 6) -> list[str]:
 
 @pytest.fixture(scope="module")
 def names(tmp_path_factory, local_stack):
-    names = unique_models("screen")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path_factory.mktemp("platform"),
-                                                           registered_models=names)))
+    with own_platform(tmp_path_factory.mktemp("platform"), "screen") as names:
         yield names
 
 

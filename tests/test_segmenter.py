@@ -14,7 +14,7 @@ from cxr.models import build_model, model_names
 from cxr.segmentation import predict_probs
 from cxr.train.checkpoints import load_checkpoint, save_checkpoint
 from jobs import train_segmenter
-from tests.conftest import platform_file, unique_models
+from tests.conftest import own_platform
 
 
 def test_registry_lists_choices_on_unknown_name():
@@ -46,10 +46,7 @@ def trained(local_stack, ray_local, sample_manifests, tmp_path_factory):
     cfg = SegmenterTrainConfig(manifest=str(sample_manifests / "lungseg.parquet"), model="unet-tiny", image_size=64,
                                epochs=2, batch_size=4, num_workers=2, loader_workers=0, run_name="tiny-test",
                                storage_path=str(tmp_path_factory.mktemp("ray")))
-    names = unique_models("seg")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CXR_PLATFORM_CONFIG", str(platform_file(tmp_path_factory.mktemp("platform"),
-                                                           registered_models=names)))
+    with own_platform(tmp_path_factory.mktemp("platform"), "seg") as names:
         assert train_segmenter.main(cfg) == 0
     (version,) = MlflowClient(load_platform().tracking_uri).search_model_versions(f"name='{names['segmenter']}'")
     return cfg, names["segmenter"], version
