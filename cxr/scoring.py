@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from cxr.data.decode import DecodeLimits, decode_image
-from cxr.data.errors import BadImageError
+from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, filesystem_for, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
@@ -203,7 +203,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                 # object's, and a local errno is this file's.
                 unreadable.append((uri, error))
         except Exception as e:  # noqa: BLE001 - per-input isolation: one input never stops the night
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else 'no message'}"
+            error = describe(e)
         if error and sha is None and key(uri, None) in skip:
             continue
         out["uri"].append(uri)

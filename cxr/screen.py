@@ -20,7 +20,7 @@ import torch
 
 from cxr.card import Preprocessing
 from cxr.data.decode import DecodeLimits, decode_image
-from cxr.data.errors import BadImageError
+from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.masking import lung_masks, mask_lungs
@@ -262,7 +262,7 @@ class Screen:
         except BadImageError as e:
             return uri, data, e.reason, None
         except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug
-            return uri, data, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'no message'}", None
+            return uri, data, describe(e), None
 
 
 def _ref(c: Component) -> str:

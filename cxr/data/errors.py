@@ -11,3 +11,9 @@ class BadImageError(ValueError):
         super().__init__(f"{uri}: {reason}")
         self.uri = uri
         self.reason = reason
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``: an unexpected error as one input's error row says it."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else 'no message'}"
