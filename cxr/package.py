@@ -22,13 +22,13 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cxr.card import ModelCard
-from cxr.models import build_model
-from cxr.weights import load_weights, save_weights, stored_dtype
+
+if TYPE_CHECKING:        # torch and the model code load where weights are read or written
+    import torch
+    from torch import nn
 
 WEIGHTS, CARD, LEGACY_META = "model.safetensors", "card.json", "meta.json"
 SCREEN, CHECKSUMS, MARKDOWN = "screen.json", "checksums.sha256", "MODEL_CARD.md"
@@ -74,6 +74,8 @@ def check_safe(folder: Path, what: str) -> None:
 
 
 def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "float32") -> Path:
+    from cxr.weights import save_weights
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / WEIGHTS, dtype)
@@ -90,6 +92,9 @@ def read_model(folder: Path, device: str | torch.device = "cpu", what: str | Non
     folder = Path(folder)
     check_safe(folder, what or str(folder))
     card = read_card(folder)
+    from cxr.models import build_model
+    from cxr.weights import load_weights
+
     model = build_model(card.architecture, **card.model_kwargs)
     try:
         load_weights(model, folder / WEIGHTS)
@@ -150,10 +155,6 @@ def read_screen(folder: Path, device: str | torch.device = "cpu") -> tuple[Compo
     if "classifier" not in parts:
         raise PackageError(f"{folder} has no classifier/")
     return parts["classifier"], parts.get("segmenter"), info
-
-
-def weights_dtype(folder: Path) -> str:
-    return stored_dtype(Path(folder) / "classifier" / WEIGHTS)
 
 
 # --- checksums ---------------------------------------------------------------------------------

@@ -29,12 +29,11 @@ from mlflow.types import Schema, TensorSpec
 
 from cxr.card import INTENDED_USE, ModelCard
 
-if TYPE_CHECKING:        # torch and the model code load where models do, not in a planning driver
+from cxr.package import (CARD, Component, check_safe, read_model, read_screen_info, write_checksums,
+                         write_model)
+
+if TYPE_CHECKING:        # torch loads where models do, not in a planning driver
     from torch import nn
-
-    from cxr.package import Component
-
-CARD = "card.json"       # cxr.package.CARD
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +214,6 @@ def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, 
     Markdown as the version's description), loadable with ``mlflow.pyfunc.load_model`` (tensors
     in, logits out) and by ``load_registered``. Returns the new version number."""
     from cxr.model_card import model_markdown
-    from cxr.package import write_model
-
     card = dataclasses.replace(card, run_id=run_id, git_commit=git_commit()).validate()
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,8 +252,6 @@ def save_screen_model(folder: Path, example_image: bytes) -> None:
     and an input example, and seal it with checksums."""
     import pandas as pd
 
-    from cxr.package import write_checksums
-
     _save_pyfunc(folder, screen_signature(), pd.DataFrame({"image": [example_image]}),
                  {"kind": "screen", "format": "cxr-screen"})
     write_checksums(folder)
@@ -264,8 +259,6 @@ def save_screen_model(folder: Path, example_image: bytes) -> None:
 
 def register_screen_folder(tracking_uri: str, name: str, run_id: str, folder: Path) -> str:
     """Register a sealed screen folder (``save_screen_model``) as a new version of ``name``."""
-    from cxr.package import read_screen_info
-
     info = read_screen_info(folder)
     c = client(tracking_uri)
     tags = {"cxr.task": "screen", "cxr.weights_dtype": info["weights_dtype"]}
@@ -317,8 +310,6 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
     Refuses any artifact that is not in the safe set (weights as safetensors, JSON, MLflow's
     metadata), so a planted pickle never reaches ``torch.load``.
     """
-    from cxr.package import Component, read_model
-
     with tempfile.TemporaryDirectory() as tmp:
         local, version = download_model(tracking_uri, model_uri, tmp)
         model, card = read_model(local, map_location, f"{model_uri} (version {version.version})")
@@ -342,8 +333,6 @@ def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "ch
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
                                         tracking_uri=tracking_uri))
-        from cxr.package import check_safe
-
         check_safe(local, f"run {run_id} {artifact_path}/")
         return load_checkpoint(local, map_location)
 
