@@ -262,7 +262,7 @@ def _build(cls: type, raw: Any, path: str):
     if not isinstance(raw, dict):
         raise _fail(path, f"expected an object, got {type(raw).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(names) - {"sha256", "kind", "grayscale", "scale"})   # v0 extras, derived
+    unknown = sorted(set(raw) - set(names))
     if unknown:
         raise _fail(path, f"unknown field(s) {unknown}; valid: {sorted(names)}")
     values = {}
