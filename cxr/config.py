@@ -198,7 +198,9 @@ class ScoreConfig:
     scored with the same bytes and model versions are skipped."""
 
     NAME: ClassVar[str] = "score"
-    input: str = option("s3://cxr-demo/archive", "folder, s3:// prefix, or a .parquet manifest with a uri column")
+    input: str = option("s3://cxr-demo/archive", "folder, s3:// prefix, a .parquet manifest with a uri column, or an "
+                                                 "S3 Inventory report (.parquet or .csv with bucket, key, size, "
+                                                 "last_modified_date, e_tag columns: no object is listed or asked)")
     output: str = option("out/scores", "output folder or s3:// prefix (Parquet, partitioned by scored_date)")
     segmenter: str | None = option(
         "models:/cxr-segmenter@champion", "segmenter for the lung-area quality signal of a classifier trained "
@@ -229,6 +231,24 @@ class ScoreConfig:
     limit: int | None = option(None, "score at most this many new inputs in this run (quick runs, or a backlog "
                                      "worked through night by night)")
     job_id: str | None = option(None, "job id recorded in every row (default: a new one)")
+    rows_per_file: int = option(512, "rows per Parquet part (at least; the job's last parts may hold fewer): "
+                                     "more rows, fewer files; a killed job redoes at most this many per write task")
+    lease_ttl_s: float = option(600.0, "a job holds the output's lease while it runs; another job waits out this "
+                                       "long without a heartbeat before taking it over (at once if the holder's "
+                                       "process on this host is gone)")
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """``cxr compact``: merge the small Parquet parts of a scores table into parts of about
+    ``--target-rows`` rows, holding the output's lease (a running score job makes it exit).
+    Rows are copied unchanged, history included; a compaction killed at any point never shows a
+    row twice, and the next one finishes it."""
+
+    NAME: ClassVar[str] = "compact"
+    output: str = option("out/scores", "the scores table (folder or s3:// prefix)")
+    target_rows: int = option(50_000, "rows per merged part; parts under half of it are merged")
+    lease_ttl_s: float = option(600.0, "as for cxr score")
 
 
 @dataclass(frozen=True)

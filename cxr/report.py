@@ -10,11 +10,14 @@ import io
 import matplotlib
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from cxr.data.errors import BadImageError
 from cxr.data.images import load_image
 from cxr.data.storage import StorageConfig
+from cxr.scores_table import SCHEMA, latest_job, read_scores
 
 STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}
@@ -22,13 +25,20 @@ td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}
 .card img{width:224px;height:224px}.flag{color:#b00}"""
 
 
-def select_job(rows: pd.DataFrame, job_id: str | None) -> pd.DataFrame:
-    """The rows of ``job_id``; of the latest job if None; all rows for "all"."""
-    if rows.empty or job_id == "all":
-        return rows
-    if job_id is None:
-        job_id = rows.sort_values("scored_at")["job_id"].iloc[-1]
-    return rows[rows["job_id"] == job_id]
+def read_job(scores: str, job_id: str | None, top: int, max_flagged: int, storage) -> pd.DataFrame:
+    """The rows of ``job_id`` (the latest job if None; every row for "all"), without heatmaps,
+    then the heatmaps of the rows the page shows: the rest of the table is never read."""
+    job_id = latest_job(scores, storage) if job_id is None else job_id
+    only = None if job_id == "all" else pc.field("job_id") == job_id
+    columns = [n for n in SCHEMA.names if n != "heatmap_png"]
+    rows = read_scores(scores, storage, columns, filter=only).to_pandas() if job_id else pd.DataFrame(columns=columns)
+    wanted = pd.concat(shown(rows, top, max_flagged))["uri"].unique().tolist() if len(rows) else []
+    if not wanted:
+        return rows.assign(heatmap_png=None)
+    where = pc.field("uri").isin(pa.array(wanted, pa.string()))
+    heatmaps = read_scores(scores, storage, ["uri", "job_id", "scored_at", "heatmap_png"],
+                           filter=where if only is None else where & only).to_pandas()
+    return rows.merge(heatmaps, on=["uri", "job_id", "scored_at"], how="left")
 
 
 def overlay_png(uri: str, heatmap_png: bytes | None, size: int, storage: StorageConfig | None) -> str:
@@ -38,7 +48,7 @@ def overlay_png(uri: str, heatmap_png: bytes | None, size: int, storage: Storage
     except (BadImageError, OSError):
         gray = np.full((size, size), 128, np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    if heatmap_png:
+    if isinstance(heatmap_png, bytes) and heatmap_png:      # NaN where the heatmap was not read
         heat = np.asarray(Image.open(io.BytesIO(heatmap_png)).resize((size, size), Image.Resampling.BILINEAR))
         colour = matplotlib.colormaps["jet"](heat / 255.0)[..., :3] * 255
         rgb = 0.6 * rgb + 0.4 * colour
@@ -72,12 +82,19 @@ def _screening_counts(scored: pd.DataFrame) -> pd.Series:
     return (threshold + result).value_counts()
 
 
+def shown(rows: pd.DataFrame, top: int, max_flagged: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows the page shows with images: the highest COVID probabilities, and the flagged."""
+    scored = rows[rows["status"] != "error"]
+    return (scored.sort_values("covid_probability", ascending=False).head(top),
+            rows[rows["status"] == "flagged"].head(max_flagged))
+
+
 def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int,
            storage: StorageConfig | None = None) -> str:
-    """The whole page for ``rows`` (scores as read by ``cxr.scoring.read_scores``)."""
+    """The whole page for ``rows`` (scores as read by ``cxr.scores_table.read_scores``; the
+    ``heatmap_png`` of the rows ``shown`` is enough)."""
     scored = rows[rows["status"] != "error"]
-    highest = scored.sort_values("covid_probability", ascending=False).head(top)
-    flagged = rows[rows["status"] == "flagged"].head(max_flagged)
+    highest, flagged = shown(rows, top, max_flagged)
     errors = rows[rows["status"] == "error"]
     models = rows[["segmenter_name", "segmenter_version", "classifier_name", "classifier_version"]].drop_duplicates()
     error_rows = "".join(f"<tr><td>{html.escape(r.uri)}</td><td>{html.escape(str(r.error))}</td></tr>"

@@ -2,62 +2,35 @@
 segment, mask, classify and Grad-CAM (one actor pool) -> Parquet, committed atomically.
 
 Exactly-once: an input is (uri, source_size, source_mtime_ns), what a listing gives without
-opening it, scored once per (segmenter version, classifier version) pair. A run anti-joins its
-listing against those columns of the rows already committed (``new_work``), so a rerun reads
-no byte of what it scored, and a run killed at any point, started again, fills exactly the
-gaps. Rows written before version 3 have no listing columns: for them the old key, (uri,
-sha256) after reading the bytes, still applies (``legacy_keys``). Each write task commits one file: written under ``_tmp/`` and renamed
-into place on local disk, or one S3 PUT, which S3 makes visible only when complete. Readers
-(pyarrow datasets) ignore files whose names start with ``_``, so they never see a half-written part.
+opening it. Its current row (``cxr.scores_table.current_rows``) says by which pair of model
+versions it was scored. A run anti-joins its listing against those columns of the current rows
+(``new_work``), so a rerun reads no byte of what it scored, and a run killed at any point,
+started again, fills exactly the gaps. A changed input, or one scored by other model versions,
+gets a new row that becomes its current one; the old row stays as history. Rows written before
+version 3 have no listing columns: for them the old key, (uri, sha256) after reading the bytes,
+still applies (``legacy_keys``). How parts are committed: ``cxr.scores_table``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from ray.data import Datasink
 
 from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
-from cxr.data.storage import StorageConfig, filesystem_for, is_s3, read_bytes
+from cxr.data.storage import StorageConfig, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
+from cxr.scores_table import (  # noqa: F401 - the table's names, re-exported for the scoring job's users
+    PARTITION, SCHEMA, SCHEMA_VERSION, AtomicParquetSink, current_rows, key, read_scores, to_schema)
 
 log = logging.getLogger(__name__)
-
-# Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "3"
-SCHEMA = pa.schema([
-    ("uri", pa.string()), ("sha256", pa.string()),
-    ("status", pa.string()),                     # ok | flagged | error
-    ("error", pa.string()),
-    ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float32())),
-    ("predicted_label", pa.string()), ("covid_probability", pa.float32()),
-    ("covid_threshold", pa.float32()), ("screen_positive", pa.bool_()),      # added in version 2
-    ("heatmap_png", pa.binary()), ("heatmap_size", pa.int32()),
-    ("lung_fraction", pa.float32()), ("qc_flags", pa.list_(pa.string())),
-    ("segmenter_name", pa.string()), ("segmenter_version", pa.string()), ("segmenter_alias", pa.string()),
-    ("segmenter_run_id", pa.string()),
-    ("classifier_name", pa.string()), ("classifier_version", pa.string()), ("classifier_alias", pa.string()),
-    ("classifier_run_id", pa.string()),
-    ("preprocess_version", pa.string()), ("schema_version", pa.string()),
-    ("job_id", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC")),
-    ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()),   # added in version 3
-])
-TMP_DIR = "_tmp"
-PARTITION = pa.schema([("scored_date", pa.string())])
-
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -75,44 +48,64 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
-def key(uri: str, sha256: str | None) -> str:
-    return f"{uri}\t{sha256 or ''}"
-
-
 # --- reading what was scored ------------------------------------------------------------------
 
-def read_scores(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Every committed row under ``output`` (with its ``scored_date`` partition); empty if none."""
-    fs, path = filesystem_for(output, storage)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return SCHEMA.empty_table()
-    # The current schema, given explicitly: parts written under an older version read with
-    # nulls in the columns added since, whichever part the dataset happens to open first.
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
-                           partitioning=pads.partitioning(PARTITION, flavor="hive"))
-    if not dataset.files:
-        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    return dataset.to_table(columns=columns)
+INDEX_COLUMNS = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_name", "segmenter_version",
+                 "classifier_name", "classifier_version", "error", "scored_at", "job_id"]
+
+
+def scored_index(output: str, storage: StorageConfig | None = None) -> pa.Table:
+    """The current row of every input scored into ``output``, by its index columns only:
+    Parquet is columnar, so the heatmaps are never read. Read once per run."""
+    return current_rows(read_scores(output, storage, INDEX_COLUMNS))
 
 
 def committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
-              storage: StorageConfig | None = None) -> pa.Table:
-    """The listing columns (and sha256) of the rows committed for this pair of model versions
-    that count as scored: every row but a storage error's, which the next run tries again.
-    Parquet is columnar, so the heatmaps are never read. Read once per run, for ``new_work``
-    and ``legacy_keys`` both."""
-    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_version", "classifier_version", "error",
-               "scored_at"]
-    table = read_scores(output, storage, columns)
+              storage: StorageConfig | None = None, index: pa.Table | None = None) -> pa.Table:
+    """The inputs whose current row was scored by this pair of model versions and counts as
+    scored: every row but a storage error's, which the next run tries again. ``index``
+    (``scored_index``) is read from ``output`` if not given."""
+    table = scored_index(output, storage) if index is None else index
     if table.num_rows == 0:
         return table
     same_segmenter = (pc.is_null(table["segmenter_version"]) if segmenter is None
-                      else pc.equal(table["segmenter_version"], segmenter.version))
-    retried = pc.fill_null(pc.or_(*[pc.starts_with(table["error"], p) for p in STORAGE_ERRORS]), False)
-    keep = pc.and_(pc.and_(pc.fill_null(same_segmenter, False),
-                           pc.fill_null(pc.equal(table["classifier_version"], classifier.version), False)),
-                   pc.invert(retried))
+                      else _same_model(table, "segmenter", segmenter))
+    keep = pc.and_(pc.and_(pc.fill_null(same_segmenter, False), _same_model(table, "classifier", classifier)),
+                   pc.invert(_retried(table)))
     return table.filter(keep)
+
+
+def _same_model(index: pa.Table, kind: str, ref: ModelRef) -> pa.ChunkedArray:
+    """Rows scored by this registered model's version (name and version: versions of two
+    models share numbers)."""
+    return pc.fill_null(pc.and_(pc.equal(index[f"{kind}_name"], ref.name),
+                                pc.equal(index[f"{kind}_version"], ref.version)), False)
+
+
+def _retried(index: pa.Table) -> pa.ChunkedArray:
+    return pc.fill_null(pc.or_(*[pc.starts_with(index["error"], p) for p in STORAGE_ERRORS]), False)
+
+
+def why_new(work: pa.Table, index: pa.Table) -> dict[str, int]:
+    """Why each input of ``work`` is scored, counted: ``new`` (never scored), ``changed`` (its
+    size or time differs from its current row's), ``retry`` (its current row is a storage
+    error) or ``backfill`` (unchanged, but scored by other model versions: a rescore after a
+    model change)."""
+    if work.num_rows == 0:
+        return {}
+    if index.num_rows == 0:
+        return {"new": work.num_rows}
+    known = index.select(["uri", "source_size", "source_mtime_ns"]).rename_columns(["uri", "old_size", "old_mtime"])
+    known = known.append_column("retry", _retried(index))
+    joined = work.select(["uri", "source_size", "source_mtime_ns"]).join(known, keys="uri", join_type="left outer")
+    new = pc.is_null(joined["retry"])            # no current row for this uri
+    retry = pc.fill_null(joined["retry"], False)
+    differs = pc.fill_null(pc.or_(pc.not_equal(joined["source_size"], joined["old_size"]),
+                                  pc.not_equal(joined["source_mtime_ns"], joined["old_mtime"])), False)
+    changed = pc.and_(pc.and_(pc.invert(new), pc.invert(retry)), differs)
+    counts = {"new": pc.sum(new).as_py() or 0, "retry": pc.sum(retry).as_py() or 0, "changed": pc.sum(changed).as_py() or 0}
+    counts["backfill"] = joined.num_rows - sum(counts.values())
+    return {k: v for k, v in counts.items() if v}
 
 
 def new_work(listing: pa.Table, done: pa.Table) -> pa.Table:
@@ -179,13 +172,15 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     """
     limits = DecodeLimits(max_bytes=max_bytes)
     out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": [],
-           "source_size": [], "source_mtime_ns": []}
+           "source_size": [], "source_mtime_ns": [], "source_etag": [], "source_version_id": []}
     blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
     unreadable: list[tuple[str, str]] = []
     n_in = len(batch["uri"])
     sizes_in = batch.get("source_size", np.full(n_in, -1, np.int64))
     mtimes_in = batch.get("source_mtime_ns", np.zeros(n_in, np.int64))
-    for uri, size, mtime in zip(batch["uri"], sizes_in, mtimes_in):
+    etags_in = batch.get("source_etag", np.full(n_in, None, object))
+    versions_in = batch.get("source_version_id", np.full(n_in, None, object))
+    for uri, size, mtime, etag, version_id in zip(batch["uri"], sizes_in, mtimes_in, etags_in, versions_in):
         uri = str(uri)
         sha, error, images = None, None, blank
         try:
@@ -214,6 +209,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
         out["seg_image"].append(images[1])
         out["source_size"].append(int(size))
         out["source_mtime_ns"].append(int(mtime))
+        out["source_etag"].append(etag if isinstance(etag, str) else None)
+        out["source_version_id"].append(version_id if isinstance(version_id, str) else None)
     if len(unreadable) >= 2 and len(unreadable) > max_unreadable_share * len(batch["uri"]):
         first_uri, first_error = unreadable[0]
         raise StorageOutage(f"storage failed for {len(unreadable)} of {len(batch['uri'])} inputs of a batch "
@@ -223,6 +220,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                "status": np.array(out["status"], dtype=object), "error": np.array(out["error"], dtype=object),
                "source_size": np.array(out["source_size"], np.int64),
                "source_mtime_ns": np.array(out["source_mtime_ns"], np.int64),
+               "source_etag": np.array(out["source_etag"], dtype=object),
+               "source_version_id": np.array(out["source_version_id"], dtype=object),
                "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8)}
     if sizes[1]:
         columns["seg_image"] = np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)
@@ -273,45 +272,10 @@ class ScoringPredictor:
             "job_id": [self.job_id] * n, "scored_at": [now] * n,
             "source_size": [int(v) for v in batch["source_size"]],
             "source_mtime_ns": [int(v) for v in batch["source_mtime_ns"]],
+            "source_etag": _strings(batch["source_etag"]), "source_version_id": _strings(batch["source_version_id"]),
         }, schema=SCHEMA)
 
 
 def _strings(values: np.ndarray) -> list[str | None]:
     """Nullable strings from a batch column (Ray may hand a null over as NaN)."""
     return [v if isinstance(v, str) else None for v in values]
-
-
-# --- stage 3: atomic Parquet commits -------------------------------------------------------------
-
-def to_schema(table: pa.Table) -> pa.Table:
-    """Columns in SCHEMA order and types (Ray may reorder columns or widen string types)."""
-    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in SCHEMA], schema=SCHEMA)
-
-
-class AtomicParquetSink(Datasink):
-    """A Ray Data datasink: each write task commits one Parquet file under
-    ``output/scored_date=DATE/``, named by a digest of its rows' keys, so a retried task rewrites
-    the same file instead of adding a duplicate."""
-
-    def __init__(self, output: str, run_date: str, job_id: str, storage: StorageConfig | None):
-        self.output, self.run_date, self.job_id, self.storage = output.rstrip("/"), run_date, job_id, storage
-
-    def write(self, blocks: Iterable[pa.Table], ctx) -> int:
-        tables = [to_schema(b) for b in blocks if b.num_rows]
-        if not tables:
-            return 0
-        table = pa.concat_tables(tables)
-        digest = hashlib.sha1("\n".join(sorted(key(u, s) for u, s in zip(
-            table.column("uri").to_pylist(), table.column("sha256").to_pylist()))).encode()).hexdigest()[:16]
-        fs, root = filesystem_for(self.output, self.storage)
-        final = f"{root}/scored_date={self.run_date}/part-{self.job_id}-{digest}.parquet"
-        fs.create_dir(f"{root}/scored_date={self.run_date}", recursive=True)
-        if is_s3(self.output):
-            pq.write_table(table, final, filesystem=fs)   # one object, visible only when complete
-        else:
-            tmp = f"{root}/{TMP_DIR}/_{uuid.uuid4().hex}.parquet"   # "_": readers skip it
-            fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
-            pq.write_table(table, tmp, filesystem=fs)
-            fs.move(tmp, final)                           # rename(2): atomic on one filesystem
-        return table.num_rows
-

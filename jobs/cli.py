@@ -9,9 +9,9 @@ import os
 import sys
 import typing
 
-from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, EvaluateConfig, ExportModelConfig,
-                        FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig, PromoteConfig,
-                        ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig, TrainBenchmarkConfig,
+from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, CompactConfig, EvaluateConfig,
+                        ExportModelConfig, FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig,
+                        PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig, TrainBenchmarkConfig,
                         TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                  "evaluate a registered classifier on a labeled manifest: metrics with CIs, plots, Grad-CAM"),
     "score": (ScoreConfig, "jobs.score",
               "the nightly job: score a folder, s3:// prefix or manifest into Parquet (predictions, heatmaps, QC)"),
+    "compact": (CompactConfig, "jobs.compact",
+                "merge a scores table's small Parquet parts into large ones (history kept; holds the output's lease)"),
     "promote": (PromoteConfig, "jobs.promote",
                 "gated promotion of a registered version to champion (or --rollback), with an audit record"),
     "export-model": (ExportModelConfig, "jobs.export_model",

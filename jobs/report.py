@@ -7,13 +7,12 @@ from pathlib import Path
 
 from cxr.config import ReportConfig, load_platform
 from cxr.data.storage import absolute_uri
-from cxr.report import render, select_job
-from cxr.scoring import read_scores
+from cxr.report import read_job, render
 
 
 def main(cfg: ReportConfig) -> int:
     storage = load_platform().storage
-    rows = select_job(read_scores(absolute_uri(cfg.scores), storage).to_pandas(), cfg.job_id)
+    rows = read_job(absolute_uri(cfg.scores), cfg.job_id, cfg.top, cfg.max_flagged, storage)
     if rows.empty:
         print(f"cxr report: no scored rows in {cfg.scores}" + (f" for job {cfg.job_id}" if cfg.job_id else ""),
               file=sys.stderr)

@@ -3,7 +3,8 @@ lung-masked classifier pins), lists the inputs, skips what is already scored, st
 through Ray Data and prints a summary (``cxr.workflows.score``).
 
 Exit codes: 0 done (bad images are rows, not failures); 1 a systemic failure (a model alias
-missing, the output not writable, storage unreachable), with a one-line reason on stderr.
+missing, the output not writable, storage unreachable, another job holding the output's
+lease), with a one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from jobs.runtime import init_ray
 def run(cfg: ScoreConfig) -> dict:
     plan = plan_scoring(cfg, load_platform())     # before Ray: a systemic fault stops the job at once
     if plan.inputs.num_rows:                      # nothing new: Ray is not even started
-        init_ray()
+        try:
+            init_ray()
+        except BaseException:
+            plan.lease.release()
+            raise
     return run_scoring(plan)
 
 
@@ -36,10 +41,11 @@ def format_summary(s: dict) -> str:
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0]))) or "none"
 
-    return (f"score job {s['job_id']}: {s['inputs']} inputs, {s['scored']} scored, {s['skipped']} already scored; "
+    return (f"score job {s['job_id']}: {s['inputs']} inputs, {s['scored']} scored ({counts(s['why'])}), "
+            f"{s['skipped']} already scored; "
             f"status: {counts(s['by_status'])}; predicted: {counts(s['by_label'])}; "
             f"COVID screen-positive: {s['screen_positive']}; "
-            f"{s['images_per_s']:.1f} images/s; models {s['segmenter']} + {s['classifier']}; output {s['output']}")
+            f"{s['images_per_s']:.1f} images/s; {s['parts']} Parquet parts; models {s['segmenter']} + {s['classifier']}; output {s['output']}")
 
 
 if __name__ == "__main__":

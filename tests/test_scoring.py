@@ -11,11 +11,13 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from cxr.config import REPO_ROOT, ReportConfig, ScoreConfig, load_platform
-from cxr.scoring import SCHEMA, read_scores
+from cxr.scores_table import SCHEMA, SCHEMA_VERSION, live_files, read_current, read_scores
 from cxr.workflows.score import list_inputs
 from jobs import report, score
 from tests.conftest import platform_file
@@ -82,13 +84,15 @@ def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
     assert set(rows["classifier_version"]) == {tiny_models["classifier"].rsplit("/", 1)[1]}
     assert summary["screen_positive"] == int(good["screen_positive"].sum())
     assert rows["job_id"].nunique() == 1 and rows["scored_date"].nunique() == 1
+    # Parts are sized by rows (rows_per_file 512), not by model batch (4): a handful, not ~9.
+    assert summary["parts"] == len(live_files(out)[2]) <= 2
     # Incremental: a second run scores nothing new.
     again = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
     assert again["scored"] == 0 and again["skipped"] == again["inputs"] and len(read_scores(out)) == len(rows)
 
 
 def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, archive, tiny_models, sample_root,
-                                                                  tmp_path):
+                                                                  tmp_path, capsys):
     s3 = local_stack.s3_client()
     uris = []
     for i, path in enumerate(_real_images(sample_root, 40) * 2):      # 80 inputs
@@ -97,7 +101,8 @@ def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, a
         uris.append(f"s3://{BUCKET}/{key}")
     out = tmp_path / "scores"
     args = [sys.executable, "-m", "jobs.score", "--input", f"s3://{BUCKET}/big", "--output", str(out),
-            "--segmenter", tiny_models["segmenter"], "--classifier", tiny_models["classifier"], "--batch-size", "2"]
+            "--segmenter", tiny_models["segmenter"], "--classifier", tiny_models["classifier"], "--batch-size", "2",
+            "--rows-per-file", "2"]
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -106,10 +111,15 @@ def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, a
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed; make the input bigger"
+    # A second job on the same output meanwhile: it exits at once, naming the job that writes.
+    assert score.main(_cfg(tiny_models, input=f"s3://{BUCKET}/big", output=str(out))) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is being written by job" in err and f"pid {proc.pid}" in err and "\n" not in err, err
     os.killpg(proc.pid, signal.SIGKILL)                                # kill -9, driver and all
     proc.wait()
     partial = len(read_scores(str(out)))
     assert 0 < partial < len(uris)
+    # The killed job's lease is left behind; its process is gone, so this job takes it at once.
     summary = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/big", output=str(out)))
     rows = read_scores(str(out)).to_pandas()
     assert summary["scored"] == len(uris) - partial
@@ -200,6 +210,16 @@ def test_report_is_a_self_contained_page_of_the_run(scored, tmp_path):
     assert "empty file (0 bytes)" in text                             # errors are listed with reasons
     assert "COVID screen at the card threshold" in text and "&gt;= 0.250: " in text
     assert "http" not in text.replace("http://127.0.0.1", "")         # nothing fetched from elsewhere
+
+
+def test_the_report_reads_one_job_and_only_the_heatmaps_it_shows(scored, tmp_path):
+    from cxr.report import read_job
+
+    out, summary = scored
+    rows = read_job(out, None, 3, 0, None)                             # the latest job, 3 cards
+    assert set(rows["job_id"]) == {summary["job_id"]} and len(rows) == summary["scored"]
+    assert rows["heatmap_png"].notna().sum() == 3
+    assert read_job(out, "no-such-job", 3, 0, None).empty
 
 
 def test_review_notebook_runs(scored, monkeypatch):
@@ -305,8 +325,8 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     first = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, set(), 100, None)
     assert first["sha256"][0] is None and "file too large" in first["error"][0]
     row = {f.name: [None] for f in SCHEMA}
-    row.update(uri=[big], status=["error"], error=[first["error"][0]], segmenter_version=["1"],
-               classifier_version=["2"], qc_flags=[[]])
+    row.update(uri=[big], status=["error"], error=[first["error"][0]], segmenter_name=["s"], segmenter_version=["1"],
+               classifier_name=["c"], classifier_version=["2"], qc_flags=[[]])
     (tmp_path / "scores" / "scored_date=2026-11-27").mkdir(parents=True)
     pq.write_table(to_schema(pa.Table.from_pydict(row, schema=SCHEMA)),
                    tmp_path / "scores" / "scored_date=2026-11-27" / "part-0.parquet")
@@ -326,7 +346,8 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     rows = {f.name: [None, None] for f in SCHEMA}
     rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
                 error=["S3 403 Forbidden (no permission to read this object): ...", "empty file (0 bytes)"],
-                segmenter_version=["1"] * 2, classifier_version=["2"] * 2, qc_flags=[[], []])
+                segmenter_name=["s"] * 2, segmenter_version=["1"] * 2, classifier_name=["c"] * 2,
+                classifier_version=["2"] * 2, qc_flags=[[], []])
     (tmp_path / "scored_date=2026-11-27").mkdir()
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
     keys = legacy_keys(committed(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)))
@@ -352,10 +373,28 @@ def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_mode
         assert again["scored"] == 0 and again["skipped"] == 6 and object_reads == []
         s3.put_object(Bucket=BUCKET, Key=keys[0], Body=_real_images(sample_root, 8)[-1].read_bytes())
         changed = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
-    assert changed["scored"] == 1
+    assert changed["scored"] == 1 and changed["why"] == {"changed": 1}
     rows = read_scores(out).to_pandas()
-    assert rows["source_size"].notna().all() and (rows["schema_version"] == "3").all()
-    assert len(rows[rows["uri"] == f"s3://{BUCKET}/{keys[0]}"]) == 2       # the old row is kept (history)
+    assert rows["source_size"].notna().all() and (rows["schema_version"] == SCHEMA_VERSION).all()
+    assert rows["source_etag"].notna().all()                               # from the listing, for lineage
+    assert len(rows[rows["uri"] == f"s3://{BUCKET}/{keys[0]}"]) == 2       # the old row is kept (history) ...
+    current = read_current(out).to_pandas()
+    assert sorted(current["uri"]) == sorted(f"s3://{BUCKET}/{k}" for k in keys)   # ... but one row is current:
+    assert current.set_index("uri").loc[f"s3://{BUCKET}/{keys[0]}", "job_id"] == changed["job_id"]  # the new one
+    # The same objects named by an S3 Inventory report: the same identities, so nothing to do.
+    objects = s3.list_objects_v2(Bucket=BUCKET, Prefix="meta/")["Contents"]
+    inventory = tmp_path / "inventory.parquet"
+    pq.write_table(pa.table({"bucket": [BUCKET] * len(objects), "key": [o["Key"] for o in objects],
+                             "size": [o["Size"] for o in objects],
+                             "last_modified_date": [o["LastModified"] for o in objects],
+                             "e_tag": [o["ETag"] for o in objects]}), inventory)
+    assert score.run(_cfg(tiny_models, input=str(inventory), output=out))["scored"] == 0
+    # Another classifier: a planned backfill of every input; its rows become the current ones.
+    backfill = score.run(dataclasses.replace(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out),
+                                             classifier=tiny_models["classifier_nomask"]))
+    assert backfill["scored"] == 6 and backfill["why"] == {"backfill": 6}
+    current = read_current(out, columns=["uri", "classifier_name"]).to_pandas()
+    assert len(current) == 6 and (current["classifier_name"] == tiny_models["classifier_nomask"].split("/")[1]).all()
 
 
 def test_a_manifest_listing_never_fails_on_one_uri(tmp_path, sample_root):
@@ -395,8 +434,8 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     listing = list_entries(str(folder))
     uris = listing.column("uri").to_pylist()
     rows = {f.name: [None, None] for f in SCHEMA}
-    rows.update(uri=uris, status=["ok"] * 2, segmenter_version=["1"] * 2, classifier_version=["2"] * 2,
-                qc_flags=[[], []], schema_version=["2"] * 2,
+    rows.update(uri=uris, status=["ok"] * 2, segmenter_name=["s"] * 2, segmenter_version=["1"] * 2,
+                classifier_name=["c"] * 2, classifier_version=["2"] * 2, qc_flags=[[], []], schema_version=["2"] * 2,
                 scored_at=[dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)] * 2)   # scored after the copy
     (tmp_path / "scores" / "scored_date=2026-11-26").mkdir(parents=True)
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)),

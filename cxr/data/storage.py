@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from cxr.data.errors import BadImageError
@@ -49,6 +51,18 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
         # Custom endpoints (MinIO, moto) address buckets by path, not by virtual host.
         kwargs.update(force_virtual_addressing=False)
     return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def s3_client(cfg: StorageConfig):
+    """A boto3 client for what pyarrow's filesystem cannot do: conditional writes (leases) and
+    listings with ETags. Same endpoint, region and retries as the filesystem."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=cfg.s3_endpoint, region_name=cfg.region,
+                        config=Config(retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+                                      connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.request_timeout_s))
 
 
 def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
@@ -93,28 +107,107 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None, max_bytes: int | None
     return data
 
 
-ENTRY_SCHEMA = pa.schema([("uri", pa.string()), ("source_size", pa.int64()), ("source_mtime_ns", pa.int64())])
+# What a listing gives for free about an input: its identity for "is this new work?" is (uri,
+# size, mtime); the ETag and the version id (an S3 Inventory's) are kept for lineage.
+ENTRY_SCHEMA = pa.schema([("uri", pa.string()), ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()),
+                          ("source_etag", pa.string()), ("source_version_id", pa.string())])
 MISSING_SIZE = -1        # what a listing records for an object that is not there
 
 
-def list_entries(prefix: str, cfg: StorageConfig | None = None) -> pa.Table:
+def list_entries(prefix: str, cfg: StorageConfig | None = None, page_rows: int = 10_000) -> pa.Table:
     """Every regular file under a folder or ``s3://`` prefix with what the listing gives for
-    free, its size and modification time (``ENTRY_SCHEMA``): sorted, hidden files skipped.
-    No object is opened."""
+    free (``ENTRY_SCHEMA``): sorted, hidden files skipped. No object is opened. The listing is
+    read page by page into Arrow (1,000 keys per S3 page), never as one list of Python objects."""
     fs, path = filesystem_for(prefix, cfg)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return _entries(fs, [info])
     if info.type == pafs.FileType.NotFound and not is_s3(prefix):
         raise FileNotFoundError(f"input not found: {prefix}")
-    if is_s3(prefix):
-        bucket = path.split("/", 1)[0]
-        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"S3 bucket {bucket} not found")
-    selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
-    files = [i for i in fs.get_file_info(selector)
-             if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(".")]
-    return _entries(fs, sorted(files, key=lambda i: i.path))
+    pages = _s3_pages(path, cfg or StorageConfig()) if is_s3(prefix) else _local_pages(path)
+    batches, rows = [], {name: [] for name in ENTRY_SCHEMA.names}
+    for entry in pages:
+        for name, value in zip(ENTRY_SCHEMA.names, entry):
+            rows[name].append(value)
+        if len(rows["uri"]) >= page_rows:
+            batches.append(pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA))
+            rows = {name: [] for name in ENTRY_SCHEMA.names}
+    batches.append(pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA))
+    return pa.Table.from_batches(batches, schema=ENTRY_SCHEMA).sort_by("uri")
+
+
+def _local_pages(root: str):
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:          # gone since the walk saw it: not an input any more
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield path, st.st_size, st.st_mtime_ns, None, None
+
+
+def _s3_pages(path: str, cfg: StorageConfig):
+    """(uri, size, mtime_ns, etag, None) per object, from ListObjectsV2 page by page (boto3:
+    pyarrow's listing returns the whole list at once, without ETags)."""
+    bucket, _, key = path.partition("/")
+    client = s3_client(cfg)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                if name.endswith("/") or os.path.basename(name).startswith("."):   # folder markers, hidden
+                    continue
+                yield (f"s3://{bucket}/{name}", obj["Size"], int(obj["LastModified"].timestamp()) * 1_000_000_000,
+                       obj.get("ETag", "").strip('"') or None, None)
+    except client.exceptions.NoSuchBucket as e:
+        raise FileNotFoundError(f"S3 bucket {bucket} not found") from e
+
+
+INVENTORY_COLUMNS = {"bucket", "key"}
+
+
+def inventory_entries(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """``ENTRY_SCHEMA`` rows from an S3 Inventory report (Parquet, or CSV with a header) with the
+    inventory's column names: ``bucket``, ``key``, ``size``, ``last_modified_date``, ``e_tag``,
+    ``version_id``, and ``is_latest`` / ``is_delete_marker`` where versions are listed. Only
+    those columns are read, and no object is asked for anything: the inventory is the listing.
+    Delete markers and non-current versions are left out; so are folder markers."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(uri, cfg)
+    wanted = ["bucket", "key", "size", "last_modified_date", "e_tag", "version_id", "is_latest", "is_delete_marker"]
+    if path.endswith(".csv"):
+        with fs.open_input_stream(path) as f:
+            table = pacsv.read_csv(f)
+        table = table.select([c for c in wanted if c in table.column_names])
+    else:
+        names = pq.read_schema(fs.open_input_file(path)).names
+        table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in names])
+    for flag, keep in (("is_delete_marker", False), ("is_latest", True)):
+        if flag in table.column_names:
+            table = table.filter(pc.equal(pc.fill_null(table[flag].cast(pa.bool_()), not keep), keep))
+    table = table.filter(pc.invert(pc.ends_with(table["key"], "/")))
+    uris = pc.binary_join_element_wise("s3://", pc.binary_join_element_wise(table["bucket"], table["key"], "/"), "")
+    n = table.num_rows
+
+    def column(name: str, kind: pa.DataType, default) -> pa.Array:
+        return table[name].cast(kind) if name in table.column_names else pa.array([default] * n, kind)
+
+    # Whole seconds, as a listing or a HEAD reports an S3 object's time: the same object listed
+    # either way has the same identity.
+    seconds = pc.divide(column("last_modified_date", pa.timestamp("ms", tz="UTC"), None).cast(pa.int64()), 1000)
+    return pa.Table.from_arrays([
+        uris, pc.fill_null(column("size", pa.int64(), MISSING_SIZE), MISSING_SIZE),
+        pc.fill_null(pc.multiply(seconds, 1_000_000_000), 0),
+        column("e_tag", pa.string(), None), column("version_id", pa.string(), None),
+    ], schema=ENTRY_SCHEMA)
 
 
 def stat_entries(uris: list[str], cfg: StorageConfig | None = None, chunk: int = 1000) -> pa.Table:
@@ -144,7 +237,9 @@ def stat_entries(uris: list[str], cfg: StorageConfig | None = None, chunk: int =
             for i, info in zip(part, infos):
                 if info is not None and info.type == pafs.FileType.File:
                     sizes[i], mtimes[i] = info.size, info.mtime_ns or 0
-    return pa.Table.from_pydict({"uri": uris, "source_size": sizes, "source_mtime_ns": mtimes}, schema=ENTRY_SCHEMA)
+    return pa.Table.from_pydict({"uri": uris, "source_size": sizes, "source_mtime_ns": mtimes,
+                                 "source_etag": [None] * len(uris), "source_version_id": [None] * len(uris)},
+                                schema=ENTRY_SCHEMA)
 
 
 def _info_or_none(fs: pafs.FileSystem, path: str) -> pafs.FileInfo | None:
@@ -156,7 +251,9 @@ def _info_or_none(fs: pafs.FileSystem, path: str) -> pafs.FileInfo | None:
 
 def _entries(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> pa.Table:
     return pa.Table.from_pydict({"uri": [to_uri(fs, i.path) for i in infos], "source_size": [i.size for i in infos],
-                                 "source_mtime_ns": [i.mtime_ns or 0 for i in infos]}, schema=ENTRY_SCHEMA)
+                                 "source_mtime_ns": [i.mtime_ns or 0 for i in infos],
+                                 "source_etag": [None] * len(infos), "source_version_id": [None] * len(infos)},
+                                schema=ENTRY_SCHEMA)
 
 
 def list_files(prefix: str, cfg: StorageConfig | None = None) -> list[str]:

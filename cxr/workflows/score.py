@@ -1,6 +1,7 @@
-"""The nightly scoring workflow: ``plan_scoring`` resolves the models, checks the output, lists
-the inputs and reads what is already scored (no Ray needed, so a systemic fault stops the job
-before Ray starts); ``run_scoring`` streams the rest through Ray Data and summarises the job's rows."""
+"""The nightly scoring workflow: ``plan_scoring`` resolves the models, checks the output, takes
+its lease, lists the inputs and reads what is already scored (no Ray needed, so a systemic
+fault stops the job before Ray starts); ``run_scoring`` streams the rest through Ray Data and
+summarises what the job wrote."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from cxr import tracking
 from cxr.card import CardError, ModelCard
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
-from cxr.data.storage import absolute_uri, filesystem_for, is_s3, list_entries, stat_entries, write_bytes
-from cxr.scoring import (AtomicParquetSink, ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work,
-                         read_scores)
+from cxr.data.storage import (absolute_uri, filesystem_for, inventory_entries, is_s3, list_entries, stat_entries,
+                              write_bytes)
+from cxr.lease import Lease, LeaseHeld
+from cxr.scores_table import AtomicParquetSink, add_up, finish_compactions
+from cxr.scoring import (ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work, scored_index,
+                         why_new)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,9 @@ def list_inputs(cfg: ScoreConfig, storage) -> pa.Table:
     existing but empty folder is 0 inputs, with a warning."""
     source = absolute_uri(cfg.input)
     try:
-        if source.endswith(".parquet"):
+        if is_inventory(source, storage):
+            entries = inventory_entries(source, storage)
+        elif source.endswith(".parquet"):
             uris = read_manifest(source, storage, columns=["uri"])["uri"].dropna().astype(str).tolist()
             unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
             if len(unique) < len(uris):
@@ -86,11 +92,28 @@ def list_inputs(cfg: ScoreConfig, storage) -> pa.Table:
             entries = list_entries(source, storage)
     except (OSError, FileNotFoundError) as e:
         raise SystemicFailure(f"cannot list input {cfg.input}: {str(e).splitlines()[0]}") from e
-    if entries.num_rows == 0 and is_s3(source) and not source.endswith(".parquet"):
+    if entries.num_rows == 0 and is_s3(source) and not source.endswith((".parquet", ".csv")):
         raise SystemicFailure(f"input {cfg.input} holds no object: check the bucket and the prefix")
     if entries.num_rows == 0:
         log.warning("input %s is empty: nothing to score", cfg.input)
     return entries
+
+
+def is_inventory(source: str, storage) -> bool:
+    """An S3 Inventory report: a .parquet or .csv whose columns include bucket and key (a cxr
+    manifest has a uri column instead)."""
+    if not source.endswith((".parquet", ".csv")):
+        return False
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(source, storage)
+    if source.endswith(".csv"):
+        with fs.open_input_stream(path) as f:
+            header = f.read(4096).decode("utf-8", "replace").splitlines()[0]
+        names = [n.strip().strip('"') for n in header.split(",")]
+    else:
+        names = pq.read_schema(fs.open_input_file(path)).names
+    return {"bucket", "key"} <= set(names) and "uri" not in names
 
 
 def check_writable(output: str, storage) -> None:
@@ -135,32 +158,65 @@ class ScoringPlan:
     sizes: tuple[int, int | None]
     fill: int
     listed: int             # inputs in the listing
-    inputs: pa.Table        # those not yet scored with these models (ENTRY_SCHEMA)
+    inputs: pa.Table        # those whose current row is not from these models (ENTRY_SCHEMA)
+    why: dict[str, int]     # why they are scored: new, changed, retry, backfill (``why_new``)
     skip: set[str]          # (uri, sha256) keys of rows from before schema version 3
+    lease: Lease            # held until ``run_scoring`` ends
 
 
 def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
+    """Everything before Ray. Takes the output's lease: ``run_scoring`` releases it (call
+    ``plan.lease.release()`` if the plan is not run)."""
     storage, uri = platform.storage, platform.tracking_uri
     output = absolute_uri(cfg.output)
     job_id = cfg.job_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     classifier, card, segmenter, seg_card = resolve_models(uri, cfg.classifier, cfg.segmenter)
     check_output_outside_input(output, absolute_uri(cfg.input))
     check_writable(output, storage)
-    listing = list_inputs(cfg, storage)
-    done = committed(output, segmenter, classifier, storage)
+    lease = take_lease(output, job_id, storage, cfg.lease_ttl_s)
+    try:
+        finish_compactions(output, storage)
+        listing = list_inputs(cfg, storage)
+        index = scored_index(output, storage)
+    except BaseException:
+        lease.release()
+        raise
+    done = committed(output, segmenter, classifier, storage, index=index)
     inputs = new_work(listing, done)
     if cfg.limit:                 # at most this many new inputs per run: a limited run still progresses
         inputs = inputs.slice(0, cfg.limit)
+    why = why_new(inputs, index)
     skip = legacy_keys(done)
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
-    log.info("job %s: %d inputs, %d new for %s v%s%s", job_id, listing.num_rows, inputs.num_rows, classifier.name,
-             classifier.version, f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
+    log.info("job %s: %d inputs, %d to score (%s) for %s v%s%s", job_id, listing.num_rows, inputs.num_rows,
+             ", ".join(f"{k} {v}" for k, v in why.items()) or "none", classifier.name, classifier.version,
+             f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
     return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
-                       listing.num_rows, inputs, skip)
+                       listing.num_rows, inputs, why, skip, lease)
+
+
+def take_lease(output: str, job_id: str, storage, ttl_s: float) -> Lease:
+    """The output's lease, or a ``SystemicFailure`` naming the job that holds it."""
+    lease = Lease(output, job_id, storage, ttl_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as e:
+        raise SystemicFailure(str(e)) from e
+    except OSError as e:
+        raise SystemicFailure(f"cannot take the lease of output {output}: {str(e).splitlines()[0]}") from e
+    return lease
 
 
 def run_scoring(plan: ScoringPlan) -> dict:
-    """Score the plan's new inputs (Ray must be up if there are any); returns the summary of this job's rows."""
+    """Score the plan's new inputs (Ray must be up if there are any), then release the lease;
+    returns the summary of what this job wrote."""
+    try:
+        return _run(plan)
+    finally:
+        plan.lease.release()
+
+
+def _run(plan: ScoringPlan) -> dict:
     import ray
     from ray.data import ActorPoolStrategy, ExecutionResources, TaskPoolStrategy
 
@@ -178,6 +234,7 @@ def run_scoring(plan: ScoringPlan) -> dict:
         # its share of the object store (650 MiB seen on 2 cores): memory grew with the run.
         options = ray.data.DataContext.get_current().execution_options
         options.resource_limits = ExecutionResources.for_limits(object_store_memory=cfg.object_store_mb * 2**20)
+    sink = AtomicParquetSink(plan.output, run_date, plan.job_id, storage, cfg.rows_per_file)
     if plan.inputs.num_rows:      # nothing new: no decode task, no model actor
         ds = ray.data.from_items(plan.inputs.to_pylist())
         ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
@@ -197,20 +254,21 @@ def run_scoring(plan: ScoringPlan) -> dict:
                                    "job_id": plan.job_id, "threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
                                    "use_gpu": cfg.use_gpu, "cpu_bf16": cfg.cpu_bf16})
         try:
-            ds.write_datasink(AtomicParquetSink(plan.output, run_date, plan.job_id, storage))
+            ds.write_datasink(sink)
         except Exception as e:  # a task failed beyond Ray's retries: storage down, a model that cannot run
             # Parts committed so far stay valid; the next run scores only what is missing.
             raise SystemicFailure(f"pipeline failed (committed parts are kept; rerun to resume): "
                                   f"{pipeline_reason(e)}") from e
     seconds = time.perf_counter() - started
-    rows = read_scores(plan.output, storage, ["job_id", "status", "predicted_label", "screen_positive"]).to_pandas()
-    mine = rows[rows["job_id"] == plan.job_id]
+    if plan.lease.lost:
+        raise SystemicFailure(f"the lease of {plan.output} was lost while the job ran ({plan.lease.lost}): "
+                              "its rows are committed, but another job may have written beside it")
+    wrote = add_up(sink.summary.values())
     seg = plan.segmenter
-    return {"job_id": plan.job_id, "inputs": plan.listed, "skipped": plan.listed - len(mine),
-            "scored": len(mine), "by_status": mine["status"].value_counts().to_dict(),
-            "by_label": mine["predicted_label"].value_counts().to_dict(),
-            "screen_positive": int(mine["screen_positive"].eq(True).sum()),   # null: no threshold or an error
-            "seconds": seconds, "images_per_s": len(mine) / seconds if seconds > 0 else 0.0,
+    return {"job_id": plan.job_id, "inputs": plan.listed, "skipped": plan.listed - wrote["rows"],
+            "scored": wrote["rows"], "why": plan.why, "parts": len(sink.summary), "by_status": wrote["status"],
+            "by_label": wrote["label"], "screen_positive": wrote["screen_positive"],
+            "seconds": seconds, "images_per_s": wrote["rows"] / seconds if seconds > 0 else 0.0,
             "started_at": started_at, "output": plan.output,
             "segmenter": f"{seg.name} v{seg.version}" if seg else "none",
             "classifier": f"{plan.classifier.name} v{plan.classifier.version}"}
