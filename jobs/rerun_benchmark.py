@@ -7,9 +7,10 @@ Two modes:
   and those new files alone into a fresh output. Wall time of each, and whether the
   nothing-new rerun started Ray.
 - ``--synthetic M``: deciding what is new at M inputs with no model at all. An output holding M
-  committed rows (synthetic listing columns, no heatmaps) is written in parts, then
-  ``cxr.scoring.new_work`` anti-joins a listing of M + 1% entries against it. Reports the time
-  and the peak memory of this process.
+  committed rows (synthetic listing columns, no heatmaps) is written in parts, then the scoring
+  driver's own steps run on it: its current rows (``scored_index``), those of these models
+  (``committed``), the anti-join of a listing of M + 1% entries (``new_work``) and why each is
+  new (``why_new``). Reports the time and the peak memory of that process.
 
     python -m jobs.rerun_benchmark --images 2000 --input data/sample --out out/rerun
     python -m jobs.rerun_benchmark --synthetic 1000000 --out out/rerun
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from cxr.config import ScoreConfig
 from cxr.data.storage import ENTRY_SCHEMA, list_files
-from cxr.scoring import SCHEMA, ModelRef, committed, new_work
+from cxr.scoring import SCHEMA, ModelRef, committed, new_work, scored_index, why_new
 
 # cxr.workflows.benchmark (and torch with it) is imported where used: the decision's memory is
 # measured in a process that imports only what the scoring driver does.
@@ -54,8 +55,10 @@ def synthetic(n: int, out: Path) -> dict:
         columns.update(uri=pa.array([f"s3://archive/{i:09d}.dcm" for i in range(start, start + k)]),
                        source_size=pa.array(range(start, start + k), pa.int64()),
                        source_mtime_ns=pa.array([1_700_000_000_000_000_000] * k, pa.int64()),
-                       segmenter_version=pa.array(["1"] * k), classifier_version=pa.array(["2"] * k),
-                       status=pa.array(["ok"] * k))
+                       segmenter_name=pa.array(["s"] * k), segmenter_version=pa.array(["1"] * k),
+                       classifier_name=pa.array(["c"] * k), classifier_version=pa.array(["2"] * k),
+                       status=pa.array(["ok"] * k), job_id=pa.array([f"job-{start}"] * k),
+                       scored_at=pa.array([datetime(2026, 11, 27, tzinfo=timezone.utc)] * k, pa.timestamp("ms", "UTC")))
         pq.write_table(pa.table(columns, schema=SCHEMA), root / f"part-{start:09d}.parquet")
     # The decision runs in a fresh process, as a nightly driver would: its peak memory is the
     # listing's and the join's, not the writing of the synthetic output above.
@@ -73,13 +76,16 @@ def decide(n: int, out: str) -> None:
     started = time.perf_counter()
     listing = pa.table({"uri": [f"s3://archive/{i:09d}.dcm" for i in range(n + extra)],
                         "source_size": pa.array(range(n + extra), pa.int64()),
-                        "source_mtime_ns": pa.array([1_700_000_000_000_000_000] * (n + extra), pa.int64())},
-                       schema=ENTRY_SCHEMA)
+                        "source_mtime_ns": pa.array([1_700_000_000_000_000_000] * (n + extra), pa.int64()),
+                        "source_etag": pa.nulls(n + extra, pa.string()),
+                        "source_version_id": pa.nulls(n + extra, pa.string())}, schema=ENTRY_SCHEMA)
     listed = time.perf_counter()
-    new = new_work(listing, committed(str(Path(out) / "synthetic-scores"), ModelRef("", "s", "1", None, None),
-                                      ModelRef("", "c", "2", None, None)))
+    index = scored_index(str(Path(out) / "synthetic-scores"))
+    new = new_work(listing, committed("", ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None),
+                                      index=index))
+    why = why_new(new, index)
     done = time.perf_counter()
-    assert new.num_rows == extra, (new.num_rows, extra)
+    assert new.num_rows == extra and why == {"new": extra}, (new.num_rows, extra, why)
     print(json.dumps({"committed": n, "listed": n + extra, "new": new.num_rows,
                       "build_listing_seconds": listed - started, "decide_seconds": done - listed,
                       "peak_rss_gib": peak_rss_gib()}))
