@@ -233,9 +233,11 @@ class ScoreConfig:
     job_id: str | None = option(None, "job id recorded in every row (default: a new one)")
     rows_per_file: int = option(512, "rows per Parquet part (at least; the job's last parts may hold fewer): "
                                      "more rows, fewer files; a killed job redoes at most this many per write task")
-    lease_ttl_s: float = option(600.0, "a job holds the output's lease while it runs; another job waits out this "
-                                       "long without a heartbeat before taking it over (at once if the holder's "
-                                       "process on this host is gone)")
+    lease_ttl_s: float = option(120.0, "a job holds the output's lease while it runs, renewing it every third of "
+                                       "this; a lease without a heartbeat for this long is stale (at once if the "
+                                       "holder's process on this host is gone)")
+    lease_wait_s: float = option(0.0, "wait this long for another job's lease to end or go stale before giving "
+                                      "up (0: exit 1 at once; a retried cluster job should wait over lease_ttl_s)")
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ class CompactConfig:
     NAME: ClassVar[str] = "compact"
     output: str = option("out/scores", "the scores table (folder or s3:// prefix)")
     target_rows: int = option(50_000, "rows per merged part; parts under half of it are merged")
-    lease_ttl_s: float = option(600.0, "as for cxr score")
+    lease_ttl_s: float = option(120.0, "as for cxr score")
+    lease_wait_s: float = option(0.0, "as for cxr score")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,20 @@ class Lease:
                 pass
         return False
 
-    def acquire(self) -> None:
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lease, waiting up to ``wait_s`` for a held one to be released or go stale
+        (a retried pod on another host cannot see that the killed driver is gone)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._try_acquire()
+            except LeaseHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("waiting for the lease of %s", self.output)
+                time.sleep(max(0.05, min(10.0, self.ttl_s / 4, deadline - time.monotonic())))
+
+    def _try_acquire(self) -> None:
         for _ in range(5):          # a lost race re-reads the newest lease before giving up
             current = self.holder()
             if current is not None and not self.stale(current[1]):

@@ -19,8 +19,12 @@ from cxr.scores_table import compact
 def main(cfg: CompactConfig) -> int:
     storage, output = load_platform().storage, absolute_uri(cfg.output)
     try:
-        with Lease(output, f"compact-{uuid.uuid4().hex[:6]}", storage, cfg.lease_ttl_s):
+        lease = Lease(output, f"compact-{uuid.uuid4().hex[:6]}", storage, cfg.lease_ttl_s)
+        lease.acquire(cfg.lease_wait_s)
+        try:
             result = compact(output, storage, cfg.target_rows)
+        finally:
+            lease.release()
     except (LeaseHeld, OSError) as e:
         print(f"cxr compact: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -152,3 +152,18 @@ def test_a_missing_bucket_is_an_error_not_an_empty_listing(local_stack, storage)
 
     with pytest.raises(FileNotFoundError, match="bucket"):
         list_entries("s3://no-such-bucket-here/x", storage)
+
+
+def test_a_job_told_to_wait_takes_the_lease_when_it_is_released(tmp_path):
+    import threading
+
+    out = str(tmp_path / "scores")
+    first = Lease(out, "first", ttl_s=60)
+    first.acquire()
+    threading.Timer(1.0, first.release).start()
+    second = Lease(out, "second", ttl_s=60)
+    with pytest.raises(LeaseHeld):
+        second.acquire(wait_s=0.3)
+    second.acquire(wait_s=20)
+    assert second.generation == 1
+    second.release()

@@ -173,7 +173,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     classifier, card, segmenter, seg_card = resolve_models(uri, cfg.classifier, cfg.segmenter)
     check_output_outside_input(output, absolute_uri(cfg.input))
     check_writable(output, storage)
-    lease = take_lease(output, job_id, storage, cfg.lease_ttl_s)
+    lease = take_lease(output, job_id, storage, cfg.lease_ttl_s, cfg.lease_wait_s)
     try:
         finish_compactions(output, storage)
         listing = list_inputs(cfg, storage)
@@ -195,11 +195,11 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
                        listing.num_rows, inputs, why, skip, lease)
 
 
-def take_lease(output: str, job_id: str, storage, ttl_s: float) -> Lease:
+def take_lease(output: str, job_id: str, storage, ttl_s: float, wait_s: float = 0.0) -> Lease:
     """The output's lease, or a ``SystemicFailure`` naming the job that holds it."""
     lease = Lease(output, job_id, storage, ttl_s)
     try:
-        lease.acquire()
+        lease.acquire(wait_s)
     except LeaseHeld as e:
         raise SystemicFailure(str(e)) from e
     except OSError as e:
