@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
 import ray
 
 
 def init_ray() -> None:
-    """Join ``$RAY_ADDRESS`` (a cluster) if set, else start a local Ray.
+    """Join ``$RAY_ADDRESS`` (a cluster) if set, else start a local Ray listening on 127.0.0.1 only.
 
     The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether a
     training controller is still alive. Without it, every Tune trial that ASHA stops leaks its
@@ -16,7 +19,36 @@ def init_ray() -> None:
     training and scoring do not need it).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        dashboard = os.environ.get("CXR_RAY_DASHBOARD", "1") != "0"
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        # The cluster's dashboard and bind addresses are its head's: ray.init ignores them here.
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return
+    dashboard = os.environ.get("CXR_RAY_DASHBOARD", "1") != "0"
+    with loopback_node():
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level="WARNING",
+                 log_to_driver=True)
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """Around ``ray.init`` of a new local Ray: its node IP is 127.0.0.1, so the GCS, raylet,
+    agents and workers listen on loopback only (Ray binds to loopback when the node IP is
+    loopback, else to every interface).
+
+    Ray rewrites a loopback ``_node_ip_address`` to the machine's address unless multi-node
+    clusters are off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once at import), so the flag
+    that variable fills, a private one, is off for the start only: the started processes get
+    the IP as an argument, and nothing later in the process (joining a cluster) sees the flag.
+    tests/test_ray_cluster.py fails if a Ray upgrade changes this.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved

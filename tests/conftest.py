@@ -73,12 +73,16 @@ def sample_bucket(local_stack: LocalStack, sample_root: Path) -> str:
 def ray_local():
     """A real local Ray. num_cpus=4 over-subscribes the 2 cores logically, so a 2-worker
     TorchTrainer and Ray Data tasks in one session never wait on each other. The dashboard is on
-    for the state API that Ray Train's placement-group cleaner needs (see jobs/runtime.py)."""
+    for the state API that Ray Train's placement-group cleaner needs (see jobs/runtime.py). It
+    listens on 127.0.0.1 only, as init_ray's local Ray does."""
     import ray
 
+    from jobs.runtime import loopback_node
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
+    with loopback_node():
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 
