@@ -186,11 +186,16 @@ class Lease:
             self._thread.join()
         if self.generation is None or self.lost:
             return
-        fs, _ = filesystem_for(self._dir(), self.storage)
-        record = {**json.loads(self._record()), "released": True}
-        with fs.open_output_stream(filesystem_for(self._uri(self.generation), self.storage)[1]) as f:
-            f.write(json.dumps(record).encode())
-        for old in self._generations():
-            if old < self.generation:
-                fs.delete_file(filesystem_for(self._uri(old), self.storage)[1])
+        try:
+            fs, _ = filesystem_for(self._dir(), self.storage)
+            record = {**json.loads(self._record()), "released": True}
+            with fs.open_output_stream(filesystem_for(self._uri(self.generation), self.storage)[1]) as f:
+                f.write(json.dumps(record).encode())
+            for old in self._generations():
+                if old < self.generation:
+                    fs.delete_file(filesystem_for(self._uri(old), self.storage)[1])
+        except OSError as e:
+            # Never hides why a job ends: the lease then goes stale after ttl_s without heartbeats.
+            log.warning("could not release the lease of %s (it expires in %.0f s): %s", self.output, self.ttl_s,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
         self.generation = None

@@ -40,8 +40,20 @@ class FlakyProxy:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
+            def _body(self) -> bytes:
+                """The request body, also when sent in HTTP chunks (pyarrow uploads parts so)."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()                              # the CRLF after each chunk
+                while self.rfile.readline().strip():                   # trailers, up to the blank line
+                    pass
+                return b"".join(chunks)
+
             def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 proxy.requests.append((self.command, self.path))
                 if urlparse(self.path).path.lstrip("/") in forbidden:
                     return self._error(403, ACCESS_DENIED)
@@ -51,8 +63,10 @@ class FlakyProxy:
                     proxy.failed += 1
                     return self._error(503, SLOW_DOWN)
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
                 headers["Host"] = target.netloc
+                if body:
+                    headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 reply = conn.getresponse()
                 data = reply.read()

@@ -117,6 +117,25 @@ def test_the_lease_on_s3_uses_a_conditional_put(local_stack, storage):
         assert lease.generation == 8
 
 
+def test_a_lease_that_cannot_be_released_never_hides_how_the_job_ended(local_stack, tmp_path):
+    """The store fails as the job ends: release logs and leaves the lease to expire."""
+    from cxr.data.storage import StorageConfig
+    from tests.flaky_proxy import FlakyProxy
+
+    local_stack.create_bucket("cxr-lease")
+    down: set[str] = set()
+    with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9, down=down) as proxy:
+        storage = StorageConfig(s3_endpoint=proxy.endpoint, max_attempts=2)
+        lease = Lease("s3://cxr-lease/released", "job", storage, ttl_s=60)
+        lease.acquire()                                                 # a conditional PUT through the proxy
+        down.add(f"cxr-lease/released/_lease/{lease.generation:012d}.json")
+        generation = lease.generation
+        lease.release()                                                 # 503s: no exception
+    key = f"released/_lease/{generation:012d}.json"
+    record = json.loads(local_stack.s3_client().get_object(Bucket="cxr-lease", Key=key)["Body"].read())
+    assert "released" not in record and record["job_id"] == "job"      # left to expire
+
+
 def test_s3_listing_inventory_and_head_agree_on_identity(local_stack, storage, sample_root, tmp_path):
     """An input listed page by page, named in a manifest (HEAD) or in an S3 Inventory report has
     the same (uri, size, mtime): switching how the archive is listed never rescores it."""

@@ -1,6 +1,7 @@
 """Byte I/O against the real S3 server on loopback, through the same code path as local files."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -57,3 +58,39 @@ def test_prepare_data_on_an_s3_prefix_and_to_s3(local_stack, sample_bucket, stor
     assert prepare_data.main(cfg) == 0
     df = read_manifest("s3://cxr-out/manifests/manifest.parquet", storage)
     assert len(df) == 36 and df["sha256"].notna().all() and df["uri"].str.startswith("s3://").all()
+
+
+def test_odd_local_names_and_dead_links_are_listed_and_get_a_reason(tmp_path, sample_root):
+    """A file name that is not UTF-8 and a link that leads nowhere: each is an input with a row
+    that says why, never a listing that fails or skips it silently."""
+    from cxr.data.storage import list_entries
+    from cxr.scoring import decode_batch
+
+    real = sorted((sample_root / "covid").rglob("*.jpg"))[0]
+    (tmp_path / "good.jpg").write_bytes(real.read_bytes())
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:
+        f.write(real.read_bytes())
+    (tmp_path / "dead.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    listing = list_entries(str(tmp_path))
+    assert listing.num_rows == 3
+    rows = decode_batch(listing.to_pydict() | {"uri": np.array(listing["uri"].to_pylist(), dtype=object)},
+                        (64, None), 128, set(), 10**7, None)
+    reasons = dict(zip(rows["uri"], rows["error"]))
+    assert reasons[str(tmp_path / "good.jpg")] is None
+    assert reasons[str(tmp_path / "dead.jpg")].endswith("file not found")
+    assert "not valid UTF-8" in reasons[str(tmp_path / "caf\\xe9.jpg")]
+
+
+def test_s3_keys_with_empty_path_components_are_read(local_stack, storage, sample_root):
+    """S3 allows ``a//b.jpg``; pyarrow's paths do not: listed, described and read all the same."""
+    from cxr.data.storage import list_entries, read_bytes, stat_entries
+
+    local_stack.create_bucket("cxr-odd-keys")
+    data = sorted((sample_root / "covid").rglob("*.jpg"))[0].read_bytes()
+    local_stack.s3_client().put_object(Bucket="cxr-odd-keys", Key="arch/sub//double.jpg", Body=data)
+    uri = "s3://cxr-odd-keys/arch/sub//double.jpg"
+    assert list_entries("s3://cxr-odd-keys/arch", storage)["uri"].to_pylist() == [uri]
+    assert stat_entries([uri, "s3://cxr-odd-keys/arch/none.jpg"], storage).num_rows == 2   # the listing goes on
+    assert read_bytes(uri, storage, 10**7) == data
+    with pytest.raises(BadImageError, match="file too large"):
+        read_bytes(uri, storage, 100)

@@ -91,8 +91,16 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None, max_bytes: int | None
     still escapes is an infrastructure failure and is left to the caller.
     """
     fs, path = filesystem_for(uri, cfg)
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except pa.ArrowInvalid:
+        if not is_s3(uri):
+            raise
+        return _read_s3_object(uri, cfg or StorageConfig(), max_bytes)   # a key pyarrow cannot address
     if info.type == pafs.FileType.NotFound:
+        if not is_s3(uri) and "\\x" in uri:
+            raise BadImageError(uri, "file not found: its name is not valid UTF-8, so it is listed with \\x "
+                                     "escapes and cannot be opened by that name; rename the file")
         raise BadImageError(uri, "file not found")
     if info.type != pafs.FileType.File:
         raise BadImageError(uri, "not a regular file")
@@ -109,6 +117,26 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None, max_bytes: int | None
 
 # What a listing gives for free about an input: its identity for "is this new work?" is (uri,
 # size, mtime); the ETag and the version id (an S3 Inventory's) are kept for lineage.
+def _read_s3_object(uri: str, cfg: StorageConfig, max_bytes: int | None) -> bytes:
+    """Read through boto3 an S3 key that pyarrow refuses as a path (``a//b.jpg``: S3 keys may
+    hold empty path components; pyarrow's filesystem paths may not)."""
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    client = s3_client(cfg)
+    try:
+        size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        if max_bytes is not None and size > max_bytes:
+            raise BadImageError(uri, f"file too large: {size:,} bytes > limit {max_bytes:,}")
+        ranged = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None and size else {}
+        return client.get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
+    except client.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise BadImageError(uri, "file not found") from e
+        if code in ("403", "AccessDenied"):
+            raise OSError(f"ACCESS_DENIED: {e}") from e
+        raise OSError(str(e)) from e
+
+
 ENTRY_SCHEMA = pa.schema([("uri", pa.string()), ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()),
                           ("source_etag", pa.string()), ("source_version_id", pa.string())])
 MISSING_SIZE = -1        # what a listing records for an object that is not there
@@ -137,6 +165,10 @@ def list_entries(prefix: str, cfg: StorageConfig | None = None, page_rows: int =
 
 
 def _local_pages(root: str):
+    """(path, size, mtime_ns, None, None) per file. A link that leads nowhere, or a file gone
+    since the walk saw it, is listed with size -1: scoring makes "file not found" its row. A
+    name that is not valid UTF-8 is listed with \\x escapes (Arrow strings are UTF-8), which
+    also reads as "file not found", with the reason."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
@@ -145,10 +177,15 @@ def _local_pages(root: str):
             path = os.path.join(folder, name)
             try:
                 st = os.stat(path)
-            except OSError:          # gone since the walk saw it: not an input any more
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield path, st.st_size, st.st_mtime_ns, None, None
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                continue             # a socket, a fifo, a device: not a file to read
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                path, st = os.fsencode(path).decode("utf-8", "backslashreplace"), None
+            yield (path, MISSING_SIZE, 0, None, None) if st is None else (path, st.st_size, st.st_mtime_ns, None, None)
 
 
 def _s3_pages(path: str, cfg: StorageConfig):
@@ -161,8 +198,8 @@ def _s3_pages(path: str, cfg: StorageConfig):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 name = obj["Key"]
-                if name.endswith("/") or os.path.basename(name).startswith("."):   # folder markers, hidden
-                    continue
+                if (name.endswith("/") and not obj["Size"]) or os.path.basename(name.rstrip("/")).startswith("."):
+                    continue         # folder markers, hidden files (a "folder/" key with bytes is an input)
                 yield (f"s3://{bucket}/{name}", obj["Size"], int(obj["LastModified"].timestamp()) * 1_000_000_000,
                        obj.get("ETag", "").strip('"') or None, None)
     except client.exceptions.NoSuchBucket as e:
@@ -232,7 +269,7 @@ def stat_entries(uris: list[str], cfg: StorageConfig | None = None, chunk: int =
             part = indices[start:start + chunk]
             try:
                 infos = fs.get_file_info([filesystem_for(uris[j], cfg)[1] for j in part])
-            except OSError:           # one path the store will not describe fails the whole call
+            except (OSError, pa.ArrowInvalid):   # one path the store will not describe fails the whole call
                 infos = [_info_or_none(fs, filesystem_for(uris[j], cfg)[1]) for j in part]
             for i, info in zip(part, infos):
                 if info is not None and info.type == pafs.FileType.File:
@@ -245,7 +282,7 @@ def stat_entries(uris: list[str], cfg: StorageConfig | None = None, chunk: int =
 def _info_or_none(fs: pafs.FileSystem, path: str) -> pafs.FileInfo | None:
     try:
         return fs.get_file_info(path)
-    except OSError:
+    except (OSError, pa.ArrowInvalid):   # refused, or a key pyarrow cannot address (a//b)
         return None
 
 
