@@ -109,8 +109,8 @@ def is_inventory(source: str, storage) -> bool:
     fs, path = filesystem_for(source, storage)
     if source.endswith(".csv"):
         with fs.open_input_stream(path) as f:
-            header = f.read(4096).decode("utf-8", "replace").splitlines()[0]
-        names = [n.strip().strip('"') for n in header.split(",")]
+            lines = f.read(4096).decode("utf-8", "replace").splitlines()
+        names = [n.strip().strip('"') for n in (lines[0] if lines else "").split(",")]
     else:
         names = pq.read_schema(fs.open_input_file(path)).names
     return {"bucket", "key"} <= set(names) and "uri" not in names
@@ -175,9 +175,12 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     check_writable(output, storage)
     lease = take_lease(output, job_id, storage, cfg.lease_ttl_s, cfg.lease_wait_s)
     try:
-        finish_compactions(output, storage)
         listing = list_inputs(cfg, storage)
-        index = scored_index(output, storage)
+        try:
+            finish_compactions(output, storage)
+            index = scored_index(output, storage)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise SystemicFailure(f"cannot read the scores already in {output}: {str(e).splitlines()[0]}") from e
     except BaseException:
         lease.release()
         raise
