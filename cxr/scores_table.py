@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from cxr.data.storage import StorageConfig, filesystem_for, is_s3
+from cxr.data.storage import StorageConfig, filesystem_for
 
 log = logging.getLogger(__name__)
 

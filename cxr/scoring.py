@@ -27,8 +27,7 @@ from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
-from cxr.scores_table import (  # noqa: F401 - the table's names, re-exported for the scoring job's users
-    PARTITION, SCHEMA, SCHEMA_VERSION, AtomicParquetSink, current_rows, key, read_scores, to_schema)
+from cxr.scores_table import SCHEMA, SCHEMA_VERSION, current_rows, key, read_scores
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def why_new(work: pa.Table, index: pa.Table) -> dict[str, int]:
     differs = pc.fill_null(pc.or_(pc.not_equal(joined["source_size"], joined["old_size"]),
                                   pc.not_equal(joined["source_mtime_ns"], joined["old_mtime"])), False)
     changed = pc.and_(pc.and_(pc.invert(new), pc.invert(retry)), differs)
-    counts = {"new": pc.sum(new).as_py() or 0, "retry": pc.sum(retry).as_py() or 0, "changed": pc.sum(changed).as_py() or 0}
+    counts = {name: pc.sum(mask).as_py() or 0 for name, mask in (("new", new), ("retry", retry), ("changed", changed))}
     counts["backfill"] = joined.num_rows - sum(counts.values())
     return {k: v for k, v in counts.items() if v}
 

@@ -11,8 +11,8 @@ import typing
 
 from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, CompactConfig, EvaluateConfig,
                         ExportModelConfig, FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig,
-                        PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig, TrainBenchmarkConfig,
-                        TuneJobConfig, config_fields, load_config)
+                        PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig,
+                        TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
 # so `cxr --help` stays fast.

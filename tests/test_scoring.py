@@ -317,7 +317,8 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxr.scoring import ModelRef, committed, decode_batch, legacy_keys, to_schema
+    from cxr.scores_table import to_schema
+    from cxr.scoring import ModelRef, committed, decode_batch, legacy_keys
 
     big = str(sorted((sample_root / "covid").rglob("*.jpg"))[0])
     seg = ModelRef("models:/s/1", "s", "1", None, None)
@@ -341,7 +342,8 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxr.scoring import ModelRef, committed, legacy_keys, to_schema
+    from cxr.scores_table import to_schema
+    from cxr.scoring import ModelRef, committed, legacy_keys
 
     rows = {f.name: [None, None] for f in SCHEMA}
     rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
@@ -425,7 +427,8 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     import pyarrow.parquet as pq
 
     from cxr.data.storage import list_entries
-    from cxr.scoring import ModelRef, committed, new_work, to_schema
+    from cxr.scores_table import to_schema
+    from cxr.scoring import ModelRef, committed, new_work
 
     folder = tmp_path / "archive"
     folder.mkdir()
@@ -446,3 +449,24 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     os.utime(uris[0], (later, later))
     assert new_work(list_entries(str(folder)), committed(str(tmp_path / "scores"), seg, cls)).column("uri").to_pylist() \
         == uris[:1]
+
+
+def test_why_each_input_is_scored_again():
+    """new, changed, retry (a storage error is current), backfill (other models): counted apart."""
+    from cxr.data.storage import ENTRY_SCHEMA
+    from cxr.scores_table import to_schema
+    from cxr.scoring import ModelRef, committed, new_work, why_new
+
+    uris = ["s3://b/new.jpg", "s3://b/changed.jpg", "s3://b/refused.jpg", "s3://b/other-model.jpg", "s3://b/done.jpg"]
+    index = {f.name: [None] * 4 for f in SCHEMA}
+    index.update(uri=uris[1:], source_size=[10, 10, 10, 10], source_mtime_ns=[1, 1, 1, 1], qc_flags=[[]] * 4,
+                 error=[None, "S3 403 Forbidden (no permission to read this object): ...", None, None],
+                 segmenter_name=["s"] * 4, segmenter_version=["1"] * 4, classifier_name=["c", "c", "c-old", "c"],
+                 classifier_version=["2"] * 4, job_id=["j"] * 4)
+    index = to_schema(pa.Table.from_pydict(index, schema=SCHEMA))
+    listing = pa.table({"uri": uris, "source_size": [5, 11, 10, 10, 10], "source_mtime_ns": [1, 1, 1, 1, 1],
+                        "source_etag": [None] * 5, "source_version_id": [None] * 5}, schema=ENTRY_SCHEMA)
+    done = committed("", ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None), index=index)
+    work = new_work(listing, done)
+    assert sorted(work["uri"].to_pylist()) == sorted(uris[:4])
+    assert why_new(work, index) == {"new": 1, "changed": 1, "retry": 1, "backfill": 1}
