@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -64,17 +65,33 @@ class Lease:
 
     def _generations(self) -> list[int]:
         fs, path = filesystem_for(self._dir(), self.storage)
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except FileNotFoundError:        # created by a racer between the check and the listing
+            infos = []
         names = (os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def _read(self, generation: int) -> dict | None:
+        """The record of a generation; None if the file is gone. A file that is not a valid
+        record counts as held by an unknown job until ``ttl_s`` after it was last written:
+        unreadable must never mean free."""
         fs, path = filesystem_for(self._uri(generation), self.storage)
         try:
             with fs.open_input_stream(path) as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError):
+                record = json.loads(f.read())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return {**record, "heartbeat": float(record["heartbeat"]), "ttl_s": float(record["ttl_s"]),
+                    "job_id": str(record["job_id"])}
+        except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError):
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                return None
+            return {"job_id": "unknown (an unreadable lease file)", "host": "?", "pid": None,
+                    "heartbeat": (info.mtime_ns or 0) / 1e9, "ttl_s": self.ttl_s, "heartbeat_at": str(info.mtime)}
         except OSError as e:
             if "NoSuchKey" in str(e) or "does not exist" in str(e):
                 return None
@@ -98,18 +115,35 @@ class Lease:
                     return False
                 raise
             return True
-        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        # Local disk: the whole record is written to a file of our own, then linked to the
+        # generation's name. link(2) fails if the name exists, so the file appears complete,
+        # and only once (an open(..., "x") would show racers an empty file first).
+        tmp = self._scratch(uri)
         try:
-            with open(uri, "xb") as f:
-                f.write(self._record())
+            os.link(tmp, uri)
         except FileExistsError:
             return False
+        finally:
+            os.unlink(tmp)
         return True
 
-    def _write(self, generation: int) -> None:
-        fs, path = filesystem_for(self._uri(generation), self.storage)
-        with fs.open_output_stream(path) as f:
-            f.write(self._record())
+    def _scratch(self, uri: str, record: bytes | None = None) -> str:
+        """The record in a new file beside ``uri`` (a ``.tmp`` name readers do not take)."""
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        tmp = f"{uri}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(record or self._record())
+        return tmp
+
+    def _write(self, generation: int, record: bytes | None = None) -> None:
+        """Rewrite this generation's record whole: one PUT on S3, a rename over it on disk."""
+        uri = self._uri(generation)
+        if is_s3(uri):
+            fs, path = filesystem_for(uri, self.storage)
+            with fs.open_output_stream(path) as f:
+                f.write(record or self._record())
+        else:
+            os.replace(self._scratch(uri, record), uri)
 
     # --- the protocol ------------------------------------------------------------------------
 
@@ -125,7 +159,7 @@ class Lease:
             return True
         if (now or time.time()) - float(record.get("heartbeat", 0)) > float(record.get("ttl_s", 0)):
             return True
-        if record.get("host") == socket.gethostname():
+        if record.get("host") == socket.gethostname() and record.get("pid") is not None:
             try:
                 os.kill(int(record["pid"]), 0)
             except ProcessLookupError:
@@ -153,7 +187,7 @@ class Lease:
             if current is not None and not self.stale(current[1]):
                 generation, record = current
                 raise LeaseHeld(f"output {self.output} is being written by job {record['job_id']} "
-                                f"(host {record['host']}, pid {record['pid']}, last heartbeat "
+                                f"(host {record.get('host', '?')}, pid {record.get('pid', '?')}, last heartbeat "
                                 f"{record.get('heartbeat_at', '?')}); run again when it ends, or after "
                                 f"{record['ttl_s']:.0f} s without a heartbeat")
             generation = current[0] + 1 if current else 0
@@ -188,9 +222,7 @@ class Lease:
             return
         try:
             fs, _ = filesystem_for(self._dir(), self.storage)
-            record = {**json.loads(self._record()), "released": True}
-            with fs.open_output_stream(filesystem_for(self._uri(self.generation), self.storage)[1]) as f:
-                f.write(json.dumps(record).encode())
+            self._write(self.generation, json.dumps({**json.loads(self._record()), "released": True}).encode())
             for old in self._generations():
                 if old < self.generation:
                     fs.delete_file(filesystem_for(self._uri(old), self.storage)[1])

@@ -81,12 +81,20 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/"))
 
 
-def _pending_compactions(fs: pafs.FileSystem, root: str) -> list[tuple[str, dict]]:
+def _pending_compactions(fs: pafs.FileSystem, root: str) -> list[tuple[str, dict | None]]:
+    """(path, record) of each compaction record; record None if it is not readable: it was
+    written whole before its merged part, so such a record never had a merged part."""
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/{COMPACTION_DIR}", allow_not_found=True))
     pending = []
     for info in sorted((i for i in infos if i.path.endswith(".json")), key=lambda i: i.path):
-        with fs.open_input_stream(info.path) as f:
-            pending.append((info.path, json.loads(f.read())))
+        try:
+            with fs.open_input_stream(info.path) as f:
+                record = json.loads(f.read())
+            pending.append((info.path, record if isinstance(record, dict) and "sources" in record else None))
+        except FileNotFoundError:        # finished meanwhile
+            continue
+        except ValueError:
+            pending.append((info.path, None))
     return pending
 
 
@@ -101,7 +109,7 @@ def live_files(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
     files = {i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
              and not _hidden(os.path.relpath(i.path, root))}
     for _, record in _pending_compactions(fs, root):
-        if f"{root}/{record['target']}" in files:
+        if record and f"{root}/{record['target']}" in files:
             files -= {f"{root}/{s}" for s in record["sources"]}
     return fs, root, sorted(files)
 
@@ -111,14 +119,20 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     """The committed rows under ``output``, history included (with the ``scored_date``
     partition column); empty if none. ``columns`` and ``filter`` are pushed down to Parquet:
     the heatmaps are read only when asked for."""
-    fs, root, files = live_files(output, storage)
-    if not files:
-        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    # The current schema, given explicitly: parts written under an older version read with
-    # nulls in the columns added since, whichever part the dataset happens to open first.
-    dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
-                           partitioning=pads.partitioning(PARTITION, flavor="hive"), partition_base_dir=root)
-    return dataset.to_table(columns=columns, filter=filter)
+    for attempt in range(3):
+        fs, root, files = live_files(output, storage)
+        if not files:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        # The current schema, given explicitly: parts written under an older version read with
+        # nulls in the columns added since, whichever part the dataset happens to open first.
+        dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
+                               partitioning=pads.partitioning(PARTITION, flavor="hive"), partition_base_dir=root)
+        try:
+            return dataset.to_table(columns=columns, filter=filter)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            # A compaction deleted a part merged elsewhere after it was listed: list again.
 
 
 def current_rows(table: pa.Table) -> pa.Table:
@@ -169,6 +183,30 @@ def write_part(fs: pafs.FileSystem, root: str, relative: str, table: pa.Table) -
     fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
     pq.write_table(table, tmp, filesystem=fs, row_group_size=4096)
     fs.move(tmp, final)
+
+
+def _write_whole(fs: pafs.FileSystem, root: str, path: str, data: bytes) -> None:
+    """A small file that appears complete or not at all (one PUT on S3; a rename elsewhere)."""
+    if isinstance(fs, pafs.S3FileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{root}/{TMP_DIR}/_{uuid.uuid4().hex}"
+    fs.create_dir(f"{root}/{TMP_DIR}", recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def clear_scratch(output: str, storage: StorageConfig | None = None) -> int:
+    """Delete what killed writers left under ``_tmp/`` (local disk: S3 parts have no scratch).
+    Call it holding the output's lease, before writing: then nothing there is in use."""
+    fs, root = filesystem_for(output, storage)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{TMP_DIR}", allow_not_found=True))
+    left = [i.path for i in infos if i.type == pafs.FileType.File]
+    for path in left:
+        fs.delete_file(path)
+    return len(left)
 
 
 def part_summary(table: pa.Table) -> dict:
@@ -234,7 +272,7 @@ def finish_compactions(output: str, storage: StorageConfig | None = None) -> int
     root = root.rstrip("/")
     pending = _pending_compactions(fs, root)
     for path, record in pending:
-        if fs.get_file_info(f"{root}/{record['target']}").type == pafs.FileType.File:
+        if record and fs.get_file_info(f"{root}/{record['target']}").type == pafs.FileType.File:
             for source in record["sources"]:
                 if fs.get_file_info(f"{root}/{source}").type == pafs.FileType.File:
                     fs.delete_file(f"{root}/{source}")
@@ -269,8 +307,7 @@ def compact(output: str, storage: StorageConfig | None = None, target_rows: int 
             target = f"{folder}/part-compacted-{digest}.parquet"
             record = f"{root}/{COMPACTION_DIR}/{digest}.json"
             fs.create_dir(f"{root}/{COMPACTION_DIR}", recursive=True)
-            with fs.open_output_stream(record) as f:      # the log first: then the merged part
-                f.write(json.dumps({"sources": sources, "target": target}).encode())
+            _write_whole(fs, root, record, json.dumps({"sources": sources, "target": target}).encode())
             table = pa.concat_tables(to_schema(pq.read_table(f"{root}/{s}", filesystem=fs)) for s in sources)
             write_part(fs, root, target, table)
             for source in sources:

@@ -10,14 +10,21 @@ from __future__ import annotations
 import sys
 import uuid
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 from cxr.config import CompactConfig, load_platform
-from cxr.data.storage import absolute_uri
+from cxr.data.storage import absolute_uri, filesystem_for
 from cxr.lease import Lease, LeaseHeld
 from cxr.scores_table import compact
 
 
 def main(cfg: CompactConfig) -> int:
     storage, output = load_platform().storage, absolute_uri(cfg.output)
+    fs, root = filesystem_for(output, storage)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        print(f"cxr compact: no scores table at {cfg.output}", file=sys.stderr)
+        return 1
     try:
         lease = Lease(output, f"compact-{uuid.uuid4().hex[:6]}", storage, cfg.lease_ttl_s)
         lease.acquire(cfg.lease_wait_s)
@@ -25,7 +32,7 @@ def main(cfg: CompactConfig) -> int:
             result = compact(output, storage, cfg.target_rows)
         finally:
             lease.release()
-    except (LeaseHeld, OSError) as e:
+    except (LeaseHeld, OSError, pa.ArrowInvalid) as e:     # ArrowInvalid: a part that is not Parquet
         print(f"cxr compact: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     print(f"compacted {output}: {result['before']} parts -> {result['after']} ({result['merged']} merged)")

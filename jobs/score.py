@@ -41,11 +41,12 @@ def format_summary(s: dict) -> str:
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0]))) or "none"
 
+    later = f", {s['deferred']} left for later runs (--limit)" if s["deferred"] else ""
     return (f"score job {s['job_id']}: {s['inputs']} inputs, {s['scored']} scored ({counts(s['why'])}), "
-            f"{s['skipped']} already scored; "
+            f"{s['skipped']} already scored{later}; "
             f"status: {counts(s['by_status'])}; predicted: {counts(s['by_label'])}; "
-            f"COVID screen-positive: {s['screen_positive']}; "
-            f"{s['images_per_s']:.1f} images/s; {s['parts']} Parquet parts; models {s['segmenter']} + {s['classifier']}; output {s['output']}")
+            f"COVID screen-positive: {s['screen_positive']}; {s['images_per_s']:.1f} images/s; "
+            f"{s['parts']} Parquet parts; models {s['segmenter']} + {s['classifier']}; output {s['output']}")
 
 
 if __name__ == "__main__":

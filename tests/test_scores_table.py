@@ -186,3 +186,75 @@ def test_a_job_told_to_wait_takes_the_lease_when_it_is_released(tmp_path):
     second.acquire(wait_s=20)
     assert second.generation == 1
     second.release()
+
+
+def test_an_unreadable_lease_file_counts_as_held_until_its_ttl(tmp_path):
+    """A lease file caught half written, or damaged: never read as free while it is fresh."""
+    out = tmp_path / "scores"
+    (out / "_lease").mkdir(parents=True)
+    for content in (b"", b"[1, 2]", b'{"job_id": "j", "heartbeat": "soon"}'):
+        (out / "_lease" / "000000000003.json").write_bytes(content)
+        with pytest.raises(LeaseHeld, match="unknown"):
+            Lease(str(out), "next", ttl_s=60).acquire()
+    old = 1_000_000_000
+    os.utime(out / "_lease" / "000000000003.json", (old, old))        # written long ago: stale
+    with Lease(str(out), "next", ttl_s=60) as lease:
+        assert lease.generation == 4
+
+
+def _race(out: str, start: float, results) -> None:
+    import time
+
+    while time.time() < start:
+        pass
+    lease = Lease(out, f"job-{os.getpid()}", ttl_s=60)
+    try:
+        lease.acquire()
+        results.put("won")
+        time.sleep(0.3)
+    except LeaseHeld:
+        results.put("held")
+
+
+def test_of_racing_processes_exactly_one_takes_the_lease(tmp_path):
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(12):
+        out, results = str(tmp_path / f"scores-{round_}"), ctx.Queue()
+        start = time.time() + 0.2
+        racers = [ctx.Process(target=_race, args=(out, start, results)) for _ in range(4)]
+        for p in racers:
+            p.start()
+        outcomes = sorted(results.get(timeout=30) for _ in racers)
+        for p in racers:
+            p.join()
+        assert outcomes == ["held", "held", "held", "won"], (round_, outcomes)
+
+
+def test_an_unreadable_compaction_record_is_dropped_not_fatal(tmp_path):
+    """Records are written whole before their merged part: one that cannot be read never had one."""
+    out = _table(tmp_path / "scores", [_rows([f"u{i}"], "job", i) for i in range(3)])
+    (tmp_path / "scores" / COMPACTION_DIR).mkdir()
+    (tmp_path / "scores" / COMPACTION_DIR / "broken.json").write_bytes(b"")
+    assert len(read_scores(out)) == 3
+    assert compact(out, target_rows=10)["after"] == 1 and len(read_scores(out)) == 3
+    assert not os.listdir(tmp_path / "scores" / COMPACTION_DIR)
+
+
+def test_compact_names_a_missing_table_and_exits_1(tmp_path, capsys):
+    from cxr.config import CompactConfig
+    from jobs import compact as compact_job
+
+    assert compact_job.main(CompactConfig(output=str(tmp_path / "typo"))) == 1
+    assert "no scores table at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_an_inventory_csv_has_url_encoded_keys(tmp_path):
+    from cxr.data.storage import inventory_entries
+
+    (tmp_path / "inventory.csv").write_text(
+        "bucket,key,size,last_modified_date,e_tag\n"
+        "b,arch/with%20space%2Bplus%C3%A9.jpg,10,2026-11-27T10:14:36.000Z,abc\n")
+    assert inventory_entries(str(tmp_path / "inventory.csv"))["uri"].to_pylist() == ["s3://b/arch/with space+plusé.jpg"]

@@ -362,12 +362,15 @@ def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_mode
     the committed rows' listing columns, but never GETs an image; a changed file (new bytes,
     new size) is scored again."""
     s3 = local_stack.s3_client()
+    local_stack.create_bucket(BUCKET)
     keys = [f"meta/{p.name}" for p in _real_images(sample_root, 6)]
     for k, p in zip(keys, _real_images(sample_root, 6)):
         s3.put_object(Bucket=BUCKET, Key=k, Body=p.read_bytes())
     out = str(tmp_path / "scores")
-    first = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
-    assert first["scored"] == 6
+    first = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out, limit=4))
+    assert (first["scored"], first["deferred"], first["skipped"]) == (4, 2, 0)   # a backlog worked through
+    rest = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
+    assert (rest["scored"], rest["deferred"], rest["skipped"]) == (2, 0, 4)
     with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9) as proxy:
         monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
         again = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))

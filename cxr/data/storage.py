@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote_plus, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -210,7 +210,8 @@ INVENTORY_COLUMNS = {"bucket", "key"}
 
 
 def inventory_entries(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
-    """``ENTRY_SCHEMA`` rows from an S3 Inventory report (Parquet, or CSV with a header) with the
+    """``ENTRY_SCHEMA`` rows from an S3 Inventory report (Parquet, or CSV with a header and
+    URL-encoded keys, as S3 writes them) with the
     inventory's column names: ``bucket``, ``key``, ``size``, ``last_modified_date``, ``e_tag``,
     ``version_id``, and ``is_latest`` / ``is_delete_marker`` where versions are listed. Only
     those columns are read, and no object is asked for anything: the inventory is the listing.
@@ -222,8 +223,11 @@ def inventory_entries(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
     wanted = ["bucket", "key", "size", "last_modified_date", "e_tag", "version_id", "is_latest", "is_delete_marker"]
     if path.endswith(".csv"):
         with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f)
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"key": pa.string()}))
         table = table.select([c for c in wanted if c in table.column_names])
+        # S3 Inventory writes keys URL-encoded in its CSV files (not in Parquet or ORC).
+        keys = [unquote_plus(k) if k is not None else None for k in table["key"].to_pylist()]
+        table = table.set_column(table.column_names.index("key"), "key", pa.array(keys, pa.string()))
     else:
         names = pq.read_schema(fs.open_input_file(path)).names
         table = pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in names])

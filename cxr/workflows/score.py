@@ -21,7 +21,7 @@ from cxr.data.manifest import read_manifest
 from cxr.data.storage import (absolute_uri, filesystem_for, inventory_entries, is_s3, list_entries, stat_entries,
                               write_bytes)
 from cxr.lease import Lease, LeaseHeld
-from cxr.scores_table import AtomicParquetSink, add_up, finish_compactions
+from cxr.scores_table import AtomicParquetSink, add_up, clear_scratch, finish_compactions
 from cxr.scoring import (ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work, scored_index,
                          why_new)
 
@@ -158,6 +158,7 @@ class ScoringPlan:
     sizes: tuple[int, int | None]
     fill: int
     listed: int             # inputs in the listing
+    deferred: int           # of those to score, left for later runs by --limit
     inputs: pa.Table        # those whose current row is not from these models (ENTRY_SCHEMA)
     why: dict[str, int]     # why they are scored: new, changed, retry, backfill (``why_new``)
     skip: set[str]          # (uri, sha256) keys of rows from before schema version 3
@@ -178,6 +179,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
         listing = list_inputs(cfg, storage)
         try:
             finish_compactions(output, storage)
+            clear_scratch(output, storage)
             index = scored_index(output, storage)
         except (OSError, pa.ArrowInvalid) as e:
             raise SystemicFailure(f"cannot read the scores already in {output}: {str(e).splitlines()[0]}") from e
@@ -186,6 +188,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
         raise
     done = committed(output, segmenter, classifier, storage, index=index)
     inputs = new_work(listing, done)
+    unscored = inputs.num_rows
     if cfg.limit:                 # at most this many new inputs per run: a limited run still progresses
         inputs = inputs.slice(0, cfg.limit)
     why = why_new(inputs, index)
@@ -195,7 +198,7 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
              ", ".join(f"{k} {v}" for k, v in why.items()) or "none", classifier.name, classifier.version,
              f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
     return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
-                       listing.num_rows, inputs, why, skip, lease)
+                       listing.num_rows, unscored - inputs.num_rows, inputs, why, skip, lease)
 
 
 def take_lease(output: str, job_id: str, storage, ttl_s: float, wait_s: float = 0.0) -> Lease:
@@ -268,9 +271,10 @@ def _run(plan: ScoringPlan) -> dict:
                               "its rows are committed, but another job may have written beside it")
     wrote = add_up(sink.summary.values())
     seg = plan.segmenter
-    return {"job_id": plan.job_id, "inputs": plan.listed, "skipped": plan.listed - wrote["rows"],
-            "scored": wrote["rows"], "why": plan.why, "parts": len(sink.summary), "by_status": wrote["status"],
-            "by_label": wrote["label"], "screen_positive": wrote["screen_positive"],
+    return {"job_id": plan.job_id, "inputs": plan.listed, "deferred": plan.deferred,
+            "skipped": plan.listed - plan.deferred - wrote["rows"], "scored": wrote["rows"], "why": plan.why,
+            "parts": len(sink.summary), "by_status": wrote["status"], "by_label": wrote["label"],
+            "screen_positive": wrote["screen_positive"],
             "seconds": seconds, "images_per_s": wrote["rows"] / seconds if seconds > 0 else 0.0,
             "started_at": started_at, "output": plan.output,
             "segmenter": f"{seg.name} v{seg.version}" if seg else "none",
