@@ -121,3 +121,24 @@ class _Exploit:
     def __reduce__(self):
         import os
         return (os.system, (self.command,))
+
+
+def test_dice_on_an_archive_it_never_trained_on(tiny_models, full_data_root, tmp_path, capsys):
+    """jobs.segmenter_external: JSRT films and their SCR masks, at the card's size, one line per
+    archive and the JSON (a tiny untrained segmenter: the figures are not the point here)."""
+    import json
+
+    from cxr.data.manifest import jsrt_manifest
+    from jobs import segmenter_external
+
+    jsrt = jsrt_manifest(full_data_root)
+    assert len(jsrt) == 247 and jsrt["mask_uri"].notna().all() and set(jsrt["source"]) == {"jsrt"}
+    out = tmp_path / "jsrt.json"
+    assert segmenter_external.main(["--model", tiny_models["segmenter"], "--data", str(full_data_root),
+                                    "--limit", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["image_size"] == 64 and result["dice"]["jsrt"]["n"] == 4
+    assert 0 <= result["dice"]["jsrt"]["mean_ci_low"] <= result["dice"]["jsrt"]["mean"] <= 1
+    assert "jsrt" in capsys.readouterr().out
+    assert segmenter_external.main(["--model", "models:/no-such-segmenter/1", "--data", str(full_data_root),
+                                    "--limit", "1", "--out", str(out)]) == 1

@@ -102,6 +102,26 @@ def lungseg_manifest(root: Path) -> pd.DataFrame:
     })
 
 
+def jsrt_manifest(root: Path) -> pd.DataFrame:
+    """JSRT (Japan, digitised film) with SCR lung masks, ``external/jsrt``: an archive no cxr
+    model trains on, for the segmenter's cross-archive Dice. One film per patient, all adults."""
+    meta = pd.read_csv(root / "external" / "jsrt" / "pairs.csv", dtype=str)
+    folder = root / "external" / "jsrt"
+    return pd.DataFrame({
+        "uri": [str((folder / f).resolve()) for f in meta["image"]],
+        "label": None,
+        "patient_id": "jsrt:" + meta["stem"],
+        "source": "jsrt",
+        "view": meta["view"],
+        "age_group": "adult",
+        "split": "test",
+        "finding": meta["finding"],
+        "mask_uri": [str((folder / f).resolve()) for f in meta["mask"]],
+        "width": meta["width"].astype(int),
+        "height": meta["height"].astype(int),
+    })
+
+
 def csv_manifest(csv_uri: str, storage: StorageConfig | None = None) -> pd.DataFrame:
     """A user's labeled CSV with columns ``path,label,patient_id[,source]``.
 
