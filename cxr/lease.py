@@ -1,10 +1,11 @@
 """One writer per scores table: a lease that a second job cannot take while the first holds it.
 
-A lease is a small JSON file, ``OUTPUT/_lease/<generation>.json``, created with the store's own
-atomic create-if-absent (``open(..., "x")`` on local disk, a conditional PUT ``If-None-Match: *``
-on S3), so of two jobs that race for generation N+1 exactly one gets it. The holder rewrites its
-file every ``ttl_s / 3`` seconds (a heartbeat thread); a lease whose heartbeat is older than
-``ttl_s`` is stale, and so is one held by a process of this host that no longer exists (a
+A lease is a small JSON file, ``OUTPUT/_lease/<generation>.json``, created whole with the
+store's own atomic create-if-absent (link(2) of a written file on local disk, a conditional PUT
+``If-None-Match: *`` on S3), so of two jobs that race for generation N+1 exactly one gets it.
+The holder rewrites its file whole every ``ttl_s / 3`` seconds (a heartbeat thread); a lease
+whose heartbeat is older than ``ttl_s`` is stale (an unreadable one counts from its file's
+time), and so is one held by a process of this host that no longer exists (a
 kill -9): the next job takes generation N+1 at once instead of waiting out the ttl. Nothing is
 ever deleted to take a lease, so no job can delete a lease another has just taken.
 Readers of the table skip ``_lease/`` (names starting with ``_``).
