@@ -122,7 +122,8 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
     for attempt in range(3):
         fs, root, files = live_files(output, storage)
         if not files:
-            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+            empty = pa.unify_schemas([SCHEMA, PARTITION]).empty_table()
+            return empty if columns is None else empty.select(columns)
         # The current schema, given explicitly: parts written under an older version read with
         # nulls in the columns added since, whichever part the dataset happens to open first.
         dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),

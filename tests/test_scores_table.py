@@ -40,6 +40,7 @@ def test_the_current_row_of_an_input_is_its_newest(tmp_path):
     assert sorted(zip(current["uri"], current["job_id"], current["status"])) == [
         ("a", "job2", "error"), ("b", "job1", "ok"), ("c", "job2", "ok")]
     assert current_rows(SCHEMA.empty_table()).num_rows == 0
+    assert read_current(str(tmp_path / "no-table")).num_rows == 0      # every column, partition too
 
 
 def test_compaction_merges_small_parts_and_keeps_every_row(tmp_path):
