@@ -408,52 +408,48 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(args.real, args.max_file_mb, args.extra)
     write_local(cases, tmp / "archive")
     stack = LocalStack(tmp / "stack").start()
-    saved = {k: os.environ.get(k) for k in stack.env}
-    os.environ.update(stack.env)          # jobs read the endpoints from the environment, as in production
     report: dict = {}
     try:
-        write_s3(cases, stack)
-        manifest = tmp / "manifest.parquet"
-        manifest_uris = write_manifest(cases, manifest)
-        print(f"archive: {sum(c.on_disk and c.data is not None for c in cases)} files in {tmp / 'archive'}, "
-              f"{sum(c.on_s3 for c in cases)} objects in s3://{BUCKET}/{PREFIX}, "
-              f"{len(manifest_uris)} URIs in the manifest", flush=True)
-        segmenter = register_segmenter(stack.tracking_uri, unique("dirty-segmenter"))
-        models = {"segmenter": segmenter,
-                  "classifier": register_classifier(stack.tracking_uri, unique("dirty-classifier"), segmenter)}
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        direct = StorageConfig(s3_endpoint=stack.s3_endpoint, max_attempts=3)
-        records, results = {}, {}
-        for run in runs:
-            if run == "local":
-                records[run] = run_job(run, str(tmp / "archive"), str(tmp / "scores-local"), models, args, env, logs)
-            elif run == "s3":
-                records[run] = run_job(run, f"s3://{BUCKET}/{PREFIX}", f"s3://{OUT_BUCKET}/s3", models, args, env,
-                                       logs)
-            else:
-                with FlakyProxy(stack.s3_endpoint, fail_every=args.fail_every or 10**9,
-                                forbidden={f"{BUCKET}/{PREFIX}/{FORBIDDEN}"}) as proxy:
-                    # Scores written to S3 through the proxy too: its 503s hit the writes and the lease.
-                    records[run] = run_job(run, str(manifest), f"s3://{OUT_BUCKET}/manifest", models, args,
-                                           {**env, "CXR_S3_ENDPOINT": proxy.endpoint}, logs)
-                    records[run].update(proxy_503s=proxy.failed, proxy_requests=len(proxy.requests),
-                                        manifest_uris=len(manifest_uris))
-            output = records[run]["output"]
-            rows = read_rows(output, direct if output.startswith("s3://") else None)
-            results[run] = check_run(run, cases, rows, records[run])
-        kinds, table = kind_table(cases, results, runs)
-        report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": args.machine,
-                  "command": " ".join(["python -m jobs.dirty_archive", *(argv if argv is not None else sys.argv[1:])]),
-                  "max_file_mb": args.max_file_mb, "real_images": args.real, "extra": args.extra,
-                  "models": models, "seconds": round(time.perf_counter() - started, 1), "runs": records,
-                  "kinds": kinds}
+        with stack.exported():        # jobs read the endpoints from the environment
+            write_s3(cases, stack)
+            manifest = tmp / "manifest.parquet"
+            manifest_uris = write_manifest(cases, manifest)
+            print(f"archive: {sum(c.on_disk and c.data is not None for c in cases)} files in {tmp / 'archive'}, "
+                  f"{sum(c.on_s3 for c in cases)} objects in s3://{BUCKET}/{PREFIX}, "
+                  f"{len(manifest_uris)} URIs in the manifest", flush=True)
+            segmenter = register_segmenter(stack.tracking_uri, unique("dirty-segmenter"))
+            models = {"segmenter": segmenter,
+                      "classifier": register_classifier(stack.tracking_uri, unique("dirty-classifier"), segmenter)}
+            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+            direct = StorageConfig(s3_endpoint=stack.s3_endpoint, max_attempts=3)
+            records, results = {}, {}
+            for run in runs:
+                if run == "local":
+                    records[run] = run_job(run, str(tmp / "archive"), str(tmp / "scores-local"), models, args, env,
+                                           logs)
+                elif run == "s3":
+                    records[run] = run_job(run, f"s3://{BUCKET}/{PREFIX}", f"s3://{OUT_BUCKET}/s3", models, args, env,
+                                           logs)
+                else:
+                    with FlakyProxy(stack.s3_endpoint, fail_every=args.fail_every or 10**9,
+                                    forbidden={f"{BUCKET}/{PREFIX}/{FORBIDDEN}"}) as proxy:
+                        # Scores written to S3 through the proxy too: its 503s hit the writes and the lease.
+                        records[run] = run_job(run, str(manifest), f"s3://{OUT_BUCKET}/manifest", models, args,
+                                               {**env, "CXR_S3_ENDPOINT": proxy.endpoint}, logs)
+                        records[run].update(proxy_503s=proxy.failed, proxy_requests=len(proxy.requests),
+                                            manifest_uris=len(manifest_uris))
+                output = records[run]["output"]
+                rows = read_rows(output, direct if output.startswith("s3://") else None)
+                results[run] = check_run(run, cases, rows, records[run])
+            kinds, table = kind_table(cases, results, runs)
+            report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": args.machine,
+                      "command": " ".join(["python -m jobs.dirty_archive",
+                                           *(argv if argv is not None else sys.argv[1:])]),
+                      "max_file_mb": args.max_file_mb, "real_images": args.real, "extra": args.extra,
+                      "models": models, "seconds": round(time.perf_counter() - started, 1), "runs": records,
+                      "kinds": kinds}
     finally:
         stack.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         if args.keep:
             print(f"kept {tmp}")
         else:

@@ -46,15 +46,9 @@ def full_data_root() -> Path:
 def local_stack(tmp_path_factory: pytest.TempPathFactory):
     """A real MLflow server and a real S3 server on free loopback ports, for the whole session."""
     stack = LocalStack(tmp_path_factory.mktemp("stack")).start()
-    saved = {k: os.environ.get(k) for k in stack.env}
-    os.environ.update(stack.env)  # jobs read the endpoints from the environment, as in production
-    yield stack
+    with stack.exported():
+        yield stack
     stack.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ Used by the pytest fixtures (free ports, temporary folder) and by the demo:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -87,6 +89,21 @@ class LocalStack:
         """What a client needs to use this stack through mlflow.yaml."""
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "CXR_S3_ENDPOINT": self.s3_endpoint,
                 "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, **LOCAL_CREDENTIALS}
+
+    @contextlib.contextmanager
+    def exported(self) -> Iterator["LocalStack"]:
+        """``os.environ`` pointing at this stack for the block, as in production, where jobs
+        read the endpoints from the environment; restored after."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def start(self, timeout_s: float = 90) -> "LocalStack":
         self.root = Path(self.root).resolve()
