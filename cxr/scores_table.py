@@ -103,9 +103,7 @@ def live_files(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
     ``_``-folders, less the sources of a compaction whose merged part is already there."""
     fs, root = filesystem_for(output, storage)
     root = root.rstrip("/")
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return fs, root, []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))   # [] if no table
     files = {i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
              and not _hidden(os.path.relpath(i.path, root))}
     for _, record in _pending_compactions(fs, root):
