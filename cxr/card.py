@@ -104,12 +104,16 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The screening threshold on ``label``'s probability, chosen on validation data."""
+    """The screening threshold on ``label``'s probability, chosen on validation data. The
+    probabilities are softmax(logits / ``temperature``) (temperature scaling: 1 is none);
+    serving and evaluation apply it, so the threshold means what it meant when chosen. A cxr
+    that predates ``temperature`` refuses such a card (unknown field) rather than ignoring it."""
 
     threshold: float
     min_specificity: float
     chosen_on: str
     label: str = "covid"
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,9 @@ class ModelCard:
                 raise _fail("operating_point.threshold", f"must be a probability, got {op.threshold}")
             if not (math.isfinite(op.min_specificity) and 0 <= op.min_specificity <= 1):
                 raise _fail("operating_point.min_specificity", f"must be in [0, 1], got {op.min_specificity}")
+            if isinstance(op.temperature, bool) or not isinstance(op.temperature, (int, float)) or \
+                    not (math.isfinite(op.temperature) and 0.01 <= op.temperature <= 100):
+                raise _fail("operating_point.temperature", f"must be a number in [0.01, 100], got {op.temperature!r}")
         for i, d in enumerate(self.training_data):
             for name in ("name", "uri", "sha256"):
                 if not isinstance(getattr(d, name), str):
@@ -280,7 +287,7 @@ def _build(cls: type, raw: Any, path: str):
             if not _is_number(value) or not math.isfinite(value) or int(value) != value:
                 raise _fail(f"{path}.{name}", f"expected an integer, got {value!r}")
             value = int(value)
-        elif name in ("threshold", "min_specificity"):
+        elif name in ("threshold", "min_specificity", "temperature"):
             if not _is_number(value):
                 raise _fail(f"{path}.{name}", f"expected a number, got {value!r}")
             value = float(value)

@@ -109,6 +109,10 @@ class ClassifierTrainConfig:
     lr_gamma: float = option(0.9, "learning-rate decay factor")
     class_weighted: bool = option(True, "class-weighted cross entropy, w_i = N / (C * n_i)")
     augment: bool = option(True, "random rotation, scaling and brightness/contrast (on the training device)")
+    photometric: bool = option(False, "also random gamma, blur or sharpening, and noise, against archive style "
+                                      "(with augment)")
+    archive_balanced: bool = option(False, "weight each training image by 1 / its archive's image count, so every "
+                                           "archive weighs the same (manifests with an archive column)")
     init_weights: str | None = option(None, "initialise from a local state_dict file (.safetensors/.pth), e.g. ImageNet")
     num_workers: int = option(2, "Ray Train workers")
     use_gpu: bool = option(False, "one GPU per worker, bf16 autocast, channels_last")
@@ -401,6 +405,46 @@ class AblationConfig:
         "variants to run (see cxr/ablation.py for their definitions)")
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds: each variant runs once per seed")
     out: str = option("out/ablation", "folder for results.json and table.md")
+
+
+@dataclass(frozen=True)
+class CrossvalConfig:
+    """``cxr crossval``: leave-one-archive-out. For each archive a recipe trains on, a fold
+    fine-tunes without it, calibrates (temperature) and picks its threshold on the remaining
+    archives' validation split, and reports the held-out archive; writes per-image predictions,
+    per-fold JSON and a table, worst archive first. Resumable: a finished fold is kept."""
+
+    NAME: ClassVar[str] = "crossval"
+    finetune_config: str | None = option(None, "finetune YAML every fold starts from (e.g. a CPU preset)")
+    pretrain_run: str | None = option(None, "MLflow run id of the pretraining run every fold starts from")
+    manifests: str = option("out/manifests", "folder of the task manifests (tasks/<task>.parquet, tasks/archives)")
+    recipes: tuple[str, ...] = option(("paper", "screen"), "recipes to evaluate (cxr/crossval.py RECIPES)")
+    folds: tuple[str, ...] = option((), "only these held-out archives (default: every archive the recipe trains on, "
+                                        "then the fold holding none out)")
+    min_specificity: float = option(0.85, "each validation archive's specificity at the chosen threshold")
+    seed: int = option(0, "random seed of every fold")
+    n_boot: int = option(1000, "bootstrap resamples for the intervals")
+    out: str = option("out/crossval", "folder for predictions, fold results and table.md")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """``cxr calibrate``: fit a registered screen's (or classifier's) operating point to a site
+    from a small labelled sample of its own images: a temperature (when the sample has COVID
+    and other images) and the threshold giving the wanted specificity on its negatives. The
+    result is registered as a new classifier version, and its screen as a new cxr-screen
+    version, whose card records the site, the sample's digest and the figures with intervals."""
+
+    NAME: ClassVar[str] = "calibrate"
+    manifest: str = option(None, "the site's labelled sample: a CSV (path,label,patient_id) or a manifest "
+                                 "(.parquet); label covid or anything else")
+    model: str = option("models:/cxr-screen@champion", "registered screen or classifier to calibrate")
+    site: str = option(None, "name of the site, recorded in the card")
+    specificity: float = option(0.90, "specificity wanted on the site's negatives")
+    alias: str | None = option(None, "point this alias of cxr-screen at the calibrated screen (e.g. site-a)")
+    n_boot: int = option(1000, "bootstrap resamples for the intervals")
+    load_threads: int = option(4, "threads decoding the sample")
+    out: str | None = option(None, "also write the result as JSON here")
 
 
 # --- loading -------------------------------------------------------------------------------

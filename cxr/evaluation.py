@@ -14,6 +14,7 @@ from torch import nn
 from cxr import tracking
 from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
+from cxr.crossval import archive_report, calibrated, fit_temperature, worst_archive_threshold
 from cxr.data.storage import StorageConfig
 from cxr.metrics import auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
@@ -46,7 +47,7 @@ def card_screening(card: ModelCard) -> dict | None:
     op = card.operating_point
     if op is None or op.label != "covid":
         return None
-    return {"threshold": op.threshold, "min_specificity": op.min_specificity,
+    return {"threshold": op.threshold, "min_specificity": op.min_specificity, "temperature": op.temperature,
             "chosen_on": f"the model card ({op.chosen_on})"}
 
 
@@ -56,28 +57,41 @@ MIN_WITHIN = 5       # COVID and non-COVID images a subgroup needs before its AU
 
 def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
                         min_specificity: float, batch_size: int = 32) -> dict | None:
-    """A COVID-vs-rest operating point chosen on a validation split (``images``, ``rows``): the
-    threshold on the COVID probability with the highest sensitivity at specificity >=
-    ``min_specificity``. Chosen on the split's adult images where it holds enough of both
-    classes (adults are the population a screening goal is about, and pediatric negatives are
-    easy), else on all of it. None without COVID or without both classes."""
+    """A COVID-vs-rest operating point chosen on a validation split (``images``, ``rows``):
+    first a temperature that calibrates the probabilities (``cxr.crossval.fit_temperature``),
+    then the threshold on the calibrated COVID probability. With an ``archive`` column, the
+    threshold keeps specificity >= ``min_specificity`` in every archive of the split
+    (``worst_archive_threshold``: a new hospital is one archive, not the pool); without one,
+    the highest sensitivity at that specificity on the pool. Chosen on the split's adult
+    images where it holds enough of both classes (adults are the population a screening goal
+    is about, and pediatric negatives are easy), else on all of it. None without COVID or
+    without both classes."""
     classes = list(classes)
     if "covid" not in classes or rows.empty:
         return None
     probs, _ = predict(model, images, batch_size)
-    positive, score = rows["target"].to_numpy() == classes.index("covid"), probs[:, classes.index("covid")]
-    population = "all"
+    log_probs = np.log(np.clip(probs, 1e-12, None))
+    targets = rows["target"].to_numpy()
+    temperature = fit_temperature(log_probs, targets)
+    positive, score = targets == classes.index("covid"), calibrated(log_probs, temperature)[:, classes.index("covid")]
+    picked, population = np.ones(len(rows), bool), "all"
     if "age_group" in rows:
         adult = (rows["age_group"] == "adult").to_numpy()
         if positive[adult].sum() >= MIN_PER_CLASS and (~positive[adult]).sum() >= MIN_PER_CLASS:
-            positive, score, population = positive[adult], score[adult], "adult"
+            picked, population = adult, "adult"
+    positive, score = positive[picked], score[picked]
     if positive.all() or not positive.any():
         return None
-    # +inf (nothing reaches the specificity while calling anything positive) becomes the
-    # smallest float above 1: no probability reaches it either, and JSON and MLflow take it.
-    threshold = min(threshold_for_specificity(positive, score, min_specificity), float(np.nextafter(1.0, 2.0)))
-    return {"threshold": threshold, "min_specificity": min_specificity,
-            "chosen_on": f"validation, {population} images (n={len(positive)})"}
+    if "archive" in rows and rows["archive"].notna().all():
+        threshold, _ = worst_archive_threshold(positive, score, rows["archive"].to_numpy()[picked], min_specificity)
+        rule = "every archive"
+    else:
+        # +inf (nothing reaches the specificity while calling anything positive) becomes the
+        # smallest float above 1: no probability reaches it either, and JSON and MLflow take it.
+        threshold = min(threshold_for_specificity(positive, score, min_specificity), float(np.nextafter(1.0, 2.0)))
+        rule = "pooled"
+    return {"threshold": threshold, "min_specificity": min_specificity, "temperature": temperature,
+            "chosen_on": f"validation, {population} images (n={len(positive)}), {rule}"}
 
 
 def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
@@ -89,6 +103,8 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     that threshold; with ``source``/``view``, the COVID AUROC within them (``covid_auroc_within``)."""
     classes = list(classes)
     probs, _ = predict(model, images, batch_size)
+    if screening and screening.get("temperature", 1.0) != 1.0:      # as serving reports them
+        probs = calibrated(np.log(np.clip(probs, 1e-12, None)), screening["temperature"])
     y = rows["target"].to_numpy()
     report = {"n": int(len(y)), "classes": classes,
               "metrics": bootstrap_metrics(y, probs, classes, n_boot, seed),
@@ -106,6 +122,10 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
             if adult.any():
                 report["screening"]["adult"] = screening_metrics(positive[adult], score[adult],
                                                                  screening["threshold"], n_boot, seed)
+            if "archive" in rows and rows["archive"].notna().all():
+                per = pd.DataFrame({"archive": rows["archive"].to_numpy(), "is_covid": positive, "p_covid": score})
+                report["screening"]["archives"] = {str(a): archive_report(g, screening["threshold"], n_boot, seed)
+                                                   for a, g in per.groupby("archive")}
         within = covid_auroc_within(rows, positive, score, n_boot, seed)
         if within:
             report["covid_auroc_within"] = within
@@ -176,6 +196,9 @@ def summary_line(report: dict) -> str:
                 parts.append(f"at COVID threshold {sc['threshold']:.3f} (specificity >= {sc['min_specificity']} on "
                              f"{sc['chosen_on']}): {population} sensitivity {sc[population]['sensitivity']['value']:.3f} "
                              f"specificity {sc[population]['specificity']['value']:.3f}")
+        for archive, rates in sc.get("archives", {}).items():
+            cells = [f"{k} {rates[k]['value']:.3f}" for k in ("sensitivity", "specificity") if k in rates]
+            parts.append(f"archive {archive} ({rates['n_covid']} COVID, {rates['n_other']} other): " + " ".join(cells))
     for group, v in report.get("covid_auroc_within", {}).items():
         parts.append(f"COVID AUROC within {group} ({v['n_positive']} vs {v['n_negative']}) "
                      f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
@@ -199,6 +222,10 @@ def flat_metrics(report: dict, prefix: str = "test_") -> dict[str, float]:
         for name in ("sensitivity", "specificity"):
             if population in screening:
                 out[f"{prefix}screening_{population}_{name}"] = screening[population][name]["value"]
+    for archive, rates in screening.get("archives", {}).items():
+        for name in ("sensitivity", "specificity"):
+            if name in rates:
+                out[f"{prefix}screening_archive_{re.sub(r'[^A-Za-z0-9_.-]+', '_', archive)}_{name}"] = rates[name]["value"]
     for group, v in report.get("covid_auroc_within", {}).items():
         # MLflow metric names take letters, digits and _-./ only: "adult, view=PA" -> "adult_view_PA".
         out[f"{prefix}covid_auroc_within_{re.sub(r'[^A-Za-z0-9_./-]+', '_', group)}"] = v["value"]

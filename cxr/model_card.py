@@ -48,7 +48,7 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 | lung mask | {% if p.lung_mask %}yes: {{ p.segmenter_name }} v{{ p.segmenter_version }}, dilated {{ p.dilation_px }} px{% else %}no{% endif %} |
 | normalisation | x/255, mean {{ p.mean | list }}, std {{ p.std | list }} |
 {% if card.operating_point %}
-| operating point | {{ card.operating_point.label }} probability >= {{ "%.4f" | format(card.operating_point.threshold) }} (specificity >= {{ card.operating_point.min_specificity }} on {{ card.operating_point.chosen_on }}) |
+| operating point | {{ card.operating_point.label }} probability >= {{ "%.4f" | format(card.operating_point.threshold) }} (specificity >= {{ card.operating_point.min_specificity }} on {{ card.operating_point.chosen_on }}){% if card.operating_point.temperature != 1 %}, probabilities calibrated with temperature {{ "%.3f" | format(card.operating_point.temperature) }}{% endif %} |
 {% endif %}
 {% if card.init %}| initialised from | {{ card.init }} |
 {% endif %}

@@ -149,6 +149,7 @@ class Screen:
         op = classifier.card.operating_point
         self.covid = self.labels.index("covid") if "covid" in self.labels else None
         self.threshold = op.threshold if op is not None and op.label == "covid" else None
+        self.temperature = float(op.temperature) if op is not None else 1.0
         self.quality, self.storage = quality, storage
         self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         if self.device.type == "cuda":
@@ -178,6 +179,8 @@ class Screen:
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             probs, cams = predict_with_cam(self.classifier.model, x, heatmap_size or 7)
+        if self.temperature != 1.0:              # the card's calibration (cxr calibrate, fine-tuning)
+            probs = torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / self.temperature, dim=1)
         return (probs.float().cpu().numpy(), fraction.float().cpu().numpy() if fraction is not None else None,
                 heatmap_to_uint8(cams) if heatmap_size else None)
 

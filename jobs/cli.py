@@ -9,7 +9,7 @@ import os
 import sys
 import typing
 
-from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, CompactConfig, EvaluateConfig,
+from cxr.config import (AblationConfig, CalibrateConfig, CrossvalConfig, BenchmarkConfig, BootstrapConfig, CompactConfig, EvaluateConfig,
                         ExportModelConfig, FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig,
                         PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig,
                         TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
              "tune the fine-tuning learning rates, dropout and weight decay with Optuna on Ray Tune"),
     "ablation": (AblationConfig, "jobs.ablation",
                  "the paper's tables and the ablation: finetune over variants x seeds, mean +- std"),
+    "calibrate": (CalibrateConfig, "jobs.calibrate",
+                  "fit a screen's threshold (and temperature) to a site's labelled sample; register it for that site"),
+    "crossval": (CrossvalConfig, "jobs.crossval",
+                 "leave-one-archive-out: train without each archive, threshold without it, report on it"),
     "evaluate": (EvaluateConfig, "jobs.evaluate",
                  "evaluate a registered classifier on a labeled manifest: metrics with CIs, plots, Grad-CAM"),
     "score": (ScoreConfig, "jobs.score",

@@ -297,3 +297,32 @@ def test_tune_runs_nested_trials_writes_a_finetune_yaml_and_resumes(pretrained, 
     assert tune.main(dataclasses.replace(cfg, num_samples=3)) == 0
     study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert len(study.trials) == 3
+
+
+def test_crossval_trains_a_fold_without_its_archive_and_reports_on_it(pretrained, sample_manifests, tmp_path):
+    """Two folds of the screening recipe (archive-balanced, photometric augmentation) with the
+    tiny twin: holding out Montgomery, then holding out nothing. Resumable: a rerun trains nothing."""
+    from cxr.config import CrossvalConfig
+    from jobs import crossval
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(dict(TINY, stage1_epochs=1, stage2_epochs=1, storage_path=str(tmp_path / "ray"))))
+    cfg = CrossvalConfig(finetune_config=str(base), pretrain_run=pretrained.info.run_id, manifests=str(sample_manifests),
+                         recipes=("screen",), folds=("montgomery", "(none held out)"), n_boot=20, out=str(tmp_path / "cv"))
+    assert crossval.main(cfg) == 0
+    held = json.loads((tmp_path / "cv" / "screen" / "montgomery.json").read_text())
+    train = pd.read_parquet(tmp_path / "cv" / "screen" / "montgomery-train.parquet")
+    assert "montgomery" not in set(train["archive"]) and held["n_train"] == int((train["split"] == "train").sum())
+    assert set(held["archives"]) == {"montgomery"} and "specificity" in held["archives"]["montgomery"]
+    assert held["temperature"] > 0 and 0 <= held["threshold"] <= 1
+    predictions = pd.read_parquet(tmp_path / "cv" / "screen" / "montgomery.parquet")
+    montgomery = pd.read_parquet(sample_manifests / "tasks" / "archives.parquet").query("archive == 'montgomery'")
+    assert sorted(predictions["uri"]) == sorted(montgomery["uri"]) and predictions["p_covid"].between(0, 1).all()
+    run = MlflowClient(load_platform().tracking_uri).get_run(held["run_id"])
+    assert run.data.params["archive_balanced"] == "True" and run.data.params["photometric"] == "True"
+    everything = json.loads((tmp_path / "cv" / "screen" / "all.json").read_text())
+    assert everything["in_distribution_test"]["n_covid"] > 0          # the trained archives' test split
+    table_md = (tmp_path / "cv" / "table.md").read_text()
+    assert "| screen | montgomery | yes |" in table_md
+    mtime = (tmp_path / "cv" / "screen" / "montgomery.json").stat().st_mtime
+    assert crossval.main(cfg) == 0 and (tmp_path / "cv" / "screen" / "montgomery.json").stat().st_mtime == mtime

@@ -43,3 +43,22 @@ def classifier_augment_batch(images: torch.Tensor, degrees: float = 10.0, scale:
     contrast = uniform(1 - jitter, 1 + jitter).view(b, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean * brightness).clamp(0, 255)
+
+
+def photometric_augment_batch(images: torch.Tensor, gamma: tuple[float, float] = (0.7, 1.5), max_sharpen: float = 1.0,
+                              max_noise: float = 8.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Archive style, not anatomy: a random gamma, a random blur or sharpening (unsharp mask of
+    strength in [-1, ``max_sharpen``]: negative blurs), and Gaussian noise of a random standard
+    deviation up to ``max_noise`` grey levels, per image. ``images``: (B, C, H, W) float in
+    [0, 255]; returns the same. Each archive has its own detector, processing and contrast;
+    varying them in training makes them less useful as a shortcut."""
+    b, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (torch.rand(b, generator=generator, device=device) * (high - low) + low).view(b, 1, 1, 1)
+
+    out = 255.0 * (images / 255.0).clamp(0, 1) ** uniform(*gamma)
+    blurred = F.avg_pool2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    out = out + uniform(-1.0, max_sharpen) * (out - blurred)
+    noise = torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype)
+    return (out + noise * uniform(0.0, max_noise)).clamp(0, 255)

@@ -10,6 +10,7 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 import pyarrow as pa
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 from cxr.data.errors import BadImageError
 from cxr.data.storage import StorageConfig, filesystem_for, list_files, read_bytes
 
-SCHEMA_VERSION = "1"
+# 2: ``archive`` (the hospital or collection an image comes from, for leave-one-archive-out).
+SCHEMA_VERSION = "2"
 
 SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -26,6 +28,7 @@ SCHEMA = pa.schema([
     pa.field("label", pa.string()),              # null when unknown (scoring input)
     pa.field("patient_id", pa.string()),         # namespaced by dataset: "covid:42"
     pa.field("source", pa.string()),             # kermany/train, kermany/test, covid, montgomery, shenzhen, ...
+    pa.field("archive", pa.string()),            # kermany, covid/hannover, ..., montgomery, jsrt, tbx11k (ARCHIVES)
     pa.field("view", pa.string()),
     pa.field("age_group", pa.string()),          # adult, pediatric, unknown
     pa.field("split", pa.string()),              # train, val, test, or null
@@ -37,6 +40,20 @@ SCHEMA = pa.schema([
 ])
 
 KERMANY_LABELS = {"NORMAL": "normal", "BACTERIA": "bacterial", "VIRUS": "viral"}
+
+# Where the COVID collection's images were published, from the host of their ``url``: each is
+# a different set of hospitals, scanners and post-processing, so each is one archive for
+# leave-one-archive-out. Hannover's are a hospital's own export (ml-workgroup repository on
+# GitHub); the journals and case sites below the big four are pooled as "literature".
+COVID_ORIGINS = {"github.com": "hannover", "radiopaedia.org": "radiopaedia", "eurorad.org": "eurorad",
+                 "sirm.org": "sirm"}
+
+
+def covid_archive(url: str) -> str:
+    """``covid/<origin>`` of a COVID-collection image from its source url (``covid/literature``
+    for journals and other case sites)."""
+    host = urlparse(url if "//" in url else f"//{url}").netloc.lower().removeprefix("www.")
+    return f"covid/{COVID_ORIGINS.get(host, 'literature')}"
 
 
 def _blank_to_none(series: pd.Series) -> pd.Series:
@@ -59,6 +76,7 @@ def kermany_manifest(root: Path) -> pd.DataFrame:
         "label": meta["label"].map(KERMANY_LABELS),
         "patient_id": "kermany:" + meta["patient_id"],
         "source": "kermany/" + meta["split"],
+        "archive": "kermany",
         "view": "AP",                 # Kermany et al.: anterior-posterior films of children aged 1-5
         "age_group": "pediatric",
         "finding": meta["label"],
@@ -75,6 +93,7 @@ def covid_manifest(root: Path) -> pd.DataFrame:
         "label": None,
         "patient_id": "covid:" + meta["patientid"],
         "source": "covid",
+        "archive": [covid_archive(u) for u in meta["url"]],
         "view": meta["view"],
         "age_group": [_age_group(a) for a in meta["age"]],
         "finding": meta["finding"],
@@ -92,6 +111,7 @@ def lungseg_manifest(root: Path) -> pd.DataFrame:
         "label": None,
         "patient_id": "lungseg:" + meta["stem"].str.rsplit("_", n=1).str[0],
         "source": meta["source"].str.lower(),
+        "archive": meta["source"].str.lower(),
         "view": "PA",
         # The curated pairs.csv has no age; both sets are overwhelmingly adult screening films.
         "age_group": "adult",
@@ -112,11 +132,31 @@ def jsrt_manifest(root: Path) -> pd.DataFrame:
         "label": None,
         "patient_id": "jsrt:" + meta["stem"],
         "source": "jsrt",
+        "archive": "jsrt",
         "view": meta["view"],
         "age_group": "adult",
         "split": "test",
         "finding": meta["finding"],
         "mask_uri": [str((folder / f).resolve()) for f in meta["mask"]],
+        "width": meta["width"].astype(int),
+        "height": meta["height"].astype(int),
+    })
+
+
+def tbx11k_manifest(root: Path) -> pd.DataFrame:
+    """TBX11K (China), ``external/tbx11k``: 800 adult films, all with tuberculosis. No patient
+    ids upstream, so each image is its own patient."""
+    meta = pd.read_csv(root / "external" / "tbx11k" / "labels.csv", dtype=str, keep_default_na=False)
+    folder = root / "external" / "tbx11k"
+    return pd.DataFrame({
+        "uri": [str((folder / f).resolve()) for f in meta["image"]],
+        "label": None,
+        "patient_id": "tbx11k:" + meta["stem"],
+        "source": "tbx11k",
+        "archive": "tbx11k",
+        "view": "PA",
+        "age_group": "adult",
+        "finding": "tuberculosis",
         "width": meta["width"].astype(int),
         "height": meta["height"].astype(int),
     })

@@ -6,9 +6,17 @@
 - ``deconfounded-4class`` / ``-3class``: dataset II plus adult negatives (lungseg normals,
   "No Finding" and non-COVID pneumonias from the COVID collection), because in dataset II every
   non-COVID image is pediatric and every COVID image is adult.
+- ``screen-4class``: the screening champion's task: the de-confounded set plus JSRT's films
+  without a nodule as adult normals, so its negatives come from every archive with a 4-class label.
+- ``archives``: the cross-archive evaluation set (``cxr crossval``): every image whose COVID
+  status is known, from every archive, ``label`` covid or other (tuberculosis and nodule films
+  included: a screen must leave them negative). Kermany's train folder is left out: it is
+  what every recipe pretrains on.
 
 One split is drawn over the union of kermany/test, covid and lungseg, so every task and the
-segmenter's lungseg split agree: an image is in the same split wherever it appears.
+segmenter's lungseg split agree: an image is in the same split wherever it appears. The
+external archives (JSRT, TBX11K; absent from the shipped sample) get their own split with the
+same fractions, so adding them left every other image's split as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr.data.manifest import covid_manifest, kermany_manifest, lungseg_manifest
+from cxr.data.manifest import covid_manifest, jsrt_manifest, kermany_manifest, lungseg_manifest, tbx11k_manifest
 from cxr.data.splits import assign_splits
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
@@ -48,7 +56,22 @@ def base_manifests(root: Path) -> dict[str, pd.DataFrame]:
     covid["label"] = covid["finding"].map(covid_collection_label)
     lungseg = lungseg_manifest(root)
     lungseg["label"] = lungseg["finding"]
-    return {"kermany": kermany, "covid": covid, "lungseg": lungseg}
+    bases = {"kermany": kermany, "covid": covid, "lungseg": lungseg}
+    if (root / "external" / "jsrt").is_dir():
+        bases["jsrt"] = jsrt_manifest(root).assign(split=None, label=None)
+    if (root / "external" / "tbx11k").is_dir():
+        bases["tbx11k"] = tbx11k_manifest(root)
+    return bases
+
+
+def is_covid(frame: pd.DataFrame) -> pd.Series:
+    """COVID-19 truth per row: True, False, or NA where unknown (the COVID collection's
+    unlabelled "todo" rows). Only the COVID collection holds COVID-19 images."""
+    covid_source = frame["source"] == "covid"
+    truth = pd.Series(False, index=frame.index, dtype="boolean")
+    truth[covid_source] = frame.loc[covid_source, "finding"].str.startswith("COVID-19")
+    truth[covid_source & (frame["finding"] == "todo")] = pd.NA
+    return truth
 
 
 def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fractions: Mapping[str, float],
@@ -61,6 +84,7 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     seen dataset II's test patients.
     """
     kermany, covid, lungseg = bases["kermany"].copy(), bases["covid"].copy(), bases["lungseg"].copy()
+    external = [bases[name].copy() for name in ("jsrt", "tbx11k") if name in bases]
 
     source = kermany[kermany["source"] == "kermany/train"].copy()
     if exclude_shared_patients:
@@ -73,7 +97,10 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     universe["split"] = assign_splits(universe.assign(stratum=strata), fractions, seed, stratify="stratum")
     split_of = dict(zip(universe["uri"], universe["split"]))
     split_of.update(zip(source["uri"], source["split"]))
-    for frame in (kermany, covid, lungseg):
+    for frame in external:
+        strata = frame["archive"] + ":" + frame["finding"]
+        split_of.update(zip(frame["uri"], assign_splits(frame.assign(stratum=strata), fractions, seed, stratify="stratum")))
+    for frame in (kermany, covid, lungseg, *external):
         frame["split"] = frame["uri"].map(split_of).astype(object)
         frame.loc[frame["split"].isna(), "split"] = None
 
@@ -84,15 +111,23 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     adult_normals = universe[universe["source"].isin(["montgomery", "shenzhen"]) & (universe["finding"] == "normal")]
     adult_normals = adult_normals.assign(label="normal")
     deconfounded = pd.concat([dataset2, adult_negatives, adult_normals], ignore_index=True)
+    jsrt_normals = [f[f["finding"] == "no nodule"].assign(label="normal") for f in external if (f["archive"] == "jsrt").all()]
+    screen = pd.concat([deconfounded, *jsrt_normals], ignore_index=True)
+    evaluable = pd.concat([kermany[kermany["source"] == "kermany/test"], covid, lungseg, *external], ignore_index=True)
+    truth = is_covid(evaluable)
+    archives = evaluable[truth.notna()].assign(label=truth[truth.notna()].map({True: "covid", False: "other"}))
 
     def three_class(df: pd.DataFrame) -> pd.DataFrame:
         return df.assign(label=df["label"].map(TO_3CLASS))
 
     return {
         "kermany": kermany, "covid": covid, "lungseg": lungseg,
+        **{frame["archive"].iloc[0]: frame for frame in external},
         "tasks/source": source.reset_index(drop=True),
         "tasks/dataset2-4class": dataset2.reset_index(drop=True),
         "tasks/dataset2-3class": three_class(dataset2).reset_index(drop=True),
         "tasks/deconfounded-4class": deconfounded,
         "tasks/deconfounded-3class": three_class(deconfounded),
+        "tasks/screen-4class": screen,
+        "tasks/archives": archives.reset_index(drop=True),
     }

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cxr import tracking
 from cxr.config import ClassifierTrainConfig, PlatformConfig, config_fields
-from cxr.data.augment import classifier_augment_batch
+from cxr.data.augment import classifier_augment_batch, photometric_augment_batch
 from cxr.models import build_model
 from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
 from cxr.preprocess import classifier_input
@@ -60,30 +60,43 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
             "classes": list(cfg.classes), "image_size": cfg.image_size}
 
 
-def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, pin: bool) -> DataLoader:
+def make_loader(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int, shuffle: bool,
+                pin: bool) -> DataLoader:
     # Pinned host memory lets Ray Train's loader copy the next batch to the GPU on its own
     # stream while the current one trains.
     with warnings.catch_warnings():
         # The arrays are zero-copy views of Ray's object store, hence read-only; batches are
         # gathered into new tensors and nothing writes to these, so no copy is needed.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+        dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(weights))
     return ray.train.torch.prepare_data_loader(
         DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
                    pin_memory=pin))
 
 
+def weighted_loss(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """The batch's cross entropy with per-image ``weights`` (all ones unless archive-balanced):
+    sum(w_i * l_i) / sum(w_i * c_i), where ``criterion`` (reduction "none") may carry class
+    weights c; with all w_i equal this is exactly ``nn.CrossEntropyLoss``'s weighted mean."""
+    class_w = criterion.weight[labels] if criterion.weight is not None else torch.ones_like(weights)
+    return (criterion(logits, labels) * weights).sum() / (class_w * weights).sum()
+
+
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, device: torch.device, memory_format: torch.memory_format,
-               augment_generator: torch.Generator | None) -> torch.Tensor:
+               labels: torch.Tensor, weights: torch.Tensor, device: torch.device, memory_format: torch.memory_format,
+               augment_generator: torch.Generator | None, photometric: bool = False) -> torch.Tensor:
     """One optimiser step on a batch of (B, 1, H, W) uint8 images already on ``device``;
-    augmented when a generator is given. Returns the detached loss, left on the device."""
+    augmented when a generator is given (style too with ``photometric``). Returns the detached
+    loss, left on the device."""
     x = images.float()
     if augment_generator is not None:
         x = classifier_augment_batch(x, generator=augment_generator)
+        if photometric:
+            x = photometric_augment_batch(x, generator=augment_generator)
     x = classifier_input(x).contiguous(memory_format=memory_format)
     with autocast(device):
-        loss = criterion(model(x).float(), labels)
+        loss = weighted_loss(criterion, model(x).float(), labels, weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -92,7 +105,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
 
 def train_loop_per_worker(config: dict) -> None:
     """``config``: {"cfg": config fields, "platform": PlatformConfig, "run_id": MLflow run or None,
-    "data": ObjectRef of {"train": (images, labels), "val": (images, labels)},
+    "data": ObjectRef of {"train": (images, labels, weights), "val": (images, labels, weights)},
     "init_state": ObjectRef of a state_dict or None}."""
     names = {f.name for f in config_fields(ClassifierTrainConfig)}
     cfg = ClassifierTrainConfig(**{k: v for k, v in config["cfg"].items() if k in names})
@@ -115,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     weights = class_weights(data["train"][1], len(cfg.classes)) if cfg.class_weighted else None
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, reduction="none")
     meta = model_meta(cfg)
     best_val_loss, epoch = float("inf"), 0
 
@@ -135,9 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
             freeze_batchnorm(model)
             # Sums stay on the device: a .item() per step would stall the GPU once a step.
             loss_sum, n_seen = torch.zeros((), device=device), 0
-            for images, labels in train_loader:
-                loss = train_step(model, criterion, optimizer, images, labels, device, memory_format,
-                                  generator if cfg.augment else None)
+            for images, labels, image_weights in train_loader:
+                loss = train_step(model, criterion, optimizer, images, labels, image_weights, device, memory_format,
+                                  generator if cfg.augment else None, cfg.photometric)
                 loss_sum += loss * len(labels)
                 n_seen += len(labels)
             scheduler.step()
@@ -147,11 +160,11 @@ def train_loop_per_worker(config: dict) -> None:
             model.eval()
             val_loss_sum, correct, n_val = torch.zeros((), device=device), torch.zeros((), device=device), 0
             with torch.no_grad():
-                for images, labels in val_loader:
+                for images, labels, image_weights in val_loader:
                     x = classifier_input(images).contiguous(memory_format=memory_format)
                     with autocast(device):
                         logits = model(x).float()
-                    val_loss_sum += criterion(logits, labels) * len(labels)
+                    val_loss_sum += weighted_loss(criterion, logits, labels, image_weights) * len(labels)
                     correct += (logits.argmax(1) == labels).sum()
                     n_val += len(labels)
             val_loss_sum, correct = val_loss_sum.item(), correct.item()

@@ -34,11 +34,28 @@ def task_rows(manifest: pd.DataFrame, classes: Sequence[str], max_train_images: 
     return rows.reset_index(drop=True)
 
 
-def by_split(rows: pd.DataFrame, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (images, targets)} for every split present."""
+def archive_weights(rows: pd.DataFrame) -> np.ndarray:
+    """Per-image weights that make every archive weigh the same within each split: 1 / the
+    number of the split's images from the image's archive, scaled to mean 1. Without this, the
+    largest archive (Kermany's children, here) sets most of what the loss rewards."""
+    if "archive" not in rows or rows["archive"].isna().any():
+        raise ValueError("archive-balanced training needs an archive for every row (manifest schema 2)")
+    count = rows.groupby(["split", "archive"])["uri"].transform("size").to_numpy(dtype=float)
+    weights = 1.0 / count
+    for split in rows["split"].unique():
+        picked = (rows["split"] == split).to_numpy()
+        weights[picked] *= picked.sum() / weights[picked].sum()
+    return weights.astype(np.float32)
+
+
+def by_split(rows: pd.DataFrame, images: np.ndarray,
+             weights: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{split: (images, targets, per-image loss weights)} for every split present; the weights
+    are ones unless given (``archive_weights``)."""
+    weights = np.ones(len(rows), dtype=np.float32) if weights is None else weights
     out = {}
     for split in SPLITS:
         picked = (rows["split"] == split).to_numpy()
         if picked.any():
-            out[split] = (np.ascontiguousarray(images[picked]), rows["target"].to_numpy()[picked])
+            out[split] = (np.ascontiguousarray(images[picked]), rows["target"].to_numpy()[picked], weights[picked])
     return out

@@ -47,17 +47,19 @@ def throughput_loop_per_worker(config: dict) -> None:
     n = b * (warmup + steps)
     images = rng.integers(0, 256, (n, 1, config["image_size"], config["image_size"]), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, n).astype(np.int64)
-    criterion = nn.CrossEntropyLoss(weight=class_weights(labels, CLASSES).to(device))
+    weights = np.ones(n, dtype=np.float32)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(labels, CLASSES).to(device), reduction="none")
     generator = torch.Generator(device=device).manual_seed(0)
-    one_batch = (torch.from_numpy(images[:b]).to(device), torch.from_numpy(labels[:b]).to(device))
+    one_batch = (torch.from_numpy(images[:b]).to(device), torch.from_numpy(labels[:b]).to(device),
+                 torch.from_numpy(weights[:b]).to(device))
 
     def images_per_s(net: nn.Module, batches, augment: bool) -> float:
         net.train()
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y, w) in enumerate(batches):
             if i == warmup:
                 _sync(device)
                 started = time.perf_counter()
-            train_step(net, criterion, optimizer, x, y, device, memory_format, generator if augment else None)
+            train_step(net, criterion, optimizer, x, y, w, device, memory_format, generator if augment else None)
         _sync(device)
         return steps * b / (time.perf_counter() - started)
 
@@ -65,7 +67,7 @@ def throughput_loop_per_worker(config: dict) -> None:
     results = {"step": images_per_s(model, repeated(), augment=False),
                "step_augment": images_per_s(model, repeated(), augment=True),
                "loader_augment_step": images_per_s(
-                   model, make_loader(images, labels, b, shuffle=True, pin=cuda), augment=True)}
+                   model, make_loader(images, labels, weights, b, shuffle=True, pin=cuda), augment=True)}
     if config.get("compile"):
         try:
             results["compiled_step_augment"] = images_per_s(torch.compile(model), repeated(), augment=True)

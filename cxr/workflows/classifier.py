@@ -30,7 +30,7 @@ from cxr.plots import loss_curves
 from cxr.screen import Preprocess
 from cxr.train.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
-from cxr.train.classifier_data import by_split, task_rows
+from cxr.train.classifier_data import archive_weights, by_split, task_rows
 from cxr.train.common import ray_storage
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Task:
     preprocessing: Preprocessing
     manifest: pd.DataFrame
     digest: str
+    preprocess: Preprocess | None = None     # how ``images`` were made: for more images made the same way
 
 
 def check_classifier(cfg: ClassifierTrainConfig) -> None:
@@ -66,10 +67,11 @@ def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> Task:
         prep = Preprocessing.for_classifier(cfg.image_size, True, segmenter.name, segmenter.version, dilation)
     else:
         prep = Preprocessing.for_classifier(cfg.image_size)
-    images, fraction = Preprocess(prep, segmenter).prepare(rows["uri"].tolist(), platform.storage, cfg.load_threads)
+    preprocess = Preprocess(prep, segmenter)
+    images, fraction = preprocess.prepare(rows["uri"].tolist(), platform.storage, cfg.load_threads)
     if segmenter is not None:
         rows["lung_fraction"] = fraction
-    return Task(rows, images, prep, manifest, manifest_digest(manifest))
+    return Task(rows, images, prep, manifest, manifest_digest(manifest), preprocess)
 
 
 def initial_state(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple[dict | None, str]:
@@ -85,7 +87,7 @@ def initial_state(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple
 
 def put_task(cfg: ClassifierTrainConfig, task: Task, init_state: dict | None) -> tuple[ray.ObjectRef, ray.ObjectRef | None]:
     """The train/val arrays and the initial weights, in Ray's object store (once, for many trials)."""
-    data = by_split(task.rows, task.images)
+    data = by_split(task.rows, task.images, archive_weights(task.rows) if cfg.archive_balanced else None)
     missing = {"train", "val"} - set(data)
     if missing:
         raise ValueError(f"{cfg.manifest}: no rows in split(s) {sorted(missing)}")

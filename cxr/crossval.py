@@ -1,0 +1,216 @@
+"""Leave-one-archive-out: the recipes, the folds, the operating point, and the tables.
+
+An archive is where an image comes from (``archive`` column of the manifests: Kermany, each
+origin inside the COVID collection, Montgomery, Shenzhen, JSRT, TBX11K). For each archive a
+recipe trains on, one fold trains without it, chooses its threshold without it, and reports on
+all of it; archives the recipe never trains on are reported by the fold that holds nothing out.
+The workflow that trains the folds is ``cxr.workflows.crossval``; everything here is numpy,
+pandas and scikit-learn on its per-image predictions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+
+from cxr.metrics import auroc_interval, screening_metrics
+
+LABELS_4 = ("covid", "normal", "bacterial", "viral")
+
+# name -> the task manifest it trains on, and its finetune overrides over the --finetune-config.
+RECIPES: dict[str, dict] = {
+    # The paper's protocol: dataset II (Kermany's children + the COVID collection), lung-masked.
+    "paper": {"task": "dataset2-4class", "overrides": {}},
+    # Adult negatives added, no mask: the best of the earlier ablation (docs/RESULTS.md).
+    "deconfounded-nomask": {"task": "deconfounded-4class", "overrides": {"segmenter": "none"}},
+    # The screening recipe: every archive's labelled adults, no mask, each archive weighted
+    # the same, and photometric augmentation against archive style.
+    "screen": {"task": "screen-4class",
+               "overrides": {"segmenter": "none", "archive_balanced": True, "photometric": True}},
+}
+
+GOAL_SENSITIVITY = 0.90      # on a held-out archive with COVID
+GOAL_SPECIFICITY = 0.85      # on a held-out archive without, at the same threshold
+MIN_ARCHIVE_NEGATIVES = 5    # a validation archive with fewer negatives joins the "small archives" group
+MIN_FOR_AUROC = 5            # COVID and other images an archive needs before its AUROC is reported
+ALL = "(none held out)"
+
+
+def check_recipes(names) -> None:
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; choices: {sorted(RECIPES)}")
+
+
+def plan_folds(task: pd.DataFrame, min_images: int = 20) -> list[str]:
+    """The archives to hold out, one fold each (largest first), then ``ALL``: every archive of
+    the task's train/val rows with at least ``min_images`` images whose removal still leaves
+    COVID and non-COVID images to train on."""
+    rows = task[task["split"].isin(["train", "val"])]
+    folds = []
+    for archive, n in rows["archive"].value_counts().items():
+        rest = rows.loc[rows["archive"] != archive, "label"]
+        if n >= min_images and (rest == "covid").any() and (rest != "covid").any():
+            folds.append(str(archive))
+    return [*folds, ALL]
+
+
+def fold_task(task: pd.DataFrame, held_out: str) -> pd.DataFrame:
+    """The training rows of a fold: the task's train and val rows outside the held-out archive."""
+    keep = task["split"].isin(["train", "val"]) & (task["archive"] != held_out)
+    return task[keep].reset_index(drop=True)
+
+
+def fold_evaluation(universe: pd.DataFrame, task: pd.DataFrame, held_out: str) -> pd.DataFrame:
+    """The rows a fold reports on, with ``held_out`` True where the fold never saw the archive:
+    all of its archive; for ``ALL``, the archives the task never trains on, and the test split
+    of those it does (in-distribution, for comparison)."""
+    if held_out != ALL:
+        return universe[universe["archive"] == held_out].assign(held_out=True)
+    trained = set(task["archive"])
+    outside = ~universe["archive"].isin(trained)
+    inside_test = universe["archive"].isin(trained) & (universe["split"] == "test")
+    return universe[outside | inside_test].assign(held_out=outside[outside | inside_test])
+
+
+# --- calibration and the operating point ---------------------------------------------------------
+
+def fit_temperature(log_probs: np.ndarray, targets: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising the negative log-likelihood of
+    softmax(logits / T) on a validation split. ``log_probs`` are log-softmax outputs, which
+    are logits up to a per-row constant, so softmax(log_probs / T) is the same thing."""
+    def nll(log_t: float) -> float:
+        z = log_probs / math.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(z)), targets] - np.log(np.exp(z).sum(axis=1))).mean())
+    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+
+
+def fit_temperature_binary(log_probs: np.ndarray, column: int, is_positive: np.ndarray) -> float:
+    """Temperature scaling from a yes/no sample (a site's COVID or not, whose negatives need not
+    be one of the model's classes): the T minimising the binary log-loss of column ``column``
+    of softmax(log_probs / T)."""
+    is_positive = np.asarray(is_positive, bool)
+
+    def nll(log_t: float) -> float:
+        p = np.clip(calibrated(log_probs, math.exp(log_t))[:, column], 1e-12, 1 - 1e-12)
+        return float(-np.where(is_positive, np.log(p), np.log(1 - p)).mean())
+    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+
+
+def calibrated(log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    z = log_probs / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray,
+                            min_specificity: float) -> tuple[float, dict[str, float]]:
+    """The lowest threshold at which every validation archive keeps specificity >=
+    ``min_specificity`` (the highest of the per-archive thresholds), and those thresholds.
+    Archives with fewer than ``MIN_ARCHIVE_NEGATIVES`` negatives are pooled as one group.
+    A pooled threshold is set by the largest archive's negatives, and a new hospital is
+    more like one archive than like the pool."""
+    is_positive, score, archives = np.asarray(is_positive, bool), np.asarray(score, float), np.asarray(archives)
+    negatives = pd.Series(archives[~is_positive]).value_counts()
+    small = set(negatives[negatives < MIN_ARCHIVE_NEGATIVES].index)
+    group = np.array(["(small archives)" if a in small else a for a in archives])
+    per_group = {}
+    for g in np.unique(group[~is_positive]):
+        neg = score[(group == g) & ~is_positive]
+        per_group[str(g)] = specificity_threshold(neg, min_specificity)
+    threshold = max(per_group.values()) if per_group else 0.5
+    return min(threshold, float(np.nextafter(1.0, 2.0))), per_group
+
+
+def specificity_threshold(negatives: np.ndarray, specificity: float, conformal: bool = False) -> float:
+    """The lowest threshold (``score >= threshold`` is positive) leaving at least a fraction
+    ``specificity`` of ``negatives`` below it; with ``conformal``, of new negatives from the
+    same distribution, on average: the ceil((n + 1) * s)-th smallest score instead of the
+    ceil(n * s)-th (the plain quantile of n scores falls short by about 1 / n). Just above the
+    largest score when n is too small for that."""
+    scores = np.sort(np.asarray(negatives, float))
+    if not len(scores):
+        return 0.5
+    k = math.ceil(((len(scores) + 1) if conformal else len(scores)) * specificity - 1e-9)
+    return float(np.nextafter(scores[min(max(k, 1), len(scores)) - 1], np.inf))
+
+
+def local_threshold(negatives: np.ndarray, specificity: float) -> float:
+    """A threshold from a site's own negatives that gives specificity >= ``specificity`` on
+    its new negatives, on average over samples (``specificity_threshold``, conformal)."""
+    return specificity_threshold(negatives, specificity, conformal=True)
+
+
+def local_negatives_curve(negatives: np.ndarray, sizes, specificity: float = 0.90, repeats: int = 200,
+                          seed: int = 0, positives: np.ndarray | None = None) -> list[dict]:
+    """How many local negatives a site needs: for each sample size n, ``repeats`` draws of n
+    negatives fix ``local_threshold``; the specificity it gives on the site's other negatives
+    (mean and 5th percentile over draws), and the sensitivity on ``positives`` (mean) if given."""
+    negatives = np.asarray(negatives, float)
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        if n >= len(negatives):
+            continue
+        specs, sens = [], []
+        for _ in range(repeats):
+            picked = rng.permutation(len(negatives))
+            sample, rest = negatives[picked[:n]], negatives[picked[n:]]
+            t = local_threshold(sample, specificity)
+            specs.append(float((rest < t).mean()))
+            if positives is not None and len(positives):
+                sens.append(float((np.asarray(positives) >= t).mean()))
+        out.append({"n": int(n), "specificity_mean": float(np.mean(specs)),
+                    "specificity_p05": float(np.percentile(specs, 5)),
+                    "sensitivity_mean": float(np.mean(sens)) if sens else float("nan")})
+    return out
+
+
+# --- per-archive report ---------------------------------------------------------------------------
+
+def archive_report(rows: pd.DataFrame, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
+    """One archive's figures from its per-image ``p_covid`` and ``is_covid``: counts, AUROC
+    where it holds at least ``MIN_FOR_AUROC`` of both classes, and sensitivity / specificity at ``threshold``, with 95%
+    bootstrap intervals."""
+    positive, score = rows["is_covid"].to_numpy(bool), rows["p_covid"].to_numpy(float)
+    out = {"n_covid": int(positive.sum()), "n_other": int((~positive).sum())}
+    rates = screening_metrics(positive, score, threshold, n_boot, seed)
+    if positive.any():
+        out["sensitivity"] = rates["sensitivity"]
+    if (~positive).any():
+        out["specificity"] = rates["specificity"]
+    if min(positive.sum(), (~positive).sum()) >= MIN_FOR_AUROC:
+        out["auroc"] = auroc_interval(positive, score, n_boot, seed)
+    return out
+
+
+def shortfall(report: dict) -> float:
+    """How far an archive is from its goal (negative: short of it); the table's sort key."""
+    gaps = [report[k]["value"] - goal for k, goal in (("sensitivity", GOAL_SENSITIVITY),
+                                                      ("specificity", GOAL_SPECIFICITY)) if k in report]
+    return min(gaps) if gaps else 0.0
+
+
+def _cell(metric: dict | None) -> str:
+    if not metric or not np.isfinite(metric["value"]):
+        return "-"
+    return f"{metric['value']:.2f} [{metric['low']:.2f}, {metric['high']:.2f}]"
+
+
+def archive_table(results: list[dict]) -> str:
+    """Markdown, one row per recipe and held-out archive, worst first within a recipe."""
+    lines = ["| recipe | held-out archive | fold trained without it | COVID / other | AUROC | sensitivity | "
+             "specificity | goal met |", "|---|---|---|---|---|---|---|---|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in results):
+        rows = sorted((r for r in results if r["recipe"] == recipe), key=lambda r: shortfall(r["report"]))
+        for r in rows:
+            rep = r["report"]
+            met = "yes" if shortfall(rep) >= 0 else "no"
+            lines.append(f"| {recipe} | {r['archive']} | {r['fold']} | {rep['n_covid']} / {rep['n_other']} | "
+                         f"{_cell(rep.get('auroc'))} | {_cell(rep.get('sensitivity'))} | "
+                         f"{_cell(rep.get('specificity'))} | {met} |")
+    return "\n".join(lines)

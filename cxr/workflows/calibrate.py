@@ -1,0 +1,152 @@
+"""``cxr calibrate``: a registered screen's operating point fitted to one site's labelled sample,
+registered as new classifier and screen versions (``calibrate``). The figures come from
+``cxr.crossval``'s calibration functions, as in the leave-one-archive-out runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr import tracking
+from cxr.card import OperatingPoint
+from cxr.classification import inference_device, predict
+from cxr.config import CalibrateConfig, PlatformConfig
+from cxr.crossval import calibrated, fit_temperature_binary, local_negatives_curve, local_threshold
+from cxr.data.manifest import csv_manifest, manifest_digest, read_manifest
+from cxr.data.storage import read_bytes
+from cxr.metrics import screening_metrics
+from cxr.screen import Preprocess
+from cxr.workflows.screen import components, register_screen
+
+log = logging.getLogger(__name__)
+
+MIN_NEGATIVES = 10           # fewer cannot place a threshold at any useful specificity
+MIN_FOR_TEMPERATURE = 5      # COVID and other images a sample needs before a temperature is fitted to it
+CURVE_SIZES = (10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
+
+
+class CalibrationInputError(ValueError):
+    """The sample cannot calibrate anything (missing labels, too few negatives, no COVID class)."""
+
+
+def site_sample(cfg: CalibrateConfig, platform: PlatformConfig) -> pd.DataFrame:
+    """The sample's rows with ``is_covid``; a row without a label is left out."""
+    if cfg.manifest.endswith(".parquet"):
+        rows = read_manifest(cfg.manifest, platform.storage)
+    else:
+        rows = csv_manifest(cfg.manifest, platform.storage)
+    rows = rows[rows["label"].notna()].reset_index(drop=True)
+    if (rows["label"] != "covid").sum() < MIN_NEGATIVES:
+        raise CalibrationInputError(f"{cfg.manifest}: {int((rows['label'] != 'covid').sum())} labelled non-COVID "
+                                    f"images; a threshold needs at least {MIN_NEGATIVES}")
+    if "sha256" not in rows or rows["sha256"].isna().any():
+        import hashlib
+
+        rows["sha256"] = [hashlib.sha256(read_bytes(u, platform.storage)).hexdigest() for u in rows["uri"]]
+    return rows.assign(is_covid=(rows["label"] == "covid").to_numpy())
+
+
+def needed_negatives(curve: list[dict], specificity: float, slack: float = 0.05) -> int | None:
+    """The fewest local negatives whose threshold keeps specificity >= ``specificity - slack``
+    in 95% of draws (None if no sample size tried does)."""
+    return next((c["n"] for c in curve if c["specificity_p05"] >= specificity - slack), None)
+
+
+def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
+    """Score the sample, fit, register; returns the figures and the new versions."""
+    uri = platform.tracking_uri
+    rows = site_sample(cfg, platform)
+    classifier, segmenter = components(uri, cfg.model)
+    labels = list(classifier.card.labels)
+    if "covid" not in labels:
+        raise CalibrationInputError(f"{cfg.model} has no covid class to screen for")
+    covid = labels.index("covid")
+    prep = classifier.card.preprocessing
+    images, _ = Preprocess(prep, segmenter if prep.lung_mask else None).prepare(
+        rows["uri"].tolist(), platform.storage, cfg.load_threads)
+    model = classifier.model.to(inference_device())
+    probs, _ = predict(model, images)
+    log_probs = np.log(np.clip(probs, 1e-12, None))
+    positive = rows["is_covid"].to_numpy(bool)
+
+    before_op = classifier.card.operating_point
+    before_t = before_op.temperature if before_op else 1.0
+    before = None
+    if before_op is not None:
+        before = screening_metrics(positive, calibrated(log_probs, before_t)[:, covid], before_op.threshold,
+                                   cfg.n_boot)
+    fit_t = positive.sum() >= MIN_FOR_TEMPERATURE and (~positive).sum() >= MIN_FOR_TEMPERATURE
+    temperature = fit_temperature_binary(log_probs, covid, positive) if fit_t else before_t
+    score = calibrated(log_probs, temperature)[:, covid]
+    threshold = local_threshold(score[~positive], cfg.specificity)
+    after = screening_metrics(positive, score, threshold, cfg.n_boot)
+    curve = local_negatives_curve(score[~positive], CURVE_SIZES, cfg.specificity,
+                                  positives=score[positive] if positive.any() else None)
+    digest = manifest_digest(rows.assign(label=np.where(positive, "covid", "other"), split=None))
+    result = {
+        "site": cfg.site, "model": cfg.model, "sample": cfg.manifest, "sample_sha256": digest,
+        "n_covid": int(positive.sum()), "n_other": int((~positive).sum()),
+        "before": {"threshold": before_op.threshold if before_op else None, "temperature": before_t,
+                   **({k: before[k] for k in ("sensitivity", "specificity")} if before else {})},
+        "after": {"threshold": threshold, "temperature": temperature,
+                  "temperature_fitted": bool(fit_t), **{k: after[k] for k in ("sensitivity", "specificity")}},
+        "specificity_wanted": cfg.specificity, "curve": curve,
+        "needed_negatives": needed_negatives(curve, cfg.specificity),
+    }
+    card = dataclasses.replace(
+        classifier.card,
+        operating_point=OperatingPoint(threshold, cfg.specificity, f"site {cfg.site}: {result['n_other']} local "
+                                       f"negatives, sample {digest[:12]}", "covid", temperature),
+        metrics={**classifier.card.metrics, "calibration": {k: v for k, v in result.items() if k != "curve"}})
+    name = platform.registered_models["classifier"]
+    with tracking.tracked_run(uri, platform.experiments.get("screen", "cxr-screen"), f"calibrate-{cfg.site}",
+                              tags={"cxr.job": "calibrate", "cxr.site": cfg.site, "cxr.source": cfg.model},
+                              artifact_location=platform.artifact_location) as run_id:
+        tracking.log_dict(uri, run_id, result, "calibration.json")
+        tracking.log_metrics(uri, run_id, {"threshold": threshold, "temperature": temperature,
+                                           "sample_specificity": after["specificity"]["value"]})
+        version = tracking.register_model(uri, name, run_id, classifier.model, card)
+    seg_uri = f"models:/{segmenter.name}/{segmenter.version}" if segmenter and segmenter.version else None
+    result["classifier"] = f"models:/{name}/{version}"
+    result["screen"] = f"models:/{platform.registered_models.get('screen', 'cxr-screen')}/" + register_screen(
+        platform, result["classifier"], seg_uri, cfg.alias)
+    return result
+
+
+def summary(result: dict) -> str:
+    """What a person reads: before and after, and how many local images were needed."""
+    def rate(part: dict, name: str) -> str:
+        m = part.get(name)
+        return "-" if not m or not math.isfinite(m["value"]) else f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+    out = io.StringIO()
+    b, a = result["before"], result["after"]
+    print(f"site {result['site']}: {result['n_covid']} COVID and {result['n_other']} other images "
+          f"(sample {result['sample_sha256'][:12]})", file=out)
+    if b["threshold"] is not None:
+        print(f"before: threshold {b['threshold']:.4f} (T {b['temperature']:.3f})  sensitivity {rate(b, 'sensitivity')}"
+              f"  specificity {rate(b, 'specificity')}", file=out)
+    print(f"after:  threshold {a['threshold']:.4f} (T {a['temperature']:.3f}"
+          f"{'' if a['temperature_fitted'] else ', kept'})  sensitivity {rate(a, 'sensitivity')}"
+          f"  specificity {rate(a, 'specificity')} (on the sample it was fitted to)", file=out)
+    for c in result["curve"]:
+        print(f"  {c['n']:4d} local negatives: specificity on the others {c['specificity_mean']:.3f} "
+              f"(5th percentile {c['specificity_p05']:.3f})", file=out)
+    needed = result["needed_negatives"]
+    print(f"local negatives needed for specificity >= {result['specificity_wanted'] - 0.05:.2f} in 95% of draws: "
+          f"{needed if needed is not None else 'more than this sample holds'}", file=out)
+    print(f"registered {result['classifier']} and {result['screen']}", file=out)
+    return out.getvalue().rstrip()
+
+
+def write_result(result: dict, path: str) -> None:
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,115 @@
+"""``cxr crossval``: train each leave-one-archive-out fold of each recipe with the fine-tune's
+own pieces (``load_task``, ``fit``), calibrate and threshold it on its validation split, and
+predict the archives it reports on. The figures are computed in ``cxr.crossval``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr import tracking
+from cxr.classification import inference_device, predict
+from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
+from cxr.crossval import (ALL, LABELS_4, RECIPES, archive_report, archive_table, calibrated, check_recipes,
+                          fit_temperature, fold_evaluation, fold_task, plan_folds, worst_archive_threshold)
+from cxr.data.manifest import read_manifest, write_manifest
+from cxr.metrics import threshold_for_specificity
+from cxr.train.checkpoints import load_checkpoint
+from cxr.workflows.classifier import fit, initial_state, load_task, log_task, put_task
+
+log = logging.getLogger(__name__)
+
+
+def fold_name(held_out: str) -> str:
+    return "all" if held_out == ALL else held_out.replace("/", "-")
+
+
+def log_probs(model, images: np.ndarray) -> np.ndarray:
+    probs, _ = predict(model, images)
+    return np.log(np.clip(probs, 1e-12, None))
+
+
+def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_out: str, task: pd.DataFrame,
+             universe: pd.DataFrame, folder: Path) -> dict:
+    """Train one fold, and return its result (also written to ``folder``/<fold>.json, with the
+    per-image predictions in <fold>.parquet)."""
+    name = fold_name(held_out)
+    manifest_uri = str((folder / f"{name}-train.parquet").resolve())
+    write_manifest(fold_task(task, held_out), manifest_uri)
+    overrides = {"manifest": manifest_uri, "classes": LABELS_4, "seed": cfg.seed, "pretrain_run": cfg.pretrain_run,
+                 "register": False, "run_name": f"crossval-{recipe}-{name}", **RECIPES[recipe]["overrides"]}
+    fcfg = load_config(FinetuneConfig, cfg.finetune_config, overrides)
+    with tracking.tracked_run(platform.tracking_uri, platform.experiments.get("crossval", "cxr-crossval"),
+                              fcfg.run_name, tags={"cxr.job": "crossval", "cxr.recipe": recipe, "cxr.held_out": held_out},
+                              artifact_location=platform.artifact_location) as run_id:
+        fold = load_task(fcfg, platform)
+        init_state, init_origin = initial_state(fcfg, platform)
+        log_task(platform, run_id, fcfg, fold, init_origin)
+        result, minutes, _ = fit(fcfg, platform, put_task(fcfg, fold, init_state), run_id, f"crossval-{run_id[:8]}")
+        with result.get_best_checkpoint("val_loss", "min").as_directory() as ckpt:
+            model, meta = load_checkpoint(ckpt, inference_device())
+
+        val = fold.rows["split"] == "val"
+        val_rows, val_lp = fold.rows[val], log_probs(model, fold.images[val.to_numpy()])
+        temperature = fit_temperature(val_lp, val_rows["target"].to_numpy())
+        val_p = calibrated(val_lp, temperature)[:, 0]
+        val_covid = (val_rows["label"] == "covid").to_numpy()
+        threshold, per_archive = worst_archive_threshold(val_covid, val_p, val_rows["archive"].to_numpy(),
+                                                         cfg.min_specificity)
+        # The usual rule on the pooled split, for comparison (needs both classes there).
+        pooled = (threshold_for_specificity(val_covid, val_p, cfg.min_specificity)
+                  if 0 < val_covid.sum() < len(val_covid) else None)
+
+        evaluation = fold_evaluation(universe, task, held_out).reset_index(drop=True)
+        images, _ = fold.preprocess.prepare(evaluation["uri"].tolist(), platform.storage, fcfg.load_threads)
+        lp = log_probs(model, images)
+        predictions = evaluation[["uri", "archive", "split", "finding", "held_out"]].assign(
+            recipe=recipe, fold=held_out, is_covid=(evaluation["label"] == "covid").to_numpy(),
+            p_covid=calibrated(lp, temperature)[:, 0], p_covid_raw=np.exp(lp[:, 0]))
+        predictions.to_parquet(folder / f"{name}.parquet", index=False)
+
+        archives = {}
+        for archive, rows in predictions[predictions["held_out"]].groupby("archive"):
+            archives[str(archive)] = archive_report(rows, threshold, cfg.n_boot, cfg.seed)
+        inside = predictions[~predictions["held_out"]]
+        in_distribution = archive_report(inside, threshold, cfg.n_boot, cfg.seed) if len(inside) else None
+        out = {"recipe": recipe, "fold": held_out, "run_id": run_id, "minutes": minutes, "best_epoch": meta["epoch"],
+               "temperature": temperature, "threshold": threshold, "threshold_per_val_archive": per_archive,
+               "pooled_threshold": pooled, "n_train": int((fold.rows["split"] == "train").sum()),
+               "n_val": int(val.sum()), "archives": archives, "in_distribution_test": in_distribution}
+        tracking.log_dict(platform.tracking_uri, run_id, out, "crossval/fold.json")
+        tracking.log_metrics(platform.tracking_uri, run_id, {"temperature": temperature, "threshold": threshold,
+                                                             "train_minutes": minutes})
+    (folder / f"{name}.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
+    """Every fold of every recipe not yet in OUT (Ray must be up); then OUT/results.json and
+    OUT/table.md. Returns the table."""
+    check_recipes(cfg.recipes)
+    out = Path(cfg.out)
+    universe = read_manifest(str(Path(cfg.manifests) / "tasks" / "archives.parquet"))
+    results = []
+    for recipe in cfg.recipes:
+        task = read_manifest(str(Path(cfg.manifests) / "tasks" / f"{RECIPES[recipe]['task']}.parquet"))
+        folder = out / recipe
+        folder.mkdir(parents=True, exist_ok=True)
+        folds = plan_folds(task)
+        for held_out in [f for f in folds if not cfg.folds or f in cfg.folds]:
+            done = folder / f"{fold_name(held_out)}.json"
+            fold = json.loads(done.read_text()) if done.exists() else run_fold(cfg, platform, recipe, held_out, task,
+                                                                              universe, folder)
+            log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
+                     {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
+                      for a, r in fold["archives"].items()})
+            results += [{"recipe": recipe, "archive": a, "fold": "none held out" if held_out == ALL else "yes",
+                         "threshold": fold["threshold"], "report": r} for a, r in fold["archives"].items()]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = archive_table(results)
+    (out / "table.md").write_text(text + "\n")
+    return text
