@@ -424,6 +424,8 @@ class CrossvalConfig:
     min_specificity: float = option(0.85, "each validation archive's specificity at the chosen threshold")
     seed: int = option(0, "random seed of every fold")
     n_boot: int = option(1000, "bootstrap resamples for the intervals")
+    register: bool = option(False, "register each recipe's fold that holds nothing out as a cxr-classifier version, "
+                                   "its card carrying the recipe's cross-archive figures (after its other folds)")
     out: str = option("out/crossval", "folder for predictions, fold results and table.md")
 
 

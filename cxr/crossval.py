@@ -127,16 +127,20 @@ def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives
 
 
 def specificity_threshold(negatives: np.ndarray, specificity: float, conformal: bool = False) -> float:
-    """The lowest threshold (``score >= threshold`` is positive) leaving at least a fraction
+    """A threshold (``score >= threshold`` is positive) leaving at least a fraction
     ``specificity`` of ``negatives`` below it; with ``conformal``, of new negatives from the
-    same distribution, on average: the ceil((n + 1) * s)-th smallest score instead of the
-    ceil(n * s)-th (the plain quantile of n scores falls short by about 1 / n). Just above the
-    largest score when n is too small for that."""
+    same distribution, on average: k = ceil((n + 1) * s) instead of ceil(n * s) scores below
+    it (the plain quantile of n scores falls short by about 1 / n). It lies halfway between
+    the k-th smallest score and the next, not on a score: the same image scored in float32
+    elsewhere (serving) must fall on the same side. Just above the largest score when n is
+    too small for k."""
     scores = np.sort(np.asarray(negatives, float))
     if not len(scores):
         return 0.5
-    k = math.ceil(((len(scores) + 1) if conformal else len(scores)) * specificity - 1e-9)
-    return float(np.nextafter(scores[min(max(k, 1), len(scores)) - 1], np.inf))
+    k = min(max(math.ceil(((len(scores) + 1) if conformal else len(scores)) * specificity - 1e-9), 1), len(scores))
+    if k < len(scores) and scores[k] > scores[k - 1]:
+        return float((scores[k - 1] + scores[k]) / 2)
+    return float(min(scores[k - 1] + 1e-6, np.nextafter(1.0, 2.0)))
 
 
 def local_threshold(negatives: np.ndarray, specificity: float) -> float:
@@ -213,4 +217,34 @@ def archive_table(results: list[dict]) -> str:
             lines.append(f"| {recipe} | {r['archive']} | {r['fold']} | {rep['n_covid']} / {rep['n_other']} | "
                          f"{_cell(rep.get('auroc'))} | {_cell(rep.get('sensitivity'))} | "
                          f"{_cell(rep.get('specificity'))} | {met} |")
+    return "\n".join(lines)
+
+
+LOCAL_SIZES = (10, 20, 30, 50, 100, 200)
+
+
+def local_negatives_table(predictions: pd.DataFrame, thresholds: dict[tuple[str, str], float],
+                          specificity: float = 0.90, min_negatives: int = 40, seed: int = 0) -> str:
+    """Markdown: for each held-out archive with at least ``min_negatives`` negatives, its
+    specificity (and sensitivity, where it has COVID) at the fold's threshold, then after
+    ``cxr calibrate``'s rule on n local negatives, for growing n: the mean and 5th percentile
+    over 200 draws of the specificity on the archive's other negatives. ``predictions``: the
+    folds' per-image rows (recipe, fold, archive, held_out, is_covid, p_covid); ``thresholds``:
+    (recipe, fold) -> threshold."""
+    lines = ["| recipe | held-out archive | negatives / COVID | at the fold's threshold: spec. / sens. | "
+             + " | ".join(f"n = {n}" for n in LOCAL_SIZES) + " |", "|---|---|---|---|" + "---|" * len(LOCAL_SIZES)]
+    held = predictions[predictions["held_out"]]
+    for (recipe, fold, archive), rows in held.groupby(["recipe", "fold", "archive"], sort=False):
+        neg = rows.loc[~rows["is_covid"], "p_covid"].to_numpy()
+        pos = rows.loc[rows["is_covid"], "p_covid"].to_numpy()
+        if len(neg) < min_negatives:
+            continue
+        t = thresholds[(recipe, fold)]
+        before = f"{(neg < t).mean():.2f} / " + (f"{(pos >= t).mean():.2f}" if len(pos) else "-")
+        cells = []
+        for c in local_negatives_curve(neg, LOCAL_SIZES, specificity, seed=seed, positives=pos if len(pos) else None):
+            sens = f", sens. {c['sensitivity_mean']:.2f}" if np.isfinite(c["sensitivity_mean"]) else ""
+            cells.append(f"{c['specificity_mean']:.2f} (p5 {c['specificity_p05']:.2f}){sens}")
+        cells += ["-"] * (len(LOCAL_SIZES) - len(cells))
+        lines.append(f"| {recipe} | {archive} | {len(neg)} / {len(pos)} | {before} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -80,8 +80,21 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 | at the operating point, {{ population }}: specificity | {{ screening[population].get("specificity") | ci }} |
 {% endfor %}
 {% endif %}
+{% for archive, v in ((screening or {}).get("archives") or {}).items() if v is mapping %}
+| at the operating point, archive {{ archive }} ({{ v.get("n_covid", "?") }} COVID / {{ v.get("n_other", "?") }} other): sensitivity, specificity | {{ v.get("sensitivity") | ci }}, {{ v.get("specificity") | ci }} |
+{% endfor %}
 {% for group, v in (test.get("covid_auroc_within") or {}).items() if v is mapping %}
 | COVID AUROC within {{ group }} ({{ v.get("n_positive", "?") }} vs {{ v.get("n_negative", "?") }}) | {{ v | ci }} |
+{% endfor %}
+{% endif %}
+{% if cross %}
+## Cross-archive figures (leave-one-archive-out, recipe {{ cross.get("recipe", "?") }}; 95% bootstrap intervals)
+Each archive is reported by a model trained, calibrated and thresholded without it.
+
+| held-out archive | COVID / other | AUROC | sensitivity | specificity |
+|---|---|---|---|---|
+{% for r in cross.get("held_out") or [] if r is mapping and r.get("report") is mapping %}
+| {{ r.archive }} | {{ r.report.get("n_covid", "?") }} / {{ r.report.get("n_other", "?") }} | {{ r.report.get("auroc") | ci }} | {{ r.report.get("sensitivity") | ci }} | {{ r.report.get("specificity") | ci }} |
 {% endfor %}
 {% endif %}
 {% if dice %}
@@ -108,10 +121,12 @@ _HEADLINE = [("accuracy", "accuracy"), ("f1_covid", "COVID F1"), ("covid_sensiti
 def model_markdown(card: ModelCard, name: str | None = None, version: str | None = None) -> str:
     test = card.metrics.get("test") if card.task == "classifier" else None
     dice = card.metrics.get("test_dice") if card.task == "segmenter" else None
-    test = test if isinstance(test, dict) else None
+    cross = card.metrics.get("cross_archive")
+    test = test if isinstance(test, dict) and test else None
     dice = dice if isinstance(dice, dict) else None
+    cross = cross if isinstance(cross, dict) else None
     text = _MODEL.render(card=card, p=card.preprocessing, name=name, version=version, test=test, dice=dice,
-                         headline=_HEADLINE)
+                         cross=cross, headline=_HEADLINE)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 

@@ -75,8 +75,7 @@ def run(pretrain_run: str, segmenter_uri: str, manifests: str, image_size: int, 
 
     platform = load_platform()
     rows = read_manifest(str(Path(manifests) / "tasks" / "archives.parquet"))
-    rows = rows.groupby("archive", group_keys=False).apply(
-        lambda g: g.sample(n=min(per_archive, len(g)), random_state=seed)).reset_index(drop=True)
+    rows = rows.sample(frac=1, random_state=seed).groupby("archive").head(per_archive).reset_index(drop=True)
     segmenter = tracking.load_registered(platform.tracking_uri, segmenter_uri)
     uris = rows["uri"].tolist()
     whole, _ = Preprocess(Preprocessing.for_classifier(image_size)).prepare(uris, platform.storage, 2)

@@ -96,7 +96,8 @@ def sample_manifests(sample_root: Path, tmp_path_factory: pytest.TempPathFactory
 def tiny_models(local_stack) -> dict[str, str]:
     """An untrained tiny segmenter, a classifier lung-masked by it and one trained on whole
     images, registered under names of their own: {"segmenter", "classifier",
-    "classifier_nomask": models:/NAME/VERSION}."""
+    "classifier_nomask": models:/NAME/VERSION}. The unmasked one's probabilities are calibrated
+    (temperature 2), so every path that reports probabilities must apply its card's temperature."""
     from cxr.config import load_platform
     from tests.models import register_classifier, register_segmenter, unique
 
@@ -104,7 +105,8 @@ def tiny_models(local_stack) -> dict[str, str]:
     segmenter = register_segmenter(uri, unique("tiny-segmenter"))
     return {"segmenter": segmenter,
             "classifier": register_classifier(uri, unique("tiny-classifier"), segmenter),
-            "classifier_nomask": register_classifier(uri, unique("tiny-classifier-nomask"), None, seed=1)}
+            "classifier_nomask": register_classifier(uri, unique("tiny-classifier-nomask"), None, seed=1,
+                                                     temperature=2.0)}
 
 
 def platform_file(folder: Path, **changes) -> Path:

@@ -31,9 +31,10 @@ def register_segmenter(tracking_uri: str, name: str, seed: int = 0) -> str:
 
 
 def register_classifier(tracking_uri: str, name: str, segmenter_uri: str | None, seed: int = 0,
-                        always: str | None = None, threshold: float | None = 0.25) -> str:
+                        always: str | None = None, threshold: float | None = 0.25, temperature: float = 1.0) -> str:
     """An untrained resnet18-tiny at 64 px, lung-masked by ``segmenter_uri`` (None: whole
-    images), with a COVID operating point at ``threshold``; with ``always``, a head that always
+    images), with a COVID operating point at ``threshold`` on probabilities calibrated with
+    ``temperature``; with ``always``, a head that always
     answers that label (a model of known quality). Returns models:/NAME/VERSION."""
     torch.manual_seed(seed)
     model = build_model("resnet18-tiny", **KWARGS)
@@ -48,7 +49,8 @@ def register_classifier(tracking_uri: str, name: str, segmenter_uri: str | None,
         prep = Preprocessing.for_classifier(64)
     card = ModelCard(task="classifier", architecture="resnet18-tiny", labels=LABELS, input_shape=(3, 64, 64),
                      output="one logit per label", preprocessing=prep, model_kwargs=KWARGS,
-                     operating_point=(OperatingPoint(threshold, 0.85, "validation, all images (n=6)")
+                     operating_point=(OperatingPoint(threshold, 0.85, "validation, all images (n=6)",
+                                                     temperature=temperature)
                                       if threshold is not None else None))
     with tracking.tracked_run(tracking_uri, "cxr-test-fixtures", f"tiny-classifier-{name}") as run_id:
         version = tracking.register_model(tracking_uri, name, run_id, model, card)

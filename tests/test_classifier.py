@@ -301,14 +301,16 @@ def test_tune_runs_nested_trials_writes_a_finetune_yaml_and_resumes(pretrained, 
 
 def test_crossval_trains_a_fold_without_its_archive_and_reports_on_it(pretrained, sample_manifests, tmp_path):
     """Two folds of the screening recipe (archive-balanced, photometric augmentation) with the
-    tiny twin: holding out Montgomery, then holding out nothing. Resumable: a rerun trains nothing."""
+    tiny twin: holding out Montgomery, then holding out nothing, registered with the
+    cross-archive figures in its card. Resumable: a rerun trains nothing."""
     from cxr.config import CrossvalConfig
     from jobs import crossval
 
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(dict(TINY, stage1_epochs=1, stage2_epochs=1, storage_path=str(tmp_path / "ray"))))
     cfg = CrossvalConfig(finetune_config=str(base), pretrain_run=pretrained.info.run_id, manifests=str(sample_manifests),
-                         recipes=("screen",), folds=("montgomery", "(none held out)"), n_boot=20, out=str(tmp_path / "cv"))
+                         recipes=("screen",), folds=("montgomery", "(none held out)"), n_boot=20, register=True,
+                         out=str(tmp_path / "cv"))
     assert crossval.main(cfg) == 0
     held = json.loads((tmp_path / "cv" / "screen" / "montgomery.json").read_text())
     train = pd.read_parquet(tmp_path / "cv" / "screen" / "montgomery-train.parquet")
@@ -322,6 +324,16 @@ def test_crossval_trains_a_fold_without_its_archive_and_reports_on_it(pretrained
     assert run.data.params["archive_balanced"] == "True" and run.data.params["photometric"] == "True"
     everything = json.loads((tmp_path / "cv" / "screen" / "all.json").read_text())
     assert everything["in_distribution_test"]["n_covid"] > 0          # the trained archives' test split
+    platform = load_platform()
+    registered = tracking.load_registered(platform.tracking_uri,
+                                          f"models:/{platform.registered_models['classifier']}/{everything['version']}")
+    cross = registered.card.metrics["cross_archive"]
+    assert cross["recipe"] == "screen" and "montgomery" in [r["archive"] for r in cross["held_out"]]
+    assert registered.card.operating_point.temperature == pytest.approx(everything["temperature"])
+    assert not registered.card.preprocessing.lung_mask
+    description = MlflowClient(platform.tracking_uri).get_model_version(
+        platform.registered_models["classifier"], everything["version"]).description
+    assert "## Cross-archive figures" in description and "| montgomery |" in description
     table_md = (tmp_path / "cv" / "table.md").read_text()
     assert "| screen | montgomery | yes |" in table_md
     mtime = (tmp_path / "cv" / "screen" / "montgomery.json").stat().st_mtime

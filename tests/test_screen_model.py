@@ -148,3 +148,52 @@ def test_a_tampered_bundle_is_refused(screen_uri, names, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unexpected files \['classifier/model.pt'\]"):
         cxr.load(folder)
     assert not os.path.exists(tmp_path / "pwned")
+
+
+def _site_csv(sample_root, tmp_path, n_covid: int, n_other: int):
+    """A site's labelled sample: the sample's COVID images, and adult normals as the others."""
+    covid = sorted((sample_root / "covid").rglob("*.jpg"))[:n_covid]
+    other = sorted((sample_root / "lungseg").rglob("*.jpg"))[:n_other]
+    rows = [(str(p), "covid", f"c{i}") for i, p in enumerate(covid)] + \
+           [(str(p), "normal", f"o{i}") for i, p in enumerate(other)]
+    path = tmp_path / "site.csv"
+    pd.DataFrame(rows, columns=["path", "label", "patient_id"]).to_csv(path, index=False)
+    return path, [str(p) for p in other]
+
+
+def test_calibrate_fits_a_site_and_registers_it_for_that_site(names, tiny_models, sample_root, tmp_path, capsys):
+    from cxr.config import CalibrateConfig
+    from jobs import calibrate
+
+    site_csv, negatives = _site_csv(sample_root, tmp_path, 12, 30)
+    out = tmp_path / "calibration.json"
+    cfg = CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="hospital-b",
+                          specificity=0.9, alias="site-b", n_boot=50, load_threads=2, out=str(out))
+    assert calibrate.main(cfg) == 0
+    printed = capsys.readouterr().out
+    assert "site hospital-b: 12 COVID and 30 other images" in printed and "local negatives needed" in printed
+    result = json.loads(out.read_text())
+    assert result["after"]["temperature_fitted"] and result["curve"][0]["n"] == 10
+    platform = load_platform()
+    card = tracking.load_registered(platform.tracking_uri, result["classifier"]).card
+    op = card.operating_point
+    assert op.chosen_on.startswith("site hospital-b: 30 local negatives") and op.min_specificity == 0.9
+    assert op.temperature == pytest.approx(result["after"]["temperature"]) and op.threshold == result["after"]["threshold"]
+    assert card.metrics["calibration"]["sample_sha256"] == result["sample_sha256"]
+    alias = MlflowClient(platform.tracking_uri).get_model_version_by_alias(names["screen"], "site-b")
+    assert result["screen"] == f"models:/{names['screen']}/{alias.version}"
+    # The registered screen applies the new temperature and threshold: on the site's own
+    # negatives it reaches the specificity asked for.
+    rows = cxr.load(result["screen"]).predict(negatives)
+    assert (~rows["screen_positive"].astype(bool)).mean() >= 0.9
+    scores = rows["covid_probability"].to_numpy()
+    assert (scores < op.threshold).mean() == pytest.approx(result["after"]["specificity"]["value"])
+
+
+def test_calibrate_refuses_a_sample_too_small_to_place_a_threshold(tiny_models, sample_root, tmp_path, capsys):
+    from cxr.config import CalibrateConfig
+    from jobs import calibrate
+
+    site_csv, _ = _site_csv(sample_root, tmp_path, 5, 6)
+    assert calibrate.main(CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="x")) == 2
+    assert "6 labelled non-COVID images; a threshold needs at least 10" in capsys.readouterr().err

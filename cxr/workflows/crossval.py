@@ -4,6 +4,7 @@ predict the archives it reports on. The figures are computed in ``cxr.crossval``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,11 +16,12 @@ from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
 from cxr.crossval import (ALL, LABELS_4, RECIPES, archive_report, archive_table, calibrated, check_recipes,
-                          fit_temperature, fold_evaluation, fold_task, plan_folds, worst_archive_threshold)
+                          fit_temperature, fold_evaluation, fold_task, local_negatives_table, plan_folds,
+                          worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import threshold_for_specificity
 from cxr.train.checkpoints import load_checkpoint
-from cxr.workflows.classifier import fit, initial_state, load_task, log_task, put_task
+from cxr.workflows.classifier import classifier_card, fit, initial_state, load_task, log_task, put_task
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,10 @@ def log_probs(model, images: np.ndarray) -> np.ndarray:
 
 
 def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_out: str, task: pd.DataFrame,
-             universe: pd.DataFrame, folder: Path) -> dict:
+             universe: pd.DataFrame, folder: Path, cross_archive: list[dict] | None = None) -> dict:
     """Train one fold, and return its result (also written to ``folder``/<fold>.json, with the
-    per-image predictions in <fold>.parquet)."""
+    per-image predictions in <fold>.parquet). With ``cross_archive`` (the recipe's other folds'
+    results), register the fold's model, its card holding them and its calibrated operating point."""
     name = fold_name(held_out)
     manifest_uri = str((folder / f"{name}-train.parquet").resolve())
     write_manifest(fold_task(task, held_out), manifest_uri)
@@ -84,6 +87,16 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         tracking.log_dict(platform.tracking_uri, run_id, out, "crossval/fold.json")
         tracking.log_metrics(platform.tracking_uri, run_id, {"temperature": temperature, "threshold": threshold,
                                                              "train_minutes": minutes})
+        if cross_archive is not None:
+            screening = {"threshold": threshold, "min_specificity": cfg.min_specificity, "temperature": temperature,
+                         "chosen_on": f"validation, every archive of recipe {recipe} (n={int(val.sum())})"}
+            card = classifier_card(fcfg, fold, meta, init_origin, {}, screening)
+            held = cross_archive + [{"archive": a, "fold": "none held out", "report": r} for a, r in archives.items()]
+            card = dataclasses.replace(card, metrics={
+                "cross_archive": {"recipe": recipe, "held_out": held}, "in_distribution_test": in_distribution,
+                "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]}).validate()
+            out["version"] = tracking.register_model(platform.tracking_uri, platform.registered_models["classifier"],
+                                                     run_id, model, card)
     (folder / f"{name}.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -94,7 +107,7 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
     check_recipes(cfg.recipes)
     out = Path(cfg.out)
     universe = read_manifest(str(Path(cfg.manifests) / "tasks" / "archives.parquet"))
-    results = []
+    results, predictions, thresholds = [], [], {}
     for recipe in cfg.recipes:
         task = read_manifest(str(Path(cfg.manifests) / "tasks" / f"{RECIPES[recipe]['task']}.parquet"))
         folder = out / recipe
@@ -102,14 +115,21 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
         folds = plan_folds(task)
         for held_out in [f for f in folds if not cfg.folds or f in cfg.folds]:
             done = folder / f"{fold_name(held_out)}.json"
-            fold = json.loads(done.read_text()) if done.exists() else run_fold(cfg, platform, recipe, held_out, task,
-                                                                              universe, folder)
+            register = cfg.register and held_out == ALL
+            others = [r for r in results if r["recipe"] == recipe] if register else None
+            fold = json.loads(done.read_text()) if done.exists() and not (register and "version" not in
+                                                                          json.loads(done.read_text())) \
+                else run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
             log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
                      {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
                       for a, r in fold["archives"].items()})
+            predictions.append(pd.read_parquet(folder / f"{fold_name(held_out)}.parquet"))
+            thresholds[(recipe, held_out)] = fold["threshold"]
             results += [{"recipe": recipe, "archive": a, "fold": "none held out" if held_out == ALL else "yes",
                          "threshold": fold["threshold"], "report": r} for a, r in fold["archives"].items()]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = archive_table(results)
     (out / "table.md").write_text(text + "\n")
-    return text
+    local = local_negatives_table(pd.concat(predictions, ignore_index=True), thresholds) if predictions else ""
+    (out / "local_negatives.md").write_text(local + "\n")
+    return text + "\n\nSpecificity after cxr calibrate's threshold from n local negatives:\n\n" + local
