@@ -111,9 +111,11 @@ def run_ablation(cfg: AblationConfig, platform: PlatformConfig) -> str:
         for seed in cfg.seeds:
             if (variant, seed) in done:      # resumable: a rerun only runs what is missing
                 continue
+            # The variants are the paper-era recipes: no archive weights, the paper's augmentation.
             overrides = {"manifest": str(Path(cfg.manifests) / "tasks" / f"{task}.parquet"), "classes": classes,
                          "seed": seed, "pretrain_run": cfg.pretrain_run if pretrained else None,
-                         "register": False, "run_name": f"ablation-{variant}-s{seed}"}
+                         "register": False, "run_name": f"ablation-{variant}-s{seed}",
+                         "archive_balanced": False, "photometric": False}
             if not masked:
                 overrides["segmenter"] = "none"
             r = finetune(load_config(FinetuneConfig, cfg.finetune_config, overrides), platform)

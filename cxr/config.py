@@ -419,6 +419,7 @@ class CrossvalConfig:
     pretrain_run: str | None = option(None, "MLflow run id of the pretraining run every fold starts from")
     manifests: str = option("out/manifests", "folder of the task manifests (tasks/<task>.parquet, tasks/archives)")
     recipes: tuple[str, ...] = option(("paper", "screen"), "recipes to evaluate (cxr/crossval.py RECIPES)")
+    segmenter: str = option("models:/cxr-segmenter@champion", "segmenter of the lung-masked recipes (paper)")
     folds: tuple[str, ...] = option((), "only these held-out archives (default: every archive the recipe trains on, "
                                         "then the fold holding none out)")
     min_specificity: float = option(0.85, "each validation archive's specificity at the chosen threshold")

@@ -20,17 +20,28 @@ from cxr.metrics import auroc_interval, screening_metrics
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
 
-# name -> the task manifest it trains on, and its finetune overrides over the --finetune-config.
+# name -> the task manifest it trains on, whether it is lung-masked (by ``--segmenter``), and
+# its other finetune overrides over the --finetune-config. Every knob a recipe is about is
+# named, so a change of the finetune defaults cannot change a recipe.
 RECIPES: dict[str, dict] = {
     # The paper's protocol: dataset II (Kermany's children + the COVID collection), lung-masked.
-    "paper": {"task": "dataset2-4class", "overrides": {}},
+    "paper": {"task": "dataset2-4class", "masked": True,
+              "overrides": {"archive_balanced": False, "photometric": False}},
     # Adult negatives added, no mask: the best of the earlier ablation (docs/RESULTS.md).
-    "deconfounded-nomask": {"task": "deconfounded-4class", "overrides": {"segmenter": "none"}},
+    "deconfounded-nomask": {"task": "deconfounded-4class", "masked": False,
+                            "overrides": {"archive_balanced": False, "photometric": False}},
     # The screening recipe: every archive's labelled adults, no mask, each archive weighted
     # the same, and photometric augmentation against archive style.
-    "screen": {"task": "screen-4class",
-               "overrides": {"segmenter": "none", "archive_balanced": True, "photometric": True}},
+    "screen": {"task": "screen-4class", "masked": False,
+               "overrides": {"archive_balanced": True, "photometric": True}},
 }
+
+
+def recipe_overrides(recipe: str, segmenter: str | None) -> dict:
+    """The finetune overrides of ``recipe``; a masked recipe is masked by ``segmenter``."""
+    spec = RECIPES[recipe]
+    return {**spec["overrides"], "segmenter": segmenter if spec["masked"] else None}
+
 
 GOAL_SENSITIVITY = 0.90      # on a held-out archive with COVID
 GOAL_SPECIFICITY = 0.85      # on a held-out archive without, at the same threshold

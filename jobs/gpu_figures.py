@@ -10,8 +10,9 @@ One Ray and one process for every step, each a library workflow:
 5. one fine-tune from it (``finetune-gpu``), registered, so the scorer has a classifier;
 6. ``cxr benchmark --use-gpu`` on ``--score-images`` images (the scoring throughput figure,
    with its start-up and steady state);
-7. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation),
-   in that order, until done or killed.
+7. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation);
+8. ``cxr crossval`` of ``--crossval-recipes`` at full scale (the cross-archive table), the
+   all-archives fold registered; in that order, until done or killed.
 
 Every step's result is appended to ``OUT/figures.json`` as soon as it ends, and the ablation
 keeps ``OUT/ablation/results.json`` current, so a run cut off by the machine's time limit keeps
@@ -40,6 +41,7 @@ from cxr.config import (CONFIG_DIR, FinetuneConfig, PrepareDataConfig, PretrainC
 from cxr.workflows.benchmark import (benchmark_inputs, benchmark_naive, benchmark_pipeline, benchmark_record,
                                      benchmark_training)
 from cxr.workflows.classifier import finetune, pretrain
+from cxr.workflows.crossval import run_crossval
 from cxr.workflows.data import prepare_manifests
 from cxr.workflows.segmenter import train_segmenter
 from jobs.cli import build_parser, config_for
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "--naive-images 300", help="extra cxr benchmark flags")
     p.add_argument("--variants", default="paper-4class,paper-3class,deconfounded-4class,scratch-4class,nomask-4class")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--crossval-recipes", default="screen,paper", help="cxr crossval recipes (cxr/crossval.py)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the chain, measures nothing")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -171,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", args.variants, "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")]),
         platform)
     record(out, "ablation", {"results": str(out / "ablation" / "results.json")}, t)
+
+    t = time.perf_counter()
+    run_crossval(flags_to_config("crossval", [
+        "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
+        "--recipes", args.crossval_recipes, "--segmenter", seg_uri, "--register", "--out", str(out / "crossval"),
+        *(["--folds", "(none held out)", "--n-boot", "50"] if args.smoke else [])]), platform)
+    record(out, "crossval", {"results": str(out / "crossval" / "results.json")}, t)
     return 0
 
 

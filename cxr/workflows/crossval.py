@@ -15,7 +15,7 @@ import pandas as pd
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
-from cxr.crossval import (ALL, LABELS_4, RECIPES, archive_report, archive_table, calibrated, check_recipes,
+from cxr.crossval import (ALL, LABELS_4, RECIPES, archive_report, recipe_overrides, archive_table, calibrated, check_recipes,
                           fit_temperature, fold_evaluation, fold_task, local_negatives_table, plan_folds,
                           worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
@@ -44,7 +44,7 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
     manifest_uri = str((folder / f"{name}-train.parquet").resolve())
     write_manifest(fold_task(task, held_out), manifest_uri)
     overrides = {"manifest": manifest_uri, "classes": LABELS_4, "seed": cfg.seed, "pretrain_run": cfg.pretrain_run,
-                 "register": False, "run_name": f"crossval-{recipe}-{name}", **RECIPES[recipe]["overrides"]}
+                 "register": False, "run_name": f"crossval-{recipe}-{name}", **recipe_overrides(recipe, cfg.segmenter)}
     fcfg = load_config(FinetuneConfig, cfg.finetune_config, overrides)
     with tracking.tracked_run(platform.tracking_uri, platform.experiments.get("crossval", "cxr-crossval"),
                               fcfg.run_name, tags={"cxr.job": "crossval", "cxr.recipe": recipe, "cxr.held_out": held_out},
