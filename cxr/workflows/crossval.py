@@ -116,19 +116,28 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
         for held_out in [f for f in folds if not cfg.folds or f in cfg.folds]:
             done = folder / f"{fold_name(held_out)}.json"
             register = cfg.register and held_out == ALL
-            others = [r for r in results if r["recipe"] == recipe] if register else None
+            others = [r for r in results if r["recipe"] == recipe and r["rule"] == "worst archive"] if register else None
             fold = json.loads(done.read_text()) if done.exists() and not (register and "version" not in
                                                                           json.loads(done.read_text())) \
                 else run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
             log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
                      {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
                       for a, r in fold["archives"].items()})
-            predictions.append(pd.read_parquet(folder / f"{fold_name(held_out)}.parquet"))
+            predicted = pd.read_parquet(folder / f"{fold_name(held_out)}.parquet")
+            predictions.append(predicted)
             thresholds[(recipe, held_out)] = fold["threshold"]
-            results += [{"recipe": recipe, "archive": a, "fold": "none held out" if held_out == ALL else "yes",
+            trained = "none held out" if held_out == ALL else "yes"
+            results += [{"recipe": recipe, "archive": a, "fold": trained, "rule": "worst archive",
                          "threshold": fold["threshold"], "report": r} for a, r in fold["archives"].items()]
+            # The same predictions at the pooled rule's threshold, to compare the two rules.
+            if fold.get("pooled_threshold") is not None:
+                for archive, rows in predicted[predicted["held_out"]].groupby("archive"):
+                    results.append({"recipe": recipe, "archive": str(archive), "fold": trained, "rule": "pooled",
+                                    "threshold": fold["pooled_threshold"],
+                                    "report": archive_report(rows, fold["pooled_threshold"], cfg.n_boot, cfg.seed)})
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = archive_table(results)
+    text = "\n\n".join(f"Threshold: {rule} rule.\n\n" + archive_table([r for r in results if r["rule"] == rule])
+                       for rule in ("worst archive", "pooled") if any(r["rule"] == rule for r in results))
     (out / "table.md").write_text(text + "\n")
     local = local_negatives_table(pd.concat(predictions, ignore_index=True), thresholds) if predictions else ""
     (out / "local_negatives.md").write_text(local + "\n")
