@@ -46,6 +46,12 @@ def recipe_overrides(recipe: str, segmenter: str | None) -> dict:
 GOAL_SENSITIVITY = 0.90      # on a held-out archive with COVID
 GOAL_SPECIFICITY = 0.85      # on a held-out archive without, at the same threshold
 MIN_ARCHIVE_NEGATIVES = 5    # a validation archive with fewer negatives joins the "small archives" group
+SMALL = "(small archives)"
+# How a fold's threshold is chosen on its validation split (cxr crossval reports each):
+# "worst archive": every archive with enough negatives keeps the specificity; "negative
+# archives": every archive without COVID does (a new hospital's routine films, not the
+# handful of non-COVID case reports inside a COVID collection); "pooled": the pool does.
+RULES = ("worst archive", "negative archives", "pooled")
 MIN_FOR_AUROC = 5            # COVID and other images an archive needs before its AUROC is reported
 ALL = "(none held out)"
 
@@ -119,22 +125,29 @@ def calibrated(log_probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray,
-                            min_specificity: float) -> tuple[float, dict[str, float]]:
+                            min_specificity: float, negative_archives_only: bool = False) -> tuple[float, dict[str, float]]:
     """The lowest threshold at which every validation archive keeps specificity >=
     ``min_specificity`` (the highest of the per-archive thresholds), and those thresholds.
     Archives with fewer than ``MIN_ARCHIVE_NEGATIVES`` negatives are pooled as one group.
     A pooled threshold is set by the largest archive's negatives, and a new hospital is
-    more like one archive than like the pool."""
+    more like one archive than like the pool. With ``negative_archives_only``, only archives
+    without a single COVID image set it (``RULES``)."""
     is_positive, score, archives = np.asarray(is_positive, bool), np.asarray(score, float), np.asarray(archives)
     negatives = pd.Series(archives[~is_positive]).value_counts()
     small = set(negatives[negatives < MIN_ARCHIVE_NEGATIVES].index)
-    group = np.array(["(small archives)" if a in small else a for a in archives])
+    group = np.array([SMALL if a in small else a for a in archives])
     per_group = {}
     for g in np.unique(group[~is_positive]):
         neg = score[(group == g) & ~is_positive]
         per_group[str(g)] = specificity_threshold(neg, min_specificity)
-    threshold = max(per_group.values()) if per_group else 0.5
-    return min(threshold, float(np.nextafter(1.0, 2.0))), per_group
+    with_covid = set(archives[is_positive]) | {SMALL}
+    return rule_threshold(per_group, with_covid if negative_archives_only else set()), per_group
+
+
+def rule_threshold(per_archive: dict[str, float], excluded: set[str]) -> float:
+    """The highest per-archive threshold outside ``excluded`` (0.5 when none is left)."""
+    kept = [t for a, t in per_archive.items() if a not in excluded]
+    return min(max(kept), float(np.nextafter(1.0, 2.0))) if kept else 0.5
 
 
 def specificity_threshold(negatives: np.ndarray, specificity: float, conformal: bool = False) -> float:

@@ -9,7 +9,7 @@ from torch import nn
 
 from cxr.crossval import (ALL, RECIPES, archive_table, calibrated, check_recipes, fit_temperature, fold_evaluation,
                           fold_task, local_negatives_curve, local_threshold, plan_folds, shortfall,
-                          specificity_threshold, worst_archive_threshold, archive_report)
+                          rule_threshold, specificity_threshold, worst_archive_threshold, archive_report)
 from cxr.data.augment import photometric_augment_batch
 from cxr.data.manifest import covid_archive
 from cxr.data.tasks import is_covid
@@ -180,3 +180,13 @@ def test_photometric_augmentation_changes_style_per_image_and_stays_in_range():
     same = photometric_augment_batch(x, gamma=(1, 1), max_sharpen=0, max_noise=0,
                                      generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(same, x)        # the blur side of [-1, 0] still draws
+
+
+def test_the_negative_archives_rule_ignores_archives_with_covid():
+    is_pos = np.r_[np.zeros(20, bool), np.ones(5, bool)]
+    score = np.r_[np.linspace(0, 0.5, 10), np.linspace(0.5, 0.9, 10), np.full(5, 0.95)]
+    archives = np.r_[["routine"] * 10, ["covid-site"] * 10, ["covid-site"] * 5]
+    worst, per = worst_archive_threshold(is_pos, score, archives, 0.9)
+    negative_only, _ = worst_archive_threshold(is_pos, score, archives, 0.9, negative_archives_only=True)
+    assert worst == per["covid-site"] > negative_only == per["routine"]
+    assert rule_threshold(per, {"covid-site", "routine"}) == 0.5          # nothing left: the neutral threshold

@@ -15,7 +15,7 @@ import pandas as pd
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
-from cxr.crossval import (ALL, LABELS_4, RECIPES, archive_report, recipe_overrides, archive_table, calibrated, check_recipes,
+from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, recipe_overrides, rule_threshold, archive_table, calibrated, check_recipes,
                           fit_temperature, fold_evaluation, fold_task, local_negatives_table, plan_folds,
                           worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
@@ -63,6 +63,8 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         val_covid = (val_rows["label"] == "covid").to_numpy()
         threshold, per_archive = worst_archive_threshold(val_covid, val_p, val_rows["archive"].to_numpy(),
                                                          cfg.min_specificity)
+        val_rows[["uri", "archive", "label"]].assign(p_covid=val_p).to_parquet(folder / f"{name}-val.parquet",
+                                                                               index=False)
         # The usual rule on the pooled split, for comparison (needs both classes there).
         pooled = (threshold_for_specificity(val_covid, val_p, cfg.min_specificity)
                   if 0 < val_covid.sum() < len(val_covid) else None)
@@ -129,15 +131,19 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
             trained = "none held out" if held_out == ALL else "yes"
             results += [{"recipe": recipe, "archive": a, "fold": trained, "rule": "worst archive",
                          "threshold": fold["threshold"], "report": r} for a, r in fold["archives"].items()]
-            # The same predictions at the pooled rule's threshold, to compare the two rules.
-            if fold.get("pooled_threshold") is not None:
+            # The same predictions at the other rules' thresholds, to compare the rules.
+            with_covid = set(task.loc[task["label"] == "covid", "archive"]) | {SMALL}
+            others = {"negative archives": rule_threshold(fold["threshold_per_val_archive"], with_covid),
+                      "pooled": fold.get("pooled_threshold")}
+            for rule, threshold in others.items():
                 for archive, rows in predicted[predicted["held_out"]].groupby("archive"):
-                    results.append({"recipe": recipe, "archive": str(archive), "fold": trained, "rule": "pooled",
-                                    "threshold": fold["pooled_threshold"],
-                                    "report": archive_report(rows, fold["pooled_threshold"], cfg.n_boot, cfg.seed)})
+                    if threshold is not None:
+                        results.append({"recipe": recipe, "archive": str(archive), "fold": trained, "rule": rule,
+                                        "threshold": threshold,
+                                        "report": archive_report(rows, threshold, cfg.n_boot, cfg.seed)})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = "\n\n".join(f"Threshold: {rule} rule.\n\n" + archive_table([r for r in results if r["rule"] == rule])
-                       for rule in ("worst archive", "pooled") if any(r["rule"] == rule for r in results))
+                       for rule in RULES if any(r["rule"] == rule for r in results))
     (out / "table.md").write_text(text + "\n")
     local = local_negatives_table(pd.concat(predictions, ignore_index=True), thresholds) if predictions else ""
     (out / "local_negatives.md").write_text(local + "\n")
