@@ -445,6 +445,8 @@ class CalibrateConfig:
     site: str = option(None, "name of the site, recorded in the card")
     specificity: float = option(0.90, "specificity wanted on the site's negatives")
     alias: str | None = option(None, "point this alias of cxr-screen at the calibrated screen (e.g. site-a)")
+    check: str | None = option(None, "more labelled images of the site, kept apart: sensitivity and specificity on "
+                                     "them before and after (same formats as --manifest)")
     n_boot: int = option(1000, "bootstrap resamples for the intervals")
     load_threads: int = option(4, "threads decoding the sample")
     out: str | None = option(None, "also write the result as JSON here")

@@ -166,13 +166,18 @@ def test_calibrate_fits_a_site_and_registers_it_for_that_site(names, tiny_models
     from jobs import calibrate
 
     site_csv, negatives = _site_csv(sample_root, tmp_path, 12, 30)
+    kept_apart = tmp_path / "check.csv"
+    others = sorted((sample_root / "kermany").rglob("*.jpg"))[:8]
+    pd.DataFrame({"path": [str(p) for p in others], "label": "normal", "patient_id": range(8)}).to_csv(kept_apart)
     out = tmp_path / "calibration.json"
     cfg = CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="hospital-b",
-                          specificity=0.9, alias="site-b", n_boot=50, load_threads=2, out=str(out))
+                          specificity=0.9, alias="site-b", n_boot=50, load_threads=2, check=str(kept_apart), out=str(out))
     assert calibrate.main(cfg) == 0
     printed = capsys.readouterr().out
     assert "site hospital-b: 12 COVID and 30 other images" in printed and "local negatives needed" in printed
     result = json.loads(out.read_text())
+    assert result["check"]["n_other"] == 8 and "specificity" in result["check"]["before"]
+    assert "kept-apart check (0 COVID, 8 other)" in printed
     assert result["after"]["temperature_fitted"] and result["curve"][0]["n"] == 10
     platform = load_platform()
     card = tracking.load_registered(platform.tracking_uri, result["classifier"]).card
@@ -197,3 +202,7 @@ def test_calibrate_refuses_a_sample_too_small_to_place_a_threshold(tiny_models, 
     site_csv, _ = _site_csv(sample_root, tmp_path, 5, 6)
     assert calibrate.main(CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="x")) == 2
     assert "6 labelled non-COVID images; a threshold needs at least 10" in capsys.readouterr().err
+    big_csv, _ = _site_csv(sample_root, tmp_path, 5, 20)
+    assert calibrate.main(CalibrateConfig(manifest=str(big_csv), model=tiny_models["classifier_nomask"], site="x",
+                                          check=str(big_csv))) == 2
+    assert "shares images with" in capsys.readouterr().err

@@ -18,8 +18,7 @@ from cxr.card import OperatingPoint
 from cxr.classification import inference_device, predict
 from cxr.config import CalibrateConfig, PlatformConfig
 from cxr.crossval import calibrated, fit_temperature_binary, local_negatives_curve, local_threshold
-from cxr.data.manifest import csv_manifest, manifest_digest, read_manifest
-from cxr.data.storage import read_bytes
+from cxr.data.manifest import add_sha256, csv_manifest, manifest_digest, read_manifest
 from cxr.metrics import screening_metrics
 from cxr.screen import Preprocess
 from cxr.workflows.screen import components, register_screen
@@ -35,21 +34,29 @@ class CalibrationInputError(ValueError):
     """The sample cannot calibrate anything (missing labels, too few negatives, no COVID class)."""
 
 
+def labelled_rows(uri: str, platform: PlatformConfig) -> pd.DataFrame:
+    """A CSV (path,label,patient_id) or Parquet manifest's labelled rows, with ``is_covid``."""
+    rows = read_manifest(uri, platform.storage) if uri.endswith(".parquet") else csv_manifest(uri, platform.storage)
+    rows = rows[rows["label"].notna()].reset_index(drop=True)
+    if "sha256" not in rows or rows["sha256"].isna().any():
+        rows = add_sha256(rows.drop(columns="sha256", errors="ignore"), platform.storage)
+    return rows.assign(is_covid=(rows["label"] == "covid").to_numpy())
+
+
 def site_sample(cfg: CalibrateConfig, platform: PlatformConfig) -> pd.DataFrame:
     """The sample's rows with ``is_covid``; a row without a label is left out."""
-    if cfg.manifest.endswith(".parquet"):
-        rows = read_manifest(cfg.manifest, platform.storage)
-    else:
-        rows = csv_manifest(cfg.manifest, platform.storage)
-    rows = rows[rows["label"].notna()].reset_index(drop=True)
-    if (rows["label"] != "covid").sum() < MIN_NEGATIVES:
-        raise CalibrationInputError(f"{cfg.manifest}: {int((rows['label'] != 'covid').sum())} labelled non-COVID "
+    rows = labelled_rows(cfg.manifest, platform)
+    if (~rows["is_covid"]).sum() < MIN_NEGATIVES:
+        raise CalibrationInputError(f"{cfg.manifest}: {int((~rows['is_covid']).sum())} labelled non-COVID "
                                     f"images; a threshold needs at least {MIN_NEGATIVES}")
-    if "sha256" not in rows or rows["sha256"].isna().any():
-        import hashlib
+    return rows
 
-        rows["sha256"] = [hashlib.sha256(read_bytes(u, platform.storage)).hexdigest() for u in rows["uri"]]
-    return rows.assign(is_covid=(rows["label"] == "covid").to_numpy())
+
+def covid_log_probs(model, preprocess: Preprocess, uris: list[str], platform: PlatformConfig,
+                    threads: int) -> np.ndarray:
+    images, _ = preprocess.prepare(uris, platform.storage, threads)
+    probs, _ = predict(model, images)
+    return np.log(np.clip(probs, 1e-12, None))
 
 
 def needed_negatives(curve: list[dict], specificity: float, slack: float = 0.05) -> int | None:
@@ -68,11 +75,9 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
         raise CalibrationInputError(f"{cfg.model} has no covid class to screen for")
     covid = labels.index("covid")
     prep = classifier.card.preprocessing
-    images, _ = Preprocess(prep, segmenter if prep.lung_mask else None).prepare(
-        rows["uri"].tolist(), platform.storage, cfg.load_threads)
+    preprocess = Preprocess(prep, segmenter if prep.lung_mask else None)
     model = classifier.model.to(inference_device())
-    probs, _ = predict(model, images)
-    log_probs = np.log(np.clip(probs, 1e-12, None))
+    log_probs = covid_log_probs(model, preprocess, rows["uri"].tolist(), platform, cfg.load_threads)
     positive = rows["is_covid"].to_numpy(bool)
 
     before_op = classifier.card.operating_point
@@ -99,6 +104,18 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
         "specificity_wanted": cfg.specificity, "curve": curve,
         "needed_negatives": needed_negatives(curve, cfg.specificity),
     }
+    if cfg.check:
+        check = labelled_rows(cfg.check, platform)
+        if set(check["sha256"].dropna()) & set(rows["sha256"].dropna()):
+            raise CalibrationInputError(f"{cfg.check} shares images with {cfg.manifest}: a check must be kept apart")
+        check_lp = covid_log_probs(model, preprocess, check["uri"].tolist(), platform, cfg.load_threads)
+        check_pos = check["is_covid"].to_numpy(bool)
+        result["check"] = {"sample": cfg.check, "n_covid": int(check_pos.sum()), "n_other": int((~check_pos).sum()),
+                           "after": screening_metrics(check_pos, calibrated(check_lp, temperature)[:, covid],
+                                                      threshold, cfg.n_boot)}
+        if before_op is not None:
+            result["check"]["before"] = screening_metrics(check_pos, calibrated(check_lp, before_t)[:, covid],
+                                                          before_op.threshold, cfg.n_boot)
     card = dataclasses.replace(
         classifier.card,
         operating_point=OperatingPoint(threshold, cfg.specificity, f"site {cfg.site}: {result['n_other']} local "
@@ -138,6 +155,13 @@ def summary(result: dict) -> str:
     for c in result["curve"]:
         print(f"  {c['n']:4d} local negatives: specificity on the others {c['specificity_mean']:.3f} "
               f"(5th percentile {c['specificity_p05']:.3f})", file=out)
+    if "check" in result:
+        c = result["check"]
+        print(f"kept-apart check ({c['n_covid']} COVID, {c['n_other']} other):", file=out)
+        for when in ("before", "after"):
+            if when in c:
+                print(f"  {when}: sensitivity {rate(c[when], 'sensitivity')}  specificity {rate(c[when], 'specificity')}",
+                      file=out)
     needed = result["needed_negatives"]
     print(f"local negatives needed for specificity >= {result['specificity_wanted'] - 0.05:.2f} in 95% of draws: "
           f"{needed if needed is not None else 'more than this sample holds'}", file=out)
