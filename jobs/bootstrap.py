@@ -44,13 +44,15 @@ def main(cfg: BootstrapConfig) -> int:
         run_name="bootstrap-segmenter", storage_path=cfg.storage_path)), platform)
     tracking.set_alias(uri, names["segmenter"], alias, seg["version"])
     stage1, stage2 = (tuple(cfg.classifier_epochs) + (0, 0))[:2]
+    # The default (screening) recipe: whole images; the segmenter gives the screen its lung-area QC.
+    seg_uri = f"models:/{names['segmenter']}/{seg['version']}"
     cls = finetune(load_config(FinetuneConfig, overrides=dict(
-        manifest=str(out / "tasks" / "dataset2-4class.parquet"), model=cfg.classifier_model,
+        manifest=str(out / "tasks" / "screen-4class.parquet"), model=cfg.classifier_model,
         image_size=cfg.classifier_size, stage1_epochs=stage1, stage2_epochs=stage2, batch_size=8,
-        segmenter=f"models:/{names['segmenter']}/{seg['version']}", num_workers=cfg.num_workers, load_threads=2,
+        num_workers=cfg.num_workers, load_threads=2,
         n_boot=200, run_name="bootstrap-classifier", storage_path=cfg.storage_path)), platform)
     tracking.set_alias(uri, names["classifier"], alias, cls["version"])
-    screen = register_screen(platform, f"models:/{names['classifier']}/{cls['version']}", alias=alias)
+    screen = register_screen(platform, f"models:/{names['classifier']}/{cls['version']}", seg_uri, alias=alias)
     print(f"bootstrap: trained on {data_root}; {alias} is now {names['segmenter']} v{seg['version']} "
           f"(test Dice {seg['report']['all']['mean']:.3f}), {names['classifier']} v{cls['version']} "
           f"(test accuracy {cls['report']['metrics']['accuracy']['value']:.3f}; a demo model, not a screening one) "

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "pretrain": (PretrainConfig, "jobs.pretrain",
                  "pretrain the classifier on the source task (kermany/train, 3 classes) with Ray Train"),
     "finetune": (FinetuneConfig, "jobs.finetune",
-                 "fine-tune on lung-masked dataset II, evaluate the test split, register cxr-classifier"),
+                 "fine-tune (the screening recipe; presets/paper.yaml: the paper's), evaluate, register cxr-classifier"),
     "tune": (TuneJobConfig, "jobs.tune",
              "tune the fine-tuning learning rates, dropout and weight decay with Optuna on Ray Tune"),
     "ablation": (AblationConfig, "jobs.ablation",

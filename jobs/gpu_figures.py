@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ft = finetune(load_config(FinetuneConfig, str(finetune_yaml), {
             "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pretrain_run,
+            "archive_balanced": False, "photometric": False,                # the paper's recipe
             "register": True, "run_name": "gpu-figures-registered"}), platform)
         cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
         record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],

@@ -222,10 +222,13 @@ def test_finetune_registers_a_carded_lung_masked_classifier(finetuned, pretraine
     assert card.preprocessing.lung_mask is True and card.preprocessing.segmenter_uri == tiny_segmenter
     assert card.intended_use == "research use, not for diagnosis"
     assert loaded.model.fc[1].out_features == 4
-    # The sample's validation split has 5 COVID and 1 other image, no adults: chosen on all of it.
+    # The sample's validation split has 5 COVID and 1 other image, no adults: chosen on all of
+    # it, after temperature scaling, for every archive; the test report has each archive's rates.
     op = card.operating_point
-    assert op.chosen_on == "validation, all images (n=6)" and op.min_specificity == 0.85
-    assert run.data.metrics["test_screening_threshold"] == pytest.approx(op.threshold)
+    assert op.chosen_on == "validation, all images (n=6), every archive" and op.min_specificity == 0.85
+    assert op.temperature > 0 and run.data.metrics["test_screening_threshold"] == pytest.approx(op.threshold)
+    assert card.metrics["test"]["screening"]["archives"]["kermany"]["n_other"] > 0
+    assert "test_screening_archive_kermany_specificity" in run.data.metrics
     # Readable parameters, the manifest as the run's dataset, the card in Markdown.
     assert run.data.params["stage2_trainable"] == "layer3,layer4,fc" and run.data.params["dilation_px"] == "none"
     (dataset,) = run.inputs.dataset_inputs

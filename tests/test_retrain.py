@@ -41,7 +41,7 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
         "pretrain": dict(TINY, model="resnet18-tiny", image_size=64, stage1_epochs=1, load_threads=2,
                          storage_path=str(tmp_path / "ray")),
         "finetune": dict(TINY, model="resnet18-tiny", image_size=64, stage1_epochs=1, stage2_epochs=1,
-                         manifest="dataset2-4class.parquet", load_threads=2, n_boot=50,
+                         manifest="screen-4class.parquet", load_threads=2, n_boot=50,
                          storage_path=str(tmp_path / "ray")),
     }
     for name, values in configs.items():
@@ -59,11 +59,14 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
     exp = client.get_experiment_by_name(load_platform().experiments["retrain"])
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and len(run.data.tags["cxr.snapshot"]) == 64
-    # Classifier v1 was fine-tuned on lungs masked by segmenter v1 (pinned in its card).
+    # Classifier v1 is the screening recipe's: whole images of every archive, archive-balanced.
     card = load_card(uri, f"models:/{names['classifier']}/1")
-    assert card.preprocessing.segmenter_uri == f"models:/{names['segmenter']}/1"
-    # The promoted classifier's screen is the screen champion.
+    assert not card.preprocessing.lung_mask and card.training_data[0].name == "screen-4class"
+    assert card.operating_point.temperature > 0
+    # The promoted classifier's screen is the screen champion, with segmenter v1 for the lung-area QC.
     assert alias_version(uri, names["screen"], "champion") == "1"
+    screen = client.get_model_version(names["screen"], "1")
+    assert screen.tags["cxr.segmenter"] == f"{names['segmenter']}/1"
 
     # The same data snapshot again: nothing new is trained or registered.
     assert retrain.main(cfg) == 0

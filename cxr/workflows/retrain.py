@@ -74,6 +74,7 @@ def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[]
                               tags={"cxr.job": "retrain", "cxr.snapshot": snapshot},
                               artifact_location=platform.artifact_location) as run_id:
         tracking.log_params(uri, run_id, {**config_to_dict(cfg), "finetune": config_to_dict(finetune_cfg)})
+        masked = finetune_cfg.segmenter is not None     # the screening recipe sees whole images
         segmenter_uri = finetune_cfg.segmenter
         if cfg.train_segmenter:
             seg_cfg = load_config(SegmenterTrainConfig, cfg.segmenter_config,
@@ -93,8 +94,9 @@ def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[]
                 "manifest": str(manifests / "tasks" / "source.parquet"), "run_name": f"retrain-{snapshot[:8]}"}), platform)
             pretrain_run = pre["run_id"]
             steps["pretrain"] = {"run_id": pretrain_run, "best_val_loss": pre["meta"]["val_loss"]}
-        cls = finetune(dataclasses.replace(finetune_cfg, segmenter=segmenter_uri, pretrain_run=pretrain_run,
-                                           register=True, run_name=f"retrain-{snapshot[:8]}"), platform)
+        cls = finetune(dataclasses.replace(finetune_cfg, segmenter=segmenter_uri if masked else None,
+                                           pretrain_run=pretrain_run, register=True,
+                                           run_name=f"retrain-{snapshot[:8]}"), platform)
         tracking.set_alias(uri, names["classifier"], aliases["challenger"], cls["version"])
         steps["classifier"] = {"version": cls["version"], "test_accuracy": cls["report"]["metrics"]["accuracy"]["value"]}
         if cfg.promote:
