@@ -173,7 +173,7 @@ class ModelCard:
         if op is not None:
             if op.label not in self.labels:
                 raise _fail("operating_point.label", f"{op.label!r} is not one of the labels {list(self.labels)}")
-            if not (math.isfinite(op.threshold) and 0 <= op.threshold <= 1.0000001):
+            if not (math.isfinite(op.threshold) and 0 <= op.threshold <= 1.000001):    # ABOVE_ONE: nothing passes
                 raise _fail("operating_point.threshold", f"must be a probability, got {op.threshold}")
             if not (math.isfinite(op.min_specificity) and 0 <= op.min_specificity <= 1):
                 raise _fail("operating_point.min_specificity", f"must be in [0, 1], got {op.min_specificity}")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from cxr.metrics import auroc_interval, screening_metrics
+from cxr.metrics import ABOVE_ONE, auroc_interval, float32_above, screening_metrics
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
 
@@ -147,24 +147,31 @@ def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives
 def rule_threshold(per_archive: dict[str, float], excluded: set[str]) -> float:
     """The highest per-archive threshold outside ``excluded`` (0.5 when none is left)."""
     kept = [t for a, t in per_archive.items() if a not in excluded]
-    return min(max(kept), float(np.nextafter(1.0, 2.0))) if kept else 0.5
+    return min(max(kept), ABOVE_ONE) if kept else 0.5
 
 
 def specificity_threshold(negatives: np.ndarray, specificity: float, conformal: bool = False) -> float:
     """A threshold (``score >= threshold`` is positive) leaving at least a fraction
     ``specificity`` of ``negatives`` below it; with ``conformal``, of new negatives from the
     same distribution, on average: k = ceil((n + 1) * s) instead of ceil(n * s) scores below
-    it (the plain quantile of n scores falls short by about 1 / n). It lies halfway between
-    the k-th smallest score and the next, not on a score: the same image scored in float32
-    elsewhere (serving) must fall on the same side. Just above the largest score when n is
-    too small for k."""
+    it (the plain quantile of n scores falls short by about 1 / n). It is a float32 value
+    strictly between the k-th smallest score and the next (halfway where there is room), not
+    on a score: the same image scored in float32 elsewhere (serving) must fall on the same
+    side. Just above the largest score when n is too small for k (``ABOVE_ONE`` at most)."""
     scores = np.sort(np.asarray(negatives, float))
     if not len(scores):
         return 0.5
     k = min(max(math.ceil(((len(scores) + 1) if conformal else len(scores)) * specificity - 1e-9), 1), len(scores))
-    if k < len(scores) and scores[k] > scores[k - 1]:
-        return float((scores[k - 1] + scores[k]) / 2)
-    return float(min(scores[k - 1] + 1e-6, np.nextafter(1.0, 2.0)))
+    low = float(np.float32(scores[k - 1]))
+    above = float32_above(low)
+    if k < len(scores):
+        high = float(np.float32(scores[k]))
+        middle = float(np.float32((low + high) / 2))
+        if low < middle <= high:
+            return middle
+        if above <= high and high > low:
+            return above
+    return min(above, ABOVE_ONE)
 
 
 def local_threshold(negatives: np.ndarray, specificity: float) -> float:
@@ -248,7 +255,7 @@ LOCAL_SIZES = (10, 20, 30, 50, 100, 200)
 
 
 def local_negatives_table(predictions: pd.DataFrame, thresholds: dict[tuple[str, str], float],
-                          specificity: float = 0.90, min_negatives: int = 40, seed: int = 0) -> str:
+                          specificity: float = 0.90, min_negatives: int = 30, seed: int = 0) -> str:
     """Markdown: for each held-out archive with at least ``min_negatives`` negatives, its
     specificity (and sensitivity, where it has COVID) at the fold's threshold, then after
     ``cxr calibrate``'s rule on n local negatives, for growing n: the mean and 5th percentile

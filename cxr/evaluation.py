@@ -16,7 +16,7 @@ from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
 from cxr.crossval import archive_report, calibrated, fit_temperature, worst_archive_threshold
 from cxr.data.storage import StorageConfig
-from cxr.metrics import auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
+from cxr.metrics import ABOVE_ONE, auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
 from cxr.screen import Preprocess
 
@@ -87,8 +87,8 @@ def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
         rule = "every archive"
     else:
         # +inf (nothing reaches the specificity while calling anything positive) becomes the
-        # smallest float above 1: no probability reaches it either, and JSON and MLflow take it.
-        threshold = min(threshold_for_specificity(positive, score, min_specificity), float(np.nextafter(1.0, 2.0)))
+        # smallest float32 above 1: no probability reaches it either, and JSON and MLflow take it.
+        threshold = min(threshold_for_specificity(positive, score, min_specificity), ABOVE_ONE)
         rule = "pooled"
     return {"threshold": threshold, "min_specificity": min_specificity, "temperature": temperature,
             "chosen_on": f"validation, {population} images (n={len(positive)}), {rule}"}

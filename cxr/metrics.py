@@ -102,6 +102,17 @@ def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarr
 
 # --- a screening operating point ---------------------------------------------------------------
 
+# The threshold that no probability reaches: the float32 just above 1. Probabilities are
+# float32 where they are compared (serving, NumPy 2 casts a Python float to the array's
+# float32), and the float64 just above 1 rounds to 1.0 there: a probability of exactly 1 would
+# still be called positive.
+ABOVE_ONE = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+
+
+def float32_above(value: float) -> float:
+    """The smallest float32 above ``value`` (as a Python float)."""
+    return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
 def threshold_for_specificity(is_positive: np.ndarray, score: np.ndarray, min_specificity: float) -> float:
     """The score threshold (``score >= threshold`` calls positive) with the highest sensitivity
     among those whose specificity is at least ``min_specificity``, from scikit-learn's ROC

@@ -80,7 +80,7 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 | at the operating point, {{ population }}: specificity | {{ screening[population].get("specificity") | ci }} |
 {% endfor %}
 {% endif %}
-{% for archive, v in ((screening or {}).get("archives") or {}).items() if v is mapping %}
+{% for archive, v in ((screening if screening is mapping else {}).get("archives") or {}).items() if v is mapping %}
 | at the operating point, archive {{ archive }} ({{ v.get("n_covid", "?") }} COVID / {{ v.get("n_other", "?") }} other): sensitivity, specificity | {{ v.get("sensitivity") | ci }}, {{ v.get("specificity") | ci }} |
 {% endfor %}
 {% for group, v in (test.get("covid_auroc_within") or {}).items() if v is mapping %}
@@ -94,8 +94,15 @@ Each archive is reported by a model trained, calibrated and thresholded without 
 | held-out archive | COVID / other | AUROC | sensitivity | specificity |
 |---|---|---|---|---|
 {% for r in cross.get("held_out") or [] if r is mapping and r.get("report") is mapping %}
-| {{ r.archive }} | {{ r.report.get("n_covid", "?") }} / {{ r.report.get("n_other", "?") }} | {{ r.report.get("auroc") | ci }} | {{ r.report.get("sensitivity") | ci }} | {{ r.report.get("specificity") | ci }} |
+| {{ r.get("archive", "?") }} | {{ r.report.get("n_covid", "?") }} / {{ r.report.get("n_other", "?") }} | {{ r.report.get("auroc") | ci }} | {{ r.report.get("sensitivity") | ci }} | {{ r.report.get("specificity") | ci }} |
 {% endfor %}
+{% endif %}
+{% if calibration %}
+## Calibrated for a site (cxr calibrate; 95% bootstrap intervals, on the sample it was fitted to)
+| site | sample | COVID / other | sensitivity | specificity |
+|---|---|---|---|---|
+{% set after = calibration.get("after") if calibration.get("after") is mapping else {} %}
+| {{ calibration.get("site", "?") }} | `{{ (calibration.get("sample_sha256") or "?")[:16] }}` | {{ calibration.get("n_covid", "?") }} / {{ calibration.get("n_other", "?") }} | {{ after.get("sensitivity") | ci }} | {{ after.get("specificity") | ci }} |
 {% endif %}
 {% if dice %}
 ## Test Dice
@@ -122,11 +129,13 @@ def model_markdown(card: ModelCard, name: str | None = None, version: str | None
     test = card.metrics.get("test") if card.task == "classifier" else None
     dice = card.metrics.get("test_dice") if card.task == "segmenter" else None
     cross = card.metrics.get("cross_archive")
+    calibration = card.metrics.get("calibration")
+    calibration = calibration if isinstance(calibration, dict) else None
     test = test if isinstance(test, dict) and test else None
     dice = dice if isinstance(dice, dict) else None
     cross = cross if isinstance(cross, dict) else None
     text = _MODEL.render(card=card, p=card.preprocessing, name=name, version=version, test=test, dice=dice,
-                         cross=cross, headline=_HEADLINE)
+                         cross=cross, calibration=calibration, headline=_HEADLINE)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 

@@ -17,10 +17,17 @@ def main(cfg: CalibrateConfig) -> int:
     if not 0 < cfg.specificity < 1:
         print(f"cxr calibrate: --specificity must be in (0, 1), got {cfg.specificity}", file=sys.stderr)
         return 2
+    from mlflow.exceptions import MlflowException
+
+    from cxr.package import PackageError
+
     try:
         result = calibrate(cfg, load_platform())
     except CalibrationInputError as e:
         print(f"cxr calibrate: {e}", file=sys.stderr)
+        return 2
+    except (MlflowException, PackageError) as e:      # a model that does not resolve or load
+        print(f"cxr calibrate: cannot load {cfg.model}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return 2
     print(summary(result))
     if cfg.out:

@@ -268,3 +268,23 @@ def test_a_tar_bundle_with_a_link_is_refused(tmp_path):
         tar.addfile(link)
     with pytest.raises(PackageError, match="links or special files"):
         unpack_bundle(bundle, tmp_path / "out")
+
+
+@pytest.mark.parametrize("metrics", [
+    {"test": {"screening": "oops"}},
+    {"test": {"screening": {"archives": {"a": {"n_covid": 1}}}}},
+    {"cross_archive": {"held_out": [{"report": {}}, "x"]}},
+    {"calibration": {"after": "x"}},
+])
+def test_markdown_survives_odd_metrics(metrics):
+    card = dataclasses.replace(classifier_card(), metrics=metrics)
+    assert model_markdown(card).startswith("#")
+
+
+def test_markdown_shows_the_temperature_and_the_cross_archive_table():
+    card = dataclasses.replace(classifier_card(), operating_point=OperatingPoint(0.3, 0.85, "validation", "covid", 1.7),
+                               metrics={"cross_archive": {"recipe": "screen", "held_out": [
+                                   {"archive": "jsrt", "report": {"n_covid": 0, "n_other": 9, "specificity": {
+                                       "value": 0.9, "low": 0.8, "high": 1.0}}}]}})
+    text = model_markdown(card)
+    assert "calibrated with temperature 1.700" in text and "| jsrt | 0 / 9 | n/a | n/a | 0.900 [0.800, 1.000] |" in text

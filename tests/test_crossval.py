@@ -190,3 +190,16 @@ def test_the_negative_archives_rule_ignores_archives_with_covid():
     negative_only, _ = worst_archive_threshold(is_pos, score, archives, 0.9, negative_archives_only=True)
     assert worst == per["covid-site"] > negative_only == per["routine"]
     assert rule_threshold(per, {"covid-site", "routine"}) == 0.5          # nothing left: the neutral threshold
+
+
+def test_thresholds_hold_in_float32_where_serving_compares_them():
+    top = np.array([0.2, 0.3, 1.0, 1.0], np.float32)
+    assert not (top >= specificity_threshold(top, 0.9)).any()            # above every score, 1.0 included
+    v = np.float32(0.99)
+    adjacent = np.array([0.1] * 8 + [v, np.nextafter(v, np.float32(1))], np.float32)
+    assert (adjacent < specificity_threshold(adjacent, 0.9)).mean() == 0.9
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        neg = np.round(rng.random(rng.integers(2, 40)), int(rng.integers(2, 7))).astype(np.float32)
+        t = specificity_threshold(neg, 0.9)
+        assert (neg < t).mean() >= 0.9 and (neg < t).mean() == (neg.astype(float) < t).mean()

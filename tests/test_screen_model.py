@@ -154,7 +154,7 @@ def _site_csv(sample_root, tmp_path, n_covid: int, n_other: int):
     """A site's labelled sample: the sample's COVID images, and adult normals as the others."""
     covid = sorted((sample_root / "covid").rglob("*.jpg"))[:n_covid]
     other = sorted((sample_root / "lungseg").rglob("*.jpg"))[:n_other]
-    rows = [(str(p), "covid", f"c{i}") for i, p in enumerate(covid)] + \
+    rows = [(str(p), ["covid", "COVID-19 ", "Covid"][i % 3], f"c{i}") for i, p in enumerate(covid)] + \
            [(str(p), "normal", f"o{i}") for i, p in enumerate(other)]
     path = tmp_path / "site.csv"
     pd.DataFrame(rows, columns=["path", "label", "patient_id"]).to_csv(path, index=False)
@@ -185,6 +185,9 @@ def test_calibrate_fits_a_site_and_registers_it_for_that_site(names, tiny_models
     assert op.chosen_on.startswith("site hospital-b: 30 local negatives") and op.min_specificity == 0.9
     assert op.temperature == pytest.approx(result["after"]["temperature"]) and op.threshold == result["after"]["threshold"]
     assert card.metrics["calibration"]["sample_sha256"] == result["sample_sha256"]
+    assert "screening" not in card.metrics.get("test", {})        # the old threshold's figures are gone
+    description = MlflowClient(platform.tracking_uri).get_model_version(*result["classifier"][8:].split("/")).description
+    assert "## Calibrated for a site" in description and "| hospital-b |" in description
     alias = MlflowClient(platform.tracking_uri).get_model_version_by_alias(names["screen"], "site-b")
     assert result["screen"] == f"models:/{names['screen']}/{alias.version}"
     # The registered screen applies the new temperature and threshold: on the site's own
@@ -202,6 +205,22 @@ def test_calibrate_refuses_a_sample_too_small_to_place_a_threshold(tiny_models, 
     site_csv, _ = _site_csv(sample_root, tmp_path, 5, 6)
     assert calibrate.main(CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="x")) == 2
     assert "6 labelled non-COVID images; a threshold needs at least 10" in capsys.readouterr().err
+    # The same negative twelve times is one image, not twelve.
+    one = str(sorted((sample_root / "lungseg").rglob("*.jpg"))[0])
+    pd.DataFrame({"path": [one] * 12, "label": "normal", "patient_id": "p"}).to_csv(tmp_path / "dup.csv", index=False)
+    assert calibrate.main(CalibrateConfig(manifest=str(tmp_path / "dup.csv"), model=tiny_models["classifier_nomask"],
+                                          site="x")) == 2
+    assert "1 labelled non-COVID images" in capsys.readouterr().err
+    # An unreadable file: one line, exit 2.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    good = [str(p) for p in sorted((sample_root / "lungseg").rglob("*.jpg"))[:11]]
+    pd.DataFrame({"path": good + [str(broken)], "label": "normal", "patient_id": range(12)}).to_csv(
+        tmp_path / "broken.csv", index=False)
+    assert calibrate.main(CalibrateConfig(manifest=str(tmp_path / "broken.csv"), model=tiny_models["classifier_nomask"],
+                                          site="x")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxr calibrate: an image of the sample cannot be used") and len(err.splitlines()) == 1
     big_csv, _ = _site_csv(sample_root, tmp_path, 5, 20)
     assert calibrate.main(CalibrateConfig(manifest=str(big_csv), model=tiny_models["classifier_nomask"], site="x",
                                           check=str(big_csv))) == 2

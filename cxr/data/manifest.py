@@ -49,11 +49,14 @@ COVID_ORIGINS = {"github.com": "hannover", "radiopaedia.org": "radiopaedia", "eu
                  "sirm.org": "sirm"}
 
 
-def covid_archive(url: str) -> str:
+def covid_archive(url: str | None) -> str:
     """``covid/<origin>`` of a COVID-collection image from its source url (``covid/literature``
-    for journals and other case sites)."""
-    host = urlparse(url if "//" in url else f"//{url}").netloc.lower().removeprefix("www.")
-    return f"covid/{COVID_ORIGINS.get(host, 'literature')}"
+    for journals and other case sites, and for no url)."""
+    text = url if isinstance(url, str) else ""
+    host = (urlparse(text if "//" in text else f"//{text}").hostname or "").lower()
+    origin = next((name for site, name in COVID_ORIGINS.items() if host == site or host.endswith("." + site)),
+                  "literature")
+    return f"covid/{origin}"
 
 
 def _blank_to_none(series: pd.Series) -> pd.Series:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import tracking
-from cxr.card import OperatingPoint
+from cxr.card import OperatingPoint, _finite
 from cxr.classification import inference_device, predict
 from cxr.config import CalibrateConfig, PlatformConfig
 from cxr.crossval import calibrated, fit_temperature_binary, local_negatives_curve, local_threshold
@@ -28,19 +28,34 @@ log = logging.getLogger(__name__)
 MIN_NEGATIVES = 10           # fewer cannot place a threshold at any useful specificity
 MIN_FOR_TEMPERATURE = 5      # COVID and other images a sample needs before a temperature is fitted to it
 CURVE_SIZES = (10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
+TEMPERATURE_RANGE = (0.051, 19.9)   # inside fit_temperature_binary's bounds, exp(-3) and exp(3)
 
 
 class CalibrationInputError(ValueError):
     """The sample cannot calibrate anything (missing labels, too few negatives, no COVID class)."""
 
 
+def is_covid_label(label: str) -> bool:
+    """A site's label means COVID-19: "covid", "COVID-19", " Covid19 " (any case and spacing)."""
+    return str(label).strip().lower().replace("-", "").replace("_", "").replace(" ", "").startswith("covid")
+
+
 def labelled_rows(uri: str, platform: PlatformConfig) -> pd.DataFrame:
-    """A CSV (path,label,patient_id) or Parquet manifest's labelled rows, with ``is_covid``."""
-    rows = read_manifest(uri, platform.storage) if uri.endswith(".parquet") else csv_manifest(uri, platform.storage)
-    rows = rows[rows["label"].notna()].reset_index(drop=True)
+    """A CSV (path,label,patient_id) or Parquet manifest's labelled rows, with ``is_covid``,
+    each image once (by content: the same bytes twice would count twice). A file that cannot
+    be read is a ``CalibrationInputError`` naming it: a sample is small, and every image counts."""
+    try:
+        rows = read_manifest(uri, platform.storage) if uri.endswith(".parquet") else csv_manifest(uri, platform.storage)
+    except (OSError, ValueError) as e:            # BadImageError (missing file) is a ValueError
+        raise CalibrationInputError(f"{uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    rows = rows[rows["label"].notna() & (rows["label"].astype(str).str.strip() != "")].reset_index(drop=True)
     if "sha256" not in rows or rows["sha256"].isna().any():
         rows = add_sha256(rows.drop(columns="sha256", errors="ignore"), platform.storage)
-    return rows.assign(is_covid=(rows["label"] == "covid").to_numpy())
+    unreadable = rows.loc[rows["sha256"].isna(), "uri"].tolist()
+    if unreadable:
+        raise CalibrationInputError(f"{uri}: {len(unreadable)} file(s) cannot be read, e.g. {unreadable[0]}")
+    rows = rows.drop_duplicates("sha256").reset_index(drop=True)
+    return rows.assign(is_covid=[is_covid_label(label) for label in rows["label"]])
 
 
 def site_sample(cfg: CalibrateConfig, platform: PlatformConfig) -> pd.DataFrame:
@@ -54,7 +69,10 @@ def site_sample(cfg: CalibrateConfig, platform: PlatformConfig) -> pd.DataFrame:
 
 def covid_log_probs(model, preprocess: Preprocess, uris: list[str], platform: PlatformConfig,
                     threads: int) -> np.ndarray:
-    images, _ = preprocess.prepare(uris, platform.storage, threads)
+    try:
+        images, _ = preprocess.prepare(uris, platform.storage, threads)
+    except ValueError as e:                      # BadImageError: a file that does not decode
+        raise CalibrationInputError(f"an image of the sample cannot be used: {str(e).splitlines()[0]}") from e
     probs, _ = predict(model, images)
     return np.log(np.clip(probs, 1e-12, None))
 
@@ -88,6 +106,10 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
                                    cfg.n_boot)
     fit_t = positive.sum() >= MIN_FOR_TEMPERATURE and (~positive).sum() >= MIN_FOR_TEMPERATURE
     temperature = fit_temperature_binary(log_probs, covid, positive) if fit_t else before_t
+    if fit_t and not TEMPERATURE_RANGE[0] < temperature < TEMPERATURE_RANGE[1]:
+        # At a bound, the sample separates (or anti-separates) perfectly: the fit says nothing.
+        log.warning("the temperature fit reached its bound (%.3f); keeping the model's %.3f", temperature, before_t)
+        fit_t, temperature = False, before_t
     score = calibrated(log_probs, temperature)[:, covid]
     threshold = local_threshold(score[~positive], cfg.specificity)
     after = screening_metrics(positive, score, threshold, cfg.n_boot)
@@ -116,16 +138,20 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
         if before_op is not None:
             result["check"]["before"] = screening_metrics(check_pos, calibrated(check_lp, before_t)[:, covid],
                                                           before_op.threshold, cfg.n_boot)
+    # The test figures at the old operating point no longer describe this card's: dropped, and
+    # the site's figures take their place.
+    test = {k: v for k, v in (classifier.card.metrics.get("test") or {}).items() if k != "screening"}
     card = dataclasses.replace(
         classifier.card,
         operating_point=OperatingPoint(threshold, cfg.specificity, f"site {cfg.site}: {result['n_other']} local "
                                        f"negatives, sample {digest[:12]}", "covid", temperature),
-        metrics={**classifier.card.metrics, "calibration": {k: v for k, v in result.items() if k != "curve"}})
+        metrics={**classifier.card.metrics, "test": test,
+                 "calibration": _finite({k: v for k, v in result.items() if k != "curve"})})
     name = platform.registered_models["classifier"]
     with tracking.tracked_run(uri, platform.experiments.get("screen", "cxr-screen"), f"calibrate-{cfg.site}",
                               tags={"cxr.job": "calibrate", "cxr.site": cfg.site, "cxr.source": cfg.model},
                               artifact_location=platform.artifact_location) as run_id:
-        tracking.log_dict(uri, run_id, result, "calibration.json")
+        tracking.log_dict(uri, run_id, _finite(result), "calibration.json")
         tracking.log_metrics(uri, run_id, {"threshold": threshold, "temperature": temperature,
                                            "sample_specificity": after["specificity"]["value"]})
         version = tracking.register_model(uri, name, run_id, classifier.model, card)
@@ -173,4 +199,4 @@ def write_result(result: dict, path: str) -> None:
     import json
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
+    Path(path).write_text(json.dumps(_finite(result), indent=2, allow_nan=False))
