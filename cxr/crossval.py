@@ -124,8 +124,8 @@ def calibrated(log_probs: np.ndarray, temperature: float) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray,
-                            min_specificity: float, negative_archives_only: bool = False) -> tuple[float, dict[str, float]]:
+def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray, min_specificity: float,
+                            negative_archives_only: bool = False) -> tuple[float, dict[str, float]]:
     """The lowest threshold at which every validation archive keeps specificity >=
     ``min_specificity`` (the highest of the per-archive thresholds), and those thresholds.
     Archives with fewer than ``MIN_ARCHIVE_NEGATIVES`` negatives are pooled as one group.

@@ -16,7 +16,8 @@ from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
 from cxr.crossval import archive_report, calibrated, fit_temperature, worst_archive_threshold
 from cxr.data.storage import StorageConfig
-from cxr.metrics import ABOVE_ONE, auroc_interval, bootstrap_metrics, confusion, screening_metrics, threshold_for_specificity
+from cxr.metrics import (ABOVE_ONE, auroc_interval, bootstrap_metrics, confusion, screening_metrics,
+                         threshold_for_specificity)
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
 from cxr.screen import Preprocess
 
@@ -225,7 +226,8 @@ def flat_metrics(report: dict, prefix: str = "test_") -> dict[str, float]:
     for archive, rates in screening.get("archives", {}).items():
         for name in ("sensitivity", "specificity"):
             if name in rates:
-                out[f"{prefix}screening_archive_{re.sub(r'[^A-Za-z0-9_.-]+', '_', archive)}_{name}"] = rates[name]["value"]
+                safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", archive)
+                out[f"{prefix}screening_archive_{safe}_{name}"] = rates[name]["value"]
     for group, v in report.get("covid_auroc_within", {}).items():
         # MLflow metric names take letters, digits and _-./ only: "adult, view=PA" -> "adult_view_PA".
         out[f"{prefix}covid_auroc_within_{re.sub(r'[^A-Za-z0-9_./-]+', '_', group)}"] = v["value"]

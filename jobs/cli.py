@@ -9,9 +9,9 @@ import os
 import sys
 import typing
 
-from cxr.config import (AblationConfig, CalibrateConfig, CrossvalConfig, BenchmarkConfig, BootstrapConfig, CompactConfig, EvaluateConfig,
-                        ExportModelConfig, FinetuneConfig, ImportModelConfig, PrepareDataConfig, PretrainConfig,
-                        PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig,
+from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, CalibrateConfig, CompactConfig,
+                        CrossvalConfig, EvaluateConfig, ExportModelConfig, FinetuneConfig, ImportModelConfig,
+                        PrepareDataConfig, PretrainConfig, PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig,
                         TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
 
 # name -> (config class, job module, one-line help). Job modules are imported only when run,
@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "pretrain": (PretrainConfig, "jobs.pretrain",
                  "pretrain the classifier on the source task (kermany/train, 3 classes) with Ray Train"),
     "finetune": (FinetuneConfig, "jobs.finetune",
-                 "fine-tune (the screening recipe; presets/paper.yaml: the paper's), evaluate, register cxr-classifier"),
+                 "fine-tune (the screening recipe; presets/paper.yaml: the paper's), evaluate, register it"),
     "tune": (TuneJobConfig, "jobs.tune",
              "tune the fine-tuning learning rates, dropout and weight decay with Optuna on Ray Tune"),
     "ablation": (AblationConfig, "jobs.ablation",

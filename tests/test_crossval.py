@@ -18,7 +18,8 @@ from cxr.train.classifier_data import archive_weights
 
 
 def test_covid_collection_origins_come_from_the_url_host():
-    assert covid_archive("https://github.com/ml-workgroup/covid-19-image-repository/tree/master/png") == "covid/hannover"
+    hannover = "https://github.com/ml-workgroup/covid-19-image-repository/tree/master/png"
+    assert covid_archive(hannover) == "covid/hannover"
     assert covid_archive("https://radiopaedia.org/cases/covid-19-pneumonia-12") == "covid/radiopaedia"
     assert covid_archive("https://www.sirm.org/2020/03/10/covid-19-caso-19/") == "covid/sirm"
     assert covid_archive("https://www.eurorad.org/case/16664") == "covid/eurorad"
@@ -52,7 +53,8 @@ def test_the_external_archives_join_the_tasks_and_keep_every_other_split(full_da
     for name in ("tasks/dataset2-4class", "tasks/deconfounded-4class", "lungseg"):
         assert with_external[name]["split"].tolist() == without[name]["split"].tolist(), name
     archives = with_external["tasks/archives"]
-    assert {"jsrt", "tbx11k"} <= set(archives["archive"]) and (archives.query("archive == 'tbx11k'")["label"] == "other").all()
+    assert {"jsrt", "tbx11k"} <= set(archives["archive"])
+    assert (archives.query("archive == 'tbx11k'")["label"] == "other").all()
     screen = with_external["tasks/screen-4class"]
     assert set(screen.query("archive == 'jsrt'")["finding"]) == {"no nodule"}
 

@@ -171,7 +171,8 @@ def test_calibrate_fits_a_site_and_registers_it_for_that_site(names, tiny_models
     pd.DataFrame({"path": [str(p) for p in others], "label": "normal", "patient_id": range(8)}).to_csv(kept_apart)
     out = tmp_path / "calibration.json"
     cfg = CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="hospital-b",
-                          specificity=0.9, alias="site-b", n_boot=50, load_threads=2, check=str(kept_apart), out=str(out))
+                          specificity=0.9, alias="site-b", n_boot=50, load_threads=2, check=str(kept_apart),
+                          out=str(out))
     assert calibrate.main(cfg) == 0
     printed = capsys.readouterr().out
     assert "site hospital-b: 12 COVID and 30 other images" in printed and "local negatives needed" in printed
@@ -183,10 +184,12 @@ def test_calibrate_fits_a_site_and_registers_it_for_that_site(names, tiny_models
     card = tracking.load_registered(platform.tracking_uri, result["classifier"]).card
     op = card.operating_point
     assert op.chosen_on.startswith("site hospital-b: 30 local negatives") and op.min_specificity == 0.9
-    assert op.temperature == pytest.approx(result["after"]["temperature"]) and op.threshold == result["after"]["threshold"]
+    assert op.temperature == pytest.approx(result["after"]["temperature"])
+    assert op.threshold == result["after"]["threshold"]
     assert card.metrics["calibration"]["sample_sha256"] == result["sample_sha256"]
     assert "screening" not in card.metrics.get("test", {})        # the old threshold's figures are gone
-    description = MlflowClient(platform.tracking_uri).get_model_version(*result["classifier"][8:].split("/")).description
+    name, version = result["classifier"][len("models:/"):].split("/")
+    description = MlflowClient(platform.tracking_uri).get_model_version(name, version).description
     assert "## Calibrated for a site" in description and "| hospital-b |" in description
     alias = MlflowClient(platform.tracking_uri).get_model_version_by_alias(names["screen"], "site-b")
     assert result["screen"] == f"models:/{names['screen']}/{alias.version}"
@@ -203,7 +206,8 @@ def test_calibrate_refuses_a_sample_too_small_to_place_a_threshold(tiny_models, 
     from jobs import calibrate
 
     site_csv, _ = _site_csv(sample_root, tmp_path, 5, 6)
-    assert calibrate.main(CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="x")) == 2
+    small = CalibrateConfig(manifest=str(site_csv), model=tiny_models["classifier_nomask"], site="x")
+    assert calibrate.main(small) == 2
     assert "6 labelled non-COVID images; a threshold needs at least 10" in capsys.readouterr().err
     # The same negative twelve times is one image, not twelve.
     one = str(sorted((sample_root / "lungseg").rglob("*.jpg"))[0])

@@ -99,7 +99,8 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     split_of.update(zip(source["uri"], source["split"]))
     for frame in external:
         strata = frame["archive"] + ":" + frame["finding"]
-        split_of.update(zip(frame["uri"], assign_splits(frame.assign(stratum=strata), fractions, seed, stratify="stratum")))
+        splits = assign_splits(frame.assign(stratum=strata), fractions, seed, stratify="stratum")
+        split_of.update(zip(frame["uri"], splits))
     for frame in (kermany, covid, lungseg, *external):
         frame["split"] = frame["uri"].map(split_of).astype(object)
         frame.loc[frame["split"].isna(), "split"] = None
@@ -111,7 +112,8 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     adult_normals = universe[universe["source"].isin(["montgomery", "shenzhen"]) & (universe["finding"] == "normal")]
     adult_normals = adult_normals.assign(label="normal")
     deconfounded = pd.concat([dataset2, adult_negatives, adult_normals], ignore_index=True)
-    jsrt_normals = [f[f["finding"] == "no nodule"].assign(label="normal") for f in external if (f["archive"] == "jsrt").all()]
+    jsrt_normals = [f[f["finding"] == "no nodule"].assign(label="normal")
+                    for f in external if (f["archive"] == "jsrt").all()]
     screen = pd.concat([deconfounded, *jsrt_normals], ignore_index=True)
     evaluable = pd.concat([kermany[kermany["source"] == "kermany/test"], covid, lungseg, *external], ignore_index=True)
     truth = is_covid(evaluable)

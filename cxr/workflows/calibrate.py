@@ -186,8 +186,8 @@ def summary(result: dict) -> str:
         print(f"kept-apart check ({c['n_covid']} COVID, {c['n_other']} other):", file=out)
         for when in ("before", "after"):
             if when in c:
-                print(f"  {when}: sensitivity {rate(c[when], 'sensitivity')}  specificity {rate(c[when], 'specificity')}",
-                      file=out)
+                print(f"  {when}: sensitivity {rate(c[when], 'sensitivity')}  "
+                      f"specificity {rate(c[when], 'specificity')}", file=out)
     needed = result["needed_negatives"]
     print(f"local negatives needed for specificity >= {result['specificity_wanted'] - 0.05:.2f} in 95% of draws: "
           f"{needed if needed is not None else 'more than this sample holds'}", file=out)

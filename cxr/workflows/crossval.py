@@ -15,11 +15,11 @@ import pandas as pd
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
-from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, recipe_overrides, rule_threshold, archive_table, calibrated, check_recipes,
-                          fit_temperature, fold_evaluation, fold_task, local_negatives_table, plan_folds,
-                          worst_archive_threshold)
+from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, archive_table, calibrated,
+                          check_recipes, fit_temperature, fold_evaluation, fold_task, local_negatives_table,
+                          plan_folds, recipe_overrides, rule_threshold, worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
-from cxr.metrics import threshold_for_specificity
+from cxr.metrics import ABOVE_ONE, threshold_for_specificity
 from cxr.train.checkpoints import load_checkpoint
 from cxr.workflows.classifier import classifier_card, fit, initial_state, load_task, log_task, put_task
 
@@ -47,7 +47,8 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
                  "register": False, "run_name": f"crossval-{recipe}-{name}", **recipe_overrides(recipe, cfg.segmenter)}
     fcfg = load_config(FinetuneConfig, cfg.finetune_config, overrides)
     with tracking.tracked_run(platform.tracking_uri, platform.experiments.get("crossval", "cxr-crossval"),
-                              fcfg.run_name, tags={"cxr.job": "crossval", "cxr.recipe": recipe, "cxr.held_out": held_out},
+                              fcfg.run_name,
+                              tags={"cxr.job": "crossval", "cxr.recipe": recipe, "cxr.held_out": held_out},
                               artifact_location=platform.artifact_location) as run_id:
         fold = load_task(fcfg, platform)
         init_state, init_origin = initial_state(fcfg, platform)
@@ -66,7 +67,7 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         val_rows[["uri", "archive", "label"]].assign(p_covid=val_p).to_parquet(folder / f"{name}-val.parquet",
                                                                                index=False)
         # The usual rule on the pooled split, for comparison (needs both classes there).
-        pooled = (threshold_for_specificity(val_covid, val_p, cfg.min_specificity)
+        pooled = (min(threshold_for_specificity(val_covid, val_p, cfg.min_specificity), ABOVE_ONE)
                   if 0 < val_covid.sum() < len(val_covid) else None)
 
         evaluation = fold_evaluation(universe, task, held_out).reset_index(drop=True)
@@ -118,7 +119,8 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
         for held_out in [f for f in folds if not cfg.folds or f in cfg.folds]:
             done = folder / f"{fold_name(held_out)}.json"
             register = cfg.register and held_out == ALL
-            others = [r for r in results if r["recipe"] == recipe and r["rule"] == "worst archive"] if register else None
+            others = ([r for r in results if r["recipe"] == recipe and r["rule"] == "worst archive"]
+                      if register else None)
             fold = json.loads(done.read_text()) if done.exists() and not (register and "version" not in
                                                                           json.loads(done.read_text())) \
                 else run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
