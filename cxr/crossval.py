@@ -251,6 +251,26 @@ def archive_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recipe_summary(results: list[dict]) -> str:
+    """Markdown, one row per recipe and threshold rule: the mean held-out AUROC (archives that
+    have one), the lowest sensitivity on an archive with COVID, the lowest specificity on an
+    archive without, and how many archives meet their goal."""
+    lines = ["| recipe | threshold rule | mean held-out AUROC (archives) | lowest sensitivity, archives with COVID | "
+             "lowest specificity, archives without | archives meeting the goal |", "|---|---|---|---|---|---|"]
+    keys = dict.fromkeys((r["recipe"], r["rule"]) for r in results)
+    for recipe, rule in keys:
+        reports = [r["report"] for r in results if (r["recipe"], r["rule"]) == (recipe, rule)]
+        aurocs = [x["auroc"]["value"] for x in reports if "auroc" in x]
+        sens = [x["sensitivity"]["value"] for x in reports if x["n_covid"]]
+        spec = [x["specificity"]["value"] for x in reports if not x["n_covid"]]
+        met = sum(shortfall(x) >= 0 for x in reports)
+        mean_auroc = float(np.mean(aurocs)) if aurocs else float("nan")
+        lines.append(f"| {recipe} | {rule} | {mean_auroc:.2f} ({len(aurocs)}) | "
+                     f"{min(sens) if sens else float('nan'):.2f} | {min(spec) if spec else float('nan'):.2f} | "
+                     f"{met} of {len(reports)} |")
+    return "\n".join(lines)
+
+
 LOCAL_SIZES = (10, 20, 30, 50, 100, 200)
 
 

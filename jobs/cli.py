@@ -58,9 +58,10 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
 }
 
 DESCRIPTION = """\
-cxr: chest X-ray screening. A UNet cuts out the lungs, a ResNet50 pretrained on pediatric
-pneumonia X-rays tells COVID-19 / normal / bacterial / viral pneumonia apart, and Grad-CAM shows
-where it looked. Research use, not for diagnosis.
+cxr: chest X-ray screening. A ResNet50 pretrained on pediatric pneumonia X-rays tells COVID-19 /
+normal / bacterial / viral pneumonia apart (on lungs cut out by a UNet in the paper's recipe; on
+whole images in the default screening recipe, the UNet giving a lung-area quality signal), and
+Grad-CAM shows where it looked. Research use, not for diagnosis.
 
 Settings: each job's defaults (shown by --help), overridden by --config FILE and then by flags.
 Services: mlflow.yaml, overridden by MLFLOW_TRACKING_URI and CXR_S3_ENDPOINT."""

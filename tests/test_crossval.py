@@ -9,7 +9,7 @@ from torch import nn
 
 from cxr.crossval import (ALL, RECIPES, archive_table, calibrated, check_recipes, fit_temperature, fold_evaluation,
                           fold_task, local_negatives_curve, local_threshold, plan_folds, shortfall,
-                          rule_threshold, specificity_threshold, worst_archive_threshold, archive_report)
+                          recipe_summary, rule_threshold, specificity_threshold, worst_archive_threshold, archive_report)
 from cxr.data.augment import photometric_augment_batch
 from cxr.data.manifest import covid_archive
 from cxr.data.tasks import is_covid
@@ -135,6 +135,8 @@ def test_archive_table_sorts_the_worst_first_and_marks_the_goal():
     results = [{"recipe": "screen", "archive": "good", "fold": "yes", "report": report(sens=0.95)},
                {"recipe": "screen", "archive": "bad", "fold": "yes", "report": report(spec=0.40)},
                {"recipe": "screen", "archive": "meh", "fold": "yes", "report": report(sens=0.85, spec=0.9)}]
+    summary = recipe_summary([dict(r, rule="pooled") for r in results]).splitlines()[2]
+    assert summary == "| screen | pooled | nan (0) | 0.85 | 0.40 | 1 of 3 |"
     lines = archive_table(results).splitlines()[2:]
     assert [line.split(" | ")[1] for line in lines] == ["bad", "meh", "good"]
     assert lines[0].endswith("| no |") and lines[2].endswith("| yes |")

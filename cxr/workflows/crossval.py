@@ -17,7 +17,7 @@ from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
 from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, archive_table, calibrated,
                           check_recipes, fit_temperature, fold_evaluation, fold_task, local_negatives_table,
-                          plan_folds, recipe_overrides, rule_threshold, worst_archive_threshold)
+                          plan_folds, recipe_overrides, recipe_summary, rule_threshold, worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import ABOVE_ONE, threshold_for_specificity
 from cxr.train.checkpoints import load_checkpoint
@@ -144,8 +144,9 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
                                         "threshold": threshold,
                                         "report": archive_report(rows, threshold, cfg.n_boot, cfg.seed)})
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = "\n\n".join(f"Threshold: {rule} rule.\n\n" + archive_table([r for r in results if r["rule"] == rule])
-                       for rule in RULES if any(r["rule"] == rule for r in results))
+    text = "\n\n".join([recipe_summary(results)] + [
+        f"Threshold: {rule} rule.\n\n" + archive_table([r for r in results if r["rule"] == rule])
+        for rule in RULES if any(r["rule"] == rule for r in results)])
     (out / "table.md").write_text(text + "\n")
     local = local_negatives_table(pd.concat(predictions, ignore_index=True), thresholds) if predictions else ""
     (out / "local_negatives.md").write_text(local + "\n")
