@@ -431,6 +431,7 @@ class CrossvalConfig:
     segmenter: str = option("models:/cxr-segmenter@champion", "segmenter of the lung-masked recipes (paper)")
     folds: tuple[str, ...] = option((), "only these held-out archives (default: every archive the recipe trains on, "
                                         "then the fold holding none out)")
+    min_archive_images: int = option(20, "hold out only archives with at least this many train/val images")
     min_specificity: float = option(0.85, "each validation archive's specificity at the chosen threshold")
     seed: int = option(0, "random seed of every fold")
     n_boot: int = option(1000, "bootstrap resamples for the intervals")

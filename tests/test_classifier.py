@@ -313,7 +313,8 @@ def test_crossval_trains_a_fold_without_its_archive_and_reports_on_it(pretrained
     base.write_text(yaml.safe_dump(dict(TINY, stage1_epochs=1, stage2_epochs=1, storage_path=str(tmp_path / "ray"))))
     cfg = CrossvalConfig(finetune_config=str(base), pretrain_run=pretrained.info.run_id,
                          manifests=str(sample_manifests), recipes=("screen",),
-                         folds=("montgomery", "(none held out)"), n_boot=20, register=True, out=str(tmp_path / "cv"))
+                         folds=("montgomery", "(none held out)"), min_archive_images=5, n_boot=20, register=True,
+                         out=str(tmp_path / "cv"))
     assert crossval.main(cfg) == 0
     held = json.loads((tmp_path / "cv" / "screen" / "montgomery.json").read_text())
     train = pd.read_parquet(tmp_path / "cv" / "screen" / "montgomery-train.parquet")

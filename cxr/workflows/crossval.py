@@ -115,7 +115,7 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
         task = read_manifest(str(Path(cfg.manifests) / "tasks" / f"{RECIPES[recipe]['task']}.parquet"))
         folder = out / recipe
         folder.mkdir(parents=True, exist_ok=True)
-        folds = plan_folds(task)
+        folds = plan_folds(task, cfg.min_archive_images)
         for held_out in [f for f in folds if not cfg.folds or f in cfg.folds]:
             done = folder / f"{fold_name(held_out)}.json"
             register = cfg.register and held_out == ALL
