@@ -95,6 +95,27 @@ def fold_evaluation(universe: pd.DataFrame, task: pd.DataFrame, held_out: str) -
 
 # --- calibration and the operating point ---------------------------------------------------------
 
+# Temperature scaling searches T in [exp(-3), exp(3)]; a fit within about 2% of either end
+# found no optimum inside (the data separate, or anti-separate, perfectly).
+LOG_TEMPERATURE_BOUNDS = (-3.0, 3.0)
+
+
+def temperature_at_bound(temperature: float) -> bool:
+    low, high = (math.exp(b) for b in LOG_TEMPERATURE_BOUNDS)
+    return not low * 1.025 < temperature < high / 1.01
+
+
+def _best_temperature(nll) -> float:
+    """The T minimising ``nll(log T)`` within ``LOG_TEMPERATURE_BOUNDS``."""
+    return float(math.exp(minimize_scalar(nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded").x))
+
+
+def log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Log of softmax outputs (clipped away from 0): logits up to a per-row constant, which is
+    all temperature scaling needs."""
+    return np.log(np.clip(probs, 1e-12, None))
+
+
 def fit_temperature(log_probs: np.ndarray, targets: np.ndarray) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimising the negative log-likelihood of
     softmax(logits / T) on a validation split. ``log_probs`` are log-softmax outputs, which
@@ -103,7 +124,7 @@ def fit_temperature(log_probs: np.ndarray, targets: np.ndarray) -> float:
         z = log_probs / math.exp(log_t)
         z = z - z.max(axis=1, keepdims=True)
         return float(-(z[np.arange(len(z)), targets] - np.log(np.exp(z).sum(axis=1))).mean())
-    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+    return _best_temperature(nll)
 
 
 def fit_temperature_binary(log_probs: np.ndarray, column: int, is_positive: np.ndarray) -> float:
@@ -115,7 +136,7 @@ def fit_temperature_binary(log_probs: np.ndarray, column: int, is_positive: np.n
     def nll(log_t: float) -> float:
         p = np.clip(calibrated(log_probs, math.exp(log_t))[:, column], 1e-12, 1 - 1e-12)
         return float(-np.where(is_positive, np.log(p), np.log(1 - p)).mean())
-    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+    return _best_temperature(nll)
 
 
 def calibrated(log_probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -124,14 +145,14 @@ def calibrated(log_probs: np.ndarray, temperature: float) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray, min_specificity: float,
-                            negative_archives_only: bool = False) -> tuple[float, dict[str, float]]:
+def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives: np.ndarray,
+                            min_specificity: float) -> tuple[float, dict[str, float]]:
     """The lowest threshold at which every validation archive keeps specificity >=
     ``min_specificity`` (the highest of the per-archive thresholds), and those thresholds.
     Archives with fewer than ``MIN_ARCHIVE_NEGATIVES`` negatives are pooled as one group.
     A pooled threshold is set by the largest archive's negatives, and a new hospital is
-    more like one archive than like the pool. With ``negative_archives_only``, only archives
-    without a single COVID image set it (``RULES``)."""
+    more like one archive than like the pool. The other rules (``RULES``) pick from the same
+    per-archive thresholds with ``rule_threshold``."""
     is_positive, score, archives = np.asarray(is_positive, bool), np.asarray(score, float), np.asarray(archives)
     negatives = pd.Series(archives[~is_positive]).value_counts()
     small = set(negatives[negatives < MIN_ARCHIVE_NEGATIVES].index)
@@ -140,8 +161,7 @@ def worst_archive_threshold(is_positive: np.ndarray, score: np.ndarray, archives
     for g in np.unique(group[~is_positive]):
         neg = score[(group == g) & ~is_positive]
         per_group[str(g)] = specificity_threshold(neg, min_specificity)
-    with_covid = set(archives[is_positive]) | {SMALL}
-    return rule_threshold(per_group, with_covid if negative_archives_only else set()), per_group
+    return rule_threshold(per_group, set()), per_group
 
 
 def rule_threshold(per_archive: dict[str, float], excluded: set[str]) -> float:

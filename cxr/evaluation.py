@@ -14,7 +14,7 @@ from torch import nn
 from cxr import tracking
 from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
-from cxr.crossval import archive_report, calibrated, fit_temperature, worst_archive_threshold
+from cxr.crossval import archive_report, calibrated, fit_temperature, log_probabilities, worst_archive_threshold
 from cxr.data.storage import StorageConfig
 from cxr.metrics import (ABOVE_ONE, auroc_interval, bootstrap_metrics, confusion, screening_metrics,
                          threshold_for_specificity)
@@ -71,7 +71,7 @@ def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     if "covid" not in classes or rows.empty:
         return None
     probs, _ = predict(model, images, batch_size)
-    log_probs = np.log(np.clip(probs, 1e-12, None))
+    log_probs = log_probabilities(probs)
     targets = rows["target"].to_numpy()
     temperature = fit_temperature(log_probs, targets)
     positive, score = targets == classes.index("covid"), calibrated(log_probs, temperature)[:, classes.index("covid")]
@@ -105,7 +105,7 @@ def evaluate_classifier(model: nn.Module, images: np.ndarray, rows: pd.DataFrame
     classes = list(classes)
     probs, _ = predict(model, images, batch_size)
     if screening and screening.get("temperature", 1.0) != 1.0:      # as serving reports them
-        probs = calibrated(np.log(np.clip(probs, 1e-12, None)), screening["temperature"])
+        probs = calibrated(log_probabilities(probs), screening["temperature"])
     y = rows["target"].to_numpy()
     report = {"n": int(len(y)), "classes": classes,
               "metrics": bootstrap_metrics(y, probs, classes, n_boot, seed),

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.crossval import (ALL, RECIPES, archive_table, calibrated, check_recipes, fit_temperature, fold_evaluation,
-                          fold_task, local_negatives_curve, local_threshold, plan_folds, shortfall,
-                          recipe_summary, rule_threshold, specificity_threshold, worst_archive_threshold, archive_report)
+from cxr.crossval import (ALL, RECIPES, SMALL, archive_report, archive_table, calibrated, check_recipes,
+                          fit_temperature, fold_evaluation, fold_task, local_negatives_curve, local_threshold,
+                          plan_folds, recipe_summary, rule_threshold, shortfall, specificity_threshold,
+                          temperature_at_bound, worst_archive_threshold)
 from cxr.data.augment import photometric_augment_batch
 from cxr.data.manifest import covid_archive
 from cxr.data.tasks import is_covid
@@ -111,7 +112,8 @@ def test_temperature_scaling_recovers_a_known_temperature():
     targets = np.array([rng.choice(4, p=p) for p in probs])
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     t = fit_temperature(log_probs, targets)
-    assert t == pytest.approx(2.0, rel=0.1)
+    assert t == pytest.approx(2.0, rel=0.1) and not temperature_at_bound(t)
+    assert temperature_at_bound(np.exp(-3)) and temperature_at_bound(np.exp(3))
     assert np.allclose(calibrated(log_probs, t).sum(1), 1)
 
 
@@ -191,7 +193,7 @@ def test_the_negative_archives_rule_ignores_archives_with_covid():
     score = np.r_[np.linspace(0, 0.5, 10), np.linspace(0.5, 0.9, 10), np.full(5, 0.95)]
     archives = np.r_[["routine"] * 10, ["covid-site"] * 10, ["covid-site"] * 5]
     worst, per = worst_archive_threshold(is_pos, score, archives, 0.9)
-    negative_only, _ = worst_archive_threshold(is_pos, score, archives, 0.9, negative_archives_only=True)
+    negative_only = rule_threshold(per, set(archives[is_pos]) | {SMALL})
     assert worst == per["covid-site"] > negative_only == per["routine"]
     assert rule_threshold(per, {"covid-site", "routine"}) == 0.5          # nothing left: the neutral threshold
 

@@ -17,7 +17,8 @@ from cxr import tracking
 from cxr.card import OperatingPoint, _finite
 from cxr.classification import inference_device, predict
 from cxr.config import CalibrateConfig, PlatformConfig
-from cxr.crossval import calibrated, fit_temperature_binary, local_negatives_curve, local_threshold
+from cxr.crossval import (calibrated, fit_temperature_binary, local_negatives_curve, local_threshold,
+                          log_probabilities, temperature_at_bound)
 from cxr.data.manifest import add_sha256, csv_manifest, manifest_digest, read_manifest
 from cxr.metrics import screening_metrics
 from cxr.screen import Preprocess
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 MIN_NEGATIVES = 10           # fewer cannot place a threshold at any useful specificity
 MIN_FOR_TEMPERATURE = 5      # COVID and other images a sample needs before a temperature is fitted to it
 CURVE_SIZES = (10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
-TEMPERATURE_RANGE = (0.051, 19.9)   # inside fit_temperature_binary's bounds, exp(-3) and exp(3)
 
 
 class CalibrationInputError(ValueError):
@@ -73,8 +73,7 @@ def covid_log_probs(model, preprocess: Preprocess, uris: list[str], platform: Pl
         images, _ = preprocess.prepare(uris, platform.storage, threads)
     except ValueError as e:                      # BadImageError: a file that does not decode
         raise CalibrationInputError(f"an image of the sample cannot be used: {str(e).splitlines()[0]}") from e
-    probs, _ = predict(model, images)
-    return np.log(np.clip(probs, 1e-12, None))
+    return log_probabilities(predict(model, images)[0])
 
 
 def needed_negatives(curve: list[dict], specificity: float, slack: float = 0.05) -> int | None:
@@ -106,7 +105,7 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
                                    cfg.n_boot)
     fit_t = positive.sum() >= MIN_FOR_TEMPERATURE and (~positive).sum() >= MIN_FOR_TEMPERATURE
     temperature = fit_temperature_binary(log_probs, covid, positive) if fit_t else before_t
-    if fit_t and not TEMPERATURE_RANGE[0] < temperature < TEMPERATURE_RANGE[1]:
+    if fit_t and temperature_at_bound(temperature):
         # At a bound, the sample separates (or anti-separates) perfectly: the fit says nothing.
         log.warning("the temperature fit reached its bound (%.3f); keeping the model's %.3f", temperature, before_t)
         fit_t, temperature = False, before_t

@@ -17,7 +17,8 @@ from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
 from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, archive_table, calibrated,
                           check_recipes, fit_temperature, fold_evaluation, fold_task, local_negatives_table,
-                          plan_folds, recipe_overrides, recipe_summary, rule_threshold, worst_archive_threshold)
+                          log_probabilities, plan_folds, recipe_overrides, recipe_summary, rule_threshold,
+                          worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import ABOVE_ONE, threshold_for_specificity
 from cxr.train.checkpoints import load_checkpoint
@@ -31,8 +32,7 @@ def fold_name(held_out: str) -> str:
 
 
 def log_probs(model, images: np.ndarray) -> np.ndarray:
-    probs, _ = predict(model, images)
-    return np.log(np.clip(probs, 1e-12, None))
+    return log_probabilities(predict(model, images)[0])
 
 
 def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_out: str, task: pd.DataFrame,
@@ -121,9 +121,9 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
             register = cfg.register and held_out == ALL
             others = ([r for r in results if r["recipe"] == recipe and r["rule"] == "worst archive"]
                       if register else None)
-            fold = json.loads(done.read_text()) if done.exists() and not (register and "version" not in
-                                                                          json.loads(done.read_text())) \
-                else run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
+            fold = json.loads(done.read_text()) if done.exists() else None
+            if fold is None or (register and "version" not in fold):       # to do, or to register
+                fold = run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
             log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
                      {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
                       for a, r in fold["archives"].items()})
