@@ -121,6 +121,8 @@ class ClassifierTrainConfig:
     seed: int = option(0, "random seed")
     run_name: str | None = option(None, "MLflow run name")
     storage_path: str = option("out/ray", "Ray Train results and checkpoints (local folder or s3://)")
+    time_limit_s: float | None = option(None, "stop after the epoch during which this many seconds of training "
+                                              "passed, keeping the best checkpoint so far (a GPU lease's clock)")
 
 
 @dataclass(frozen=True)

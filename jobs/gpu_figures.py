@@ -1,32 +1,36 @@
-"""The GPU figures of docs/RESULTS.md in one process, for a GPU machine held for minutes:
+"""The GPU figures of docs/RESULTS.md in one process, planned to a time budget (a GPU lease):
 
 One Ray and one process for every step, each a library workflow:
 
-1. ``cxr benchmark-train --use-gpu`` at each of ``--train-batch-sizes`` (the training step
-   taken apart, ``torch.compile`` included at the first size): where pretraining time goes;
-2. manifests of the curated data (``cxr prepare-data``);
-3. the lung UNet (``segmenter-gpu`` preset), registered;
-4. pretraining on the source task (``pretrain-gpu``): its images/s is the throughput figure;
-5. one fine-tune from it (``finetune-gpu``), registered, so the scorer has a classifier;
+1. manifests of the curated data (``cxr prepare-data``);
+2. ``cxr benchmark-train --use-gpu`` at each of ``--train-batch-sizes`` (the training step
+   taken apart): where pretraining time goes;
+3. the lung UNet (``segmenter-gpu`` preset), registered, and its Dice on JSRT (never trained on);
+4. pretraining on the source task (``pretrain-gpu``): its images/s is the throughput figure; it
+   stops early (keeping its best checkpoint) where the budget needs the time for what follows;
+5. the paper's 4-class fine-tune from it (``finetune-gpu``), registered, so the scorer has a
+   classifier; it is also the ablation's paper-4class seed 0;
 6. ``cxr benchmark --use-gpu`` on ``--score-images`` images (the scoring throughput figure,
    with its start-up and steady state);
-7. ``cxr ablation`` over ``--variants`` x ``--seeds`` (the paper's tables and the ablation);
-8. ``cxr crossval`` of ``--crossval-recipes`` at full scale (the cross-archive table), the
-   all-archives fold registered; in that order, until done or killed.
+7. ``cxr ablation`` (variant, seed) pairs, seed by seed (the paper's tables and the ablation);
+8. ``cxr crossval`` folds of ``--crossval-recipes`` at full scale (the cross-archive table).
 
-Every step's result is appended to ``OUT/figures.json`` as soon as it ends, and the ablation
-keeps ``OUT/ablation/results.json`` current, so a run cut off by the machine's time limit keeps
-what it measured, and the same command run again resumes: finished steps are reused, the
-ablation runs only the (variant, seed) pairs still missing. ``--smoke`` shrinks every step to
-seconds, for a CPU check of the whole chain.
+The plan (each step's expected seconds, from the rates of the last GPU run, ``EXPECTED``) is
+printed and recorded first. Before each step the clock is checked against ``--budget-s``: a
+step that would not end in time is recorded as skipped, so the command ends cleanly with what
+finished. Every step's result is appended to ``OUT/figures.json`` as soon as it ends (and the
+compact set of result files copied to ``--export``, the device tool's ``$OUT``), so a run
+killed at its limit keeps what it measured; the same command run again resumes. ``--smoke``
+shrinks every step to seconds, for a CPU check of the whole chain.
 
-    python -m jobs.gpu_figures --out DIR [--pretrain-epochs 30] [--smoke]
+    python -m jobs.gpu_figures --out DIR [--budget-s 540] [--export $OUT] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,9 +39,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from cxr.ablation import run_ablation
-from cxr.config import (CONFIG_DIR, FinetuneConfig, PrepareDataConfig, PretrainConfig, SegmenterTrainConfig, load_config,
-                        load_platform)
+from cxr.ablation import VARIANTS, run_ablation
+from cxr.config import (CONFIG_DIR, FinetuneConfig, PrepareDataConfig, PretrainConfig, SegmenterTrainConfig,
+                        default_data_root, load_config, load_platform)
+from cxr.crossval import RECIPES, plan_folds
+from cxr.data.manifest import read_manifest
 from cxr.workflows.benchmark import (benchmark_inputs, benchmark_naive, benchmark_pipeline, benchmark_record,
                                      benchmark_training)
 from cxr.workflows.classifier import finetune, pretrain
@@ -49,9 +55,46 @@ from jobs.runtime import init_ray
 
 PRESETS = CONFIG_DIR / "presets"
 SMOKE = {"image_size": 64, "max_train_images": 32, "num_workers": 1}
+SOURCE_TRAIN_IMAGES = 4759          # the source task's training split (docs/RESULTS.md)
+
+# Expected seconds per step, from the one GPU run so far (H200, 2026-11-26, docs/RESULTS.md):
+# segmenter 110 s for 30 epochs with evaluation and registration; pretraining 1,269 images/s
+# plus validation; a fine-tune of the paper's schedule 2.0 min training, ~2.5 min in all;
+# scoring 557 images/s on 20,000 with start-up over half. An H100 is a little slower.
+EXPECTED = {
+    "start": 25, "prepare-data": 30, "benchmark-train": 30,
+    "segmenter_per_epoch": 3.2, "segmenter_fixed": 20, "segmenter-jsrt": 25,
+    "pretrain_per_epoch": SOURCE_TRAIN_IMAGES / 1269 + 0.6, "pretrain_fixed": 30,
+    "finetune": 160, "benchmark_fixed": 35, "benchmark_images_per_s": 1000, "crossval_fold": 240,
+}
 
 
-def record(out: Path, step: str, result: dict, started: float) -> None:
+class Budget:
+    """The clock of a lease: seconds left of ``seconds`` from now, and whether a step fits."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def fits(self, expected: float) -> bool:
+        return expected <= self.left()
+
+
+def export(out: Path, to: Path | None) -> None:
+    """Copy the compact result files to ``to`` (flat, a few files: the device tool's limits)."""
+    if to is None:
+        return
+    to.mkdir(parents=True, exist_ok=True)
+    for src, name in [("figures.json", "figures.json"), ("ablation/results.json", "ablation-results.json"),
+                      ("ablation/table.md", "ablation-table.md"), ("crossval/results.json", "crossval-results.json"),
+                      ("crossval/table.md", "crossval-table.md")]:
+        if (out / src).exists():
+            shutil.copyfile(out / src, to / name)
+
+
+def record(out: Path, step: str, result: dict, started: float, to: Path | None = None) -> None:
     """Append one step's result to OUT/figures.json (rewritten whole: readers never see half)."""
     path = out / "figures.json"
     figures = json.loads(path.read_text()) if path.exists() else []
@@ -59,13 +102,15 @@ def record(out: Path, step: str, result: dict, started: float) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(figures, indent=2, default=str))
     tmp.replace(path)
-    print(f"gpu_figures: {step} done in {figures[-1]['seconds']} s", flush=True)
+    export(out, to)
+    print(f"gpu_figures: {step} {'skipped' if 'skipped' in result else 'done'} in {figures[-1]['seconds']} s",
+          flush=True)
 
 
 def finished(out: Path) -> dict[str, dict]:
-    """Steps a previous run of the same command completed: {step: its record}."""
+    """Steps a previous run of the same command completed (not skipped): {step: its record}."""
     path = out / "figures.json"
-    return {f["step"]: f for f in json.loads(path.read_text())} if path.exists() else {}
+    return ({f["step"]: f for f in json.loads(path.read_text()) if "skipped" not in f} if path.exists() else {})
 
 
 def flags_to_config(command: str, flags: list[str]):
@@ -73,15 +118,52 @@ def flags_to_config(command: str, flags: list[str]):
     return config_for(build_parser().parse_args([command, *flags]))
 
 
+def plan(args) -> list[tuple[str, float]]:
+    """(step, expected seconds) in the order they run; the ablation and crossval as one line each
+    per run the budget could hold (they fill what is left)."""
+    e = EXPECTED
+    steps = [("start", e["start"]), ("prepare-data", e["prepare-data"])]
+    steps += [(f"benchmark-train-{b}", e["benchmark-train"]) for b in args.train_batch_sizes.split(",") if b]
+    steps += [("train-segmenter", e["segmenter_fixed"] + e["segmenter_per_epoch"] * args.segmenter_epochs),
+              ("segmenter-jsrt", e["segmenter-jsrt"]),
+              ("pretrain", e["pretrain_fixed"] + e["pretrain_per_epoch"] * args.pretrain_epochs),
+              ("finetune", e["finetune"]),
+              ("benchmark", e["benchmark_fixed"] + args.score_images / e["benchmark_images_per_s"])]
+    steps += [(f"ablation {v} seed {s}", e["finetune"]) for v, s in ablation_pairs(args)]
+    steps += [(f"crossval {r}", e["crossval_fold"]) for r in args.crossval_recipes.split(",") if r]
+    return steps
+
+
+def ablation_pairs(args) -> list[tuple[str, int]]:
+    """Seed by seed (every variant at seed 0 first), less paper-4class seed 0 (the ``finetune`` step)."""
+    seeds = [int(s) for s in ("0" if args.smoke else args.seeds).split(",")]
+    return [(v, s) for s in seeds for v in args.variants.split(",") if (v, s) != ("paper-4class", 0)]
+
+
+def print_plan(steps: list[tuple[str, float]], budget_s: float) -> list[dict]:
+    total, rows = 0.0, []
+    print(f"gpu_figures: plan for a budget of {budget_s:.0f} s (expected seconds from the last GPU run's rates):")
+    for step, seconds in steps:
+        total += seconds
+        fits = total <= budget_s
+        rows.append({"step": step, "expected_s": round(seconds), "cumulative_s": round(total), "fits": fits})
+        print(f"  {step:40s} {seconds:6.0f} s  (by {total:6.0f} s){'' if fits else '  beyond the budget'}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for figures.json and ablation/")
+    p.add_argument("--out", required=True, help="folder for figures.json, ablation/ and crossval/")
+    p.add_argument("--export", default=None, help="also copy the compact result files here after every step "
+                                                  "(the device tool's $OUT: flat, at most 8 files)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds this command may take (default 540, a 9-minute lease; none with --smoke)")
     p.add_argument("--manifests", default="out/manifests")
-    p.add_argument("--train-batch-sizes", default="32,128", help="cxr benchmark-train batch sizes")
+    p.add_argument("--train-batch-sizes", default="128", help="cxr benchmark-train batch sizes ('' for none)")
+    p.add_argument("--compile", action="store_true", help="also time the step under torch.compile (a minute more)")
     p.add_argument("--segmenter-epochs", type=int, default=30)
-    p.add_argument("--pretrain-epochs", type=int, default=30, help="the recipe's 100 take about 4 minutes more")
-    p.add_argument("--score-images", type=int, default=200000,
-                   help="long enough that start-up is a small share (see docs/RESULTS.md)")
+    p.add_argument("--pretrain-epochs", type=int, default=100, help="the recipe's 100; stops early to fit the budget")
+    p.add_argument("--score-images", type=int, default=40000)
     p.add_argument("--score-args", default="--batch-size 256 --actors 4 --gpus-per-actor 0.25 --decode-tasks 10 "
                                            "--naive-images 300", help="extra cxr benchmark flags")
     p.add_argument("--variants", default="paper-4class,paper-3class,deconfounded-4class,scratch-4class,nomask-4class")
@@ -89,31 +171,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crossval-recipes", default="screen,paper", help="cxr crossval recipes (cxr/crossval.py)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the chain, measures nothing")
     args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 1e9 if args.smoke else 540.0
+    budget = Budget(args.budget_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    to = Path(args.export) if args.export else None
+    steps = plan(args)
+    expected = dict(steps)
     platform = load_platform()
     init_ray()      # one Ray for every step
     smoke = SMOKE if args.smoke else {}
     gpu = not args.smoke
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     record(out, "machine", {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-                            "torch": torch.__version__, "argv": sys.argv[1:]}, time.perf_counter())
-
+                            "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
+                            "budget_s": args.budget_s, "plan": print_plan(steps, args.budget_s)},
+           time.perf_counter(), to)
     done = finished(out)
-    for i, batch in enumerate(args.train_batch_sizes.split(",")):
-        t, step, bench_train = time.perf_counter(), f"benchmark-train-{batch}", out / f"benchmark-train-{batch}"
-        flags = ["--batch-size", batch, "--out", str(bench_train)]
-        flags += (["--model", "resnet18-tiny", "--image-size", "64", "--steps", "3", "--warmup-steps", "1"] if args.smoke
-                  else ["--use-gpu", *(["--compile"] if i == 0 else [])])
-        if step not in done:
-            record(out, step, benchmark_training(flags_to_config("benchmark-train", flags)), t)
+
+    def skip(step: str, t: float, need: float) -> None:
+        record(out, step, {"skipped": f"expected {need:.0f} s, {budget.left():.0f} s left"}, t, to)
 
     t = time.perf_counter()
     if "prepare-data" not in done:
         summary = prepare_manifests(PrepareDataConfig(out=args.manifests), platform)
         if any(s["patient_leaks"] for s in summary.values()):
+            print("gpu_figures: the manifests leak patients across splits; stopping", file=sys.stderr)
             return 1
-        record(out, "prepare-data", {}, t)
+        record(out, "prepare-data", {}, t, to)
+
+    for batch in [b for b in args.train_batch_sizes.split(",") if b]:
+        t, step = time.perf_counter(), f"benchmark-train-{batch}"
+        flags = ["--batch-size", batch, "--out", str(out / step)]
+        flags += (["--model", "resnet18-tiny", "--image-size", "64", "--steps", "3", "--warmup-steps", "1"] if args.smoke
+                  else ["--use-gpu", "--steps", "20", "--warmup-steps", "5", *(["--compile"] if args.compile else [])])
+        if step in done:
+            continue
+        if budget.fits(expected[step]):
+            record(out, step, benchmark_training(flags_to_config("benchmark-train", flags)), t, to)
+        else:
+            skip(step, t, expected[step])
 
     t = time.perf_counter()
     if "train-segmenter" in done:
@@ -125,63 +223,107 @@ def main(argv: list[str] | None = None) -> int:
             platform)
         seg_uri = f"models:/{seg['model_name']}/{seg['version']}"
         record(out, "train-segmenter", {"model": seg_uri, "run_id": seg["run_id"], "report": seg["report"],
-                                        "train_seconds": seg["train_seconds"]}, t)
+                                        "epochs": 1 if args.smoke else args.segmenter_epochs,
+                                        "train_seconds": seg["train_seconds"]}, t, to)
+
+    t = time.perf_counter()
+    if "segmenter-jsrt" not in done:
+        if budget.fits(expected["segmenter-jsrt"]):
+            from jobs.segmenter_external import evaluate
+            jsrt = evaluate(seg_uri, default_data_root(), f"{args.manifests}/lungseg.parquet", 8 if args.smoke else None)
+            record(out, "segmenter-jsrt", {"dice": jsrt["dice"], "image_size": jsrt["image_size"]}, t, to)
+        else:
+            skip("segmenter-jsrt", t, expected["segmenter-jsrt"])
 
     t = time.perf_counter()
     if "pretrain" in done:
         pretrain_run = done["pretrain"]["run_id"]
     else:
+        # What follows needs its time: the pretraining gets the rest (and stops after that epoch).
+        after = expected["finetune"] + expected["benchmark"]
+        limit = None if args.smoke else max(60.0, budget.left() - after - EXPECTED["pretrain_fixed"])
         pre = pretrain(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
-            "manifest": f"{args.manifests}/tasks/source.parquet",
+            "manifest": f"{args.manifests}/tasks/source.parquet", "time_limit_s": limit,
             "stage1_epochs": 1 if args.smoke else args.pretrain_epochs, "use_gpu": gpu, **smoke}), platform)
         pretrain_run = pre["run_id"]
         record(out, "pretrain", {"run_id": pretrain_run, "best": pre["meta"], "minutes": pre["minutes"],
-                                 "median_train_images_per_s": pre["images_per_s"]}, t)
+                                 "epochs": pre["epochs"], "epochs_planned": 1 if args.smoke else args.pretrain_epochs,
+                                 "time_limit_s": limit, "median_train_images_per_s": pre["images_per_s"]}, t, to)
 
     finetune_yaml = out / "finetune.yaml"
     preset = yaml.safe_load((PRESETS / "finetune-gpu.yaml").read_text())
     preset.update({"segmenter": seg_uri, "use_gpu": gpu,
                    **({**smoke, "stage1_epochs": 1, "stage2_epochs": 1, "n_boot": 50} if args.smoke else {})})
     finetune_yaml.write_text(yaml.safe_dump(preset))
+    ablation_dir = out / "ablation"
+    ablation_dir.mkdir(exist_ok=True)
     t = time.perf_counter()
     if "finetune" in done:
         cls_uri = done["finetune"]["model"]
     else:
+        # Exactly the ablation's paper-4class seed 0 (cxr.ablation), registered: it joins the
+        # ablation's results rather than being trained twice.
         ft = finetune(load_config(FinetuneConfig, str(finetune_yaml), {
             "manifest": f"{args.manifests}/tasks/dataset2-4class.parquet", "pretrain_run": pretrain_run,
+            "classes": list(VARIANTS["paper-4class"][1]), "seed": 0,
             "archive_balanced": False, "photometric": False,                # the paper's recipe
             "register": True, "run_name": "gpu-figures-registered"}), platform)
         cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
+        results_file = ablation_dir / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.exists() else []
+        results.append({"variant": "paper-4class", "seed": 0, "run_id": ft["run_id"], "minutes": ft["minutes"],
+                        "report": ft["report"]})
+        results_file.write_text(json.dumps(results, indent=2))
         record(out, "finetune", {"model": cls_uri, "run_id": ft["run_id"], "minutes": ft["minutes"],
-                                 "accuracy": ft["report"]["metrics"]["accuracy"]}, t)
+                                 "accuracy": ft["report"]["metrics"]["accuracy"]}, t, to)
+    # The fine-tunes that follow take what this one took (measured here, not the old rate).
+    finetune_s = float(done.get("finetune", {}).get("seconds") or time.perf_counter() - t)
 
     t = time.perf_counter()
-    bench_out = Path("out/benchmark-gpu")
+    bench_out = out / "benchmark-score"
     flags = ["--images", str(64 if args.smoke else args.score_images), "--segmenter", seg_uri,
              "--classifier", cls_uri, "--input", f"{args.manifests}/tasks/dataset2-4class.parquet", "--out", str(bench_out)]
     flags += ["--batch-size", "16", "--naive-images", "8"] if args.smoke else ["--use-gpu", *args.score_args.split()]
     if "benchmark" not in done:
-        bench = flags_to_config("benchmark", flags)
-        uris = benchmark_inputs(bench, platform)
-        result = {**benchmark_record(bench, uris), "pipeline": benchmark_pipeline(bench, platform, init_ray)}
-        if bench.naive_images:
-            result["naive"], result["models"] = benchmark_naive(bench, platform, uris[:bench.naive_images])
-            result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]
-        record(out, "benchmark", result, t)
+        if budget.fits(expected["benchmark"]):
+            bench = flags_to_config("benchmark", flags)
+            uris = benchmark_inputs(bench, platform)
+            result = {**benchmark_record(bench, uris), "pipeline": benchmark_pipeline(bench, platform, init_ray)}
+            if bench.naive_images:
+                result["naive"], result["models"] = benchmark_naive(bench, platform, uris[:bench.naive_images])
+                result["speedup"] = result["pipeline"]["images_per_s"] / result["naive"]["images_per_s"]
+            record(out, "benchmark", result, t, to)
+        else:
+            skip("benchmark", t, expected["benchmark"])
 
-    t = time.perf_counter()
-    run_ablation(flags_to_config("ablation", [
-        "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
-        "--variants", args.variants, "--seeds", "0" if args.smoke else args.seeds, "--out", str(out / "ablation")]),
-        platform)
-    record(out, "ablation", {"results": str(out / "ablation" / "results.json")}, t)
+    for variant, seed in ablation_pairs(args):
+        t, step = time.perf_counter(), f"ablation {variant} seed {seed}"
+        if step in done:
+            continue
+        if not budget.fits(finetune_s):
+            skip(step, t, finetune_s)
+            continue
+        run_ablation(flags_to_config("ablation", [
+            "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
+            "--variants", variant, "--seeds", str(seed), "--out", str(ablation_dir)]), platform)
+        record(out, step, {"results": str(ablation_dir / "results.json")}, t, to)
 
-    t = time.perf_counter()
-    run_crossval(flags_to_config("crossval", [
-        "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
-        "--recipes", args.crossval_recipes, "--segmenter", seg_uri, "--register", "--out", str(out / "crossval"),
-        *(["--folds", "(none held out)", "--n-boot", "50"] if args.smoke else [])]), platform)
-    record(out, "crossval", {"results": str(out / "crossval" / "results.json")}, t)
+    for recipe in [r for r in args.crossval_recipes.split(",") if r]:
+        t, step = time.perf_counter(), f"crossval {recipe}"
+        if step in done:
+            continue
+        cv = flags_to_config("crossval", [
+            "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
+            "--recipes", recipe, "--segmenter", seg_uri, "--register", "--out", str(out / "crossval"),
+            *(["--folds", "(none held out)", "--n-boot", "50"] if args.smoke else [])])
+        task = read_manifest(f"{args.manifests}/tasks/{RECIPES[recipe]['task']}.parquet")
+        folds = 1 if args.smoke else len(plan_folds(task, cv.min_archive_images))
+        need = folds * EXPECTED["crossval_fold"] * finetune_s / EXPECTED["finetune"]
+        if not budget.fits(need):
+            skip(step, t, need)
+            continue
+        run_crossval(cv, platform)
+        record(out, step, {"results": str(out / "crossval" / "results.json")}, t, to)
     return 0
 
 

@@ -130,9 +130,12 @@ def train_loop_per_worker(config: dict) -> None:
     weights = class_weights(data["train"][1], len(cfg.classes)) if cfg.class_weighted else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, reduction="none")
     meta = model_meta(cfg)
-    best_val_loss, epoch = float("inf"), 0
+    best_val_loss, epoch, out_of_time = float("inf"), 0, False
+    loop_started = time.perf_counter()
 
     for stage_index, stage in enumerate(stages(cfg)):
+        if out_of_time:
+            break
         bare = unwrap(model)
         set_trainable(bare, stage.trainable)
         # A fresh DDP wrapper per stage: DDP fixes the set of trained parameters when it is built.
@@ -141,6 +144,8 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
         for _ in range(stage.epochs):
+            if out_of_time:
+                break
             started = time.perf_counter()
             if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
@@ -183,3 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
             report(metrics, model, {**meta, "epoch": epoch, "val_loss": metrics["val_loss"],
                                     "val_accuracy": metrics["val_accuracy"]}, save=improved)
             epoch += 1
+            if cfg.time_limit_s is not None:
+                # Every worker must stop after the same epoch: any worker past the limit stops all.
+                late = float(time.perf_counter() - loop_started > cfg.time_limit_s)
+                out_of_time = all_reduce_sum([late], device)[0] > 0
+                if out_of_time and rank == 0:
+                    log.info("time limit %.0f s reached after epoch %d: stopping", cfg.time_limit_s, epoch - 1)

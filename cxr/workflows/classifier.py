@@ -136,7 +136,8 @@ def log_task(platform: PlatformConfig, run_id: str, cfg: ClassifierTrainConfig, 
 
 def pretrain(cfg: PretrainConfig, platform: PlatformConfig) -> dict:
     """Pretrain on the source task and log the best checkpoint to the run (``cxr finetune
-    --pretrain-run``). Returns run_id, meta (best epoch), minutes, images_per_s."""
+    --pretrain-run``). Returns run_id, meta (best epoch), minutes, images_per_s, epochs (run;
+    fewer than configured where ``time_limit_s`` stopped it)."""
     check_classifier(cfg)
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
     with tracking.tracked_run(platform.tracking_uri, platform.experiments["pretrain"], cfg.run_name,
@@ -154,7 +155,7 @@ def pretrain(cfg: PretrainConfig, platform: PlatformConfig) -> dict:
             "best_epoch": meta["epoch"], "median_train_images_per_s": images_per_s})
         tracking.log_figures(platform.tracking_uri, run_id, {"loss_curves.png": loss_curves(history, extra="val_accuracy")},
                              "plots")
-    return {"run_id": run_id, "meta": meta, "minutes": minutes, "images_per_s": images_per_s}
+    return {"run_id": run_id, "meta": meta, "minutes": minutes, "images_per_s": images_per_s, "epochs": len(history)}
 
 
 # --- finetune --------------------------------------------------------------------------------------
