@@ -15,10 +15,11 @@ One Ray and one process for every step, each a library workflow:
 7. ``cxr ablation`` (variant, seed) pairs, seed by seed (the paper's tables and the ablation);
 8. ``cxr crossval`` folds of ``--crossval-recipes`` at full scale (the cross-archive table).
 
-The plan (each step's expected seconds, from the rates of the last GPU run, ``EXPECTED``) is
-printed and recorded first. Before each step the clock is checked against ``--budget-s``: a
-step that would not end in time is recorded as skipped, so the command ends cleanly with what
-finished. Every step's result is appended to ``OUT/figures.json`` as soon as it ends (and the
+The plan (each step's expected seconds, from the rates the last recorded run measured,
+``docs/results/gpu/figures.json``) is printed and recorded first. Before each step the clock is
+checked against ``--budget-s``: a step that would not end in time is recorded as skipped, and
+where later steps need it (segmenter, pretraining, the registered fine-tune) the command stops
+there, so it ends cleanly with what finished. Every step's result is appended to ``OUT/figures.json`` as soon as it ends (and the
 compact set of result files copied to ``--export``, the device tool's ``$OUT``), so a run
 killed at its limit keeps what it measured; the same command run again resumes. ``--smoke``
 shrinks every step to seconds, for a CPU check of the whole chain.
@@ -36,6 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -57,16 +59,53 @@ PRESETS = CONFIG_DIR / "presets"
 SMOKE = {"image_size": 64, "max_train_images": 32, "num_workers": 1}
 SOURCE_TRAIN_IMAGES = 4759          # the source task's training split (docs/RESULTS.md)
 
-# Expected seconds per step, from the one GPU run so far (H200, 2026-11-26, docs/RESULTS.md):
-# segmenter 110 s for 30 epochs with evaluation and registration; pretraining 1,269 images/s
-# plus validation; a fine-tune of the paper's schedule 2.0 min training, ~2.5 min in all;
-# scoring 557 images/s on 20,000 with start-up over half. An H100 is a little slower.
-EXPECTED = {
+# Expected seconds per step where no run was recorded: the first GPU run (H200, 2026-11-26,
+# docs/RESULTS.md): segmenter 110 s for 30 epochs with evaluation and registration; pretraining
+# 1,269 images/s plus validation; a fine-tune of the paper's schedule about 2.5 min in all;
+# scoring 557 images/s on 20,000 with start-up over half.
+DEFAULT_EXPECTED = {
     "start": 25, "prepare-data": 30, "benchmark-train": 30,
     "segmenter_per_epoch": 3.2, "segmenter_fixed": 20, "segmenter-jsrt": 25,
     "pretrain_per_epoch": SOURCE_TRAIN_IMAGES / 1269 + 0.6, "pretrain_fixed": 30,
     "finetune": 160, "benchmark_fixed": 35, "benchmark_images_per_s": 1000, "crossval_fold": 240,
 }
+RECORDED = Path("docs/results/gpu/figures.json")      # the last run's records (jobs/gpu_tables.py)
+# Leave-one-archive-out folds per recipe at full scale (cxr crossval's plan on ../shared/data,
+# docs/results/crossval): the plan's estimate only; the run counts them from the manifests.
+MIN_PRETRAIN_S = 60.0         # less pretraining than this is not worth a fine-tune
+CROSSVAL_FOLDS = {"screen": 10, "paper": 6, "deconfounded-nomask": 9}
+
+
+def expected_seconds(recorded: Path = RECORDED) -> tuple[dict, str]:
+    """Each step's expected seconds from the rates the last recorded GPU run measured (falling
+    back to ``DEFAULT_EXPECTED`` for steps it did not finish), and where they came from."""
+    e = dict(DEFAULT_EXPECTED)
+    if not recorded.exists():
+        return e, "the defaults (no recorded run)"
+    figures = json.loads(recorded.read_text())
+    done = {f["step"]: f for f in figures if "skipped" not in f}     # the latest record of each step
+    for step in ("prepare-data", "segmenter-jsrt"):
+        if step in done:
+            e[step] = done[step]["seconds"]
+    train = [f["seconds"] for s, f in done.items() if s.startswith("benchmark-train")]
+    if train:
+        e["benchmark-train"] = max(train)
+    if "train-segmenter" in done and done["train-segmenter"].get("epochs"):
+        seg = done["train-segmenter"]
+        e["segmenter_per_epoch"] = max(0.1, seg["seconds"] - e["segmenter_fixed"]) / seg["epochs"]
+    if "pretrain" in done and done["pretrain"].get("epochs"):
+        pre = done["pretrain"]
+        e["pretrain_per_epoch"] = max(0.1, pre["seconds"] - e["pretrain_fixed"]) / pre["epochs"]
+    tunes = [f["seconds"] for s, f in done.items() if s == "finetune" or s.startswith("ablation ")]
+    if tunes:
+        e["crossval_fold"] *= float(np.mean(tunes)) / e["finetune"]
+        e["finetune"] = float(np.mean(tunes))
+    steady = done.get("benchmark", {}).get("pipeline", {}).get("steady_images_per_s")
+    if steady:
+        e["benchmark_images_per_s"] = steady
+        e["benchmark_fixed"] = max(0.0, done["benchmark"]["seconds"] - done["benchmark"]["images"] / steady)
+    machine = [f for f in figures if f["step"] == "machine"][-1]
+    return e, f"{recorded} ({machine['device']}, {machine['date'][:10]})"
 
 
 class Budget:
@@ -118,10 +157,9 @@ def flags_to_config(command: str, flags: list[str]):
     return config_for(build_parser().parse_args([command, *flags]))
 
 
-def plan(args) -> list[tuple[str, float]]:
-    """(step, expected seconds) in the order they run; the ablation and crossval as one line each
-    per run the budget could hold (they fill what is left)."""
-    e = EXPECTED
+def plan(args, e: dict) -> list[tuple[str, float]]:
+    """(step, expected seconds from ``e``) in the order they run; one line per ablation run and
+    per crossval recipe (they fill what is left)."""
     steps = [("start", e["start"]), ("prepare-data", e["prepare-data"])]
     steps += [(f"benchmark-train-{b}", e["benchmark-train"]) for b in args.train_batch_sizes.split(",") if b]
     steps += [("train-segmenter", e["segmenter_fixed"] + e["segmenter_per_epoch"] * args.segmenter_epochs),
@@ -130,7 +168,8 @@ def plan(args) -> list[tuple[str, float]]:
               ("finetune", e["finetune"]),
               ("benchmark", e["benchmark_fixed"] + args.score_images / e["benchmark_images_per_s"])]
     steps += [(f"ablation {v} seed {s}", e["finetune"]) for v, s in ablation_pairs(args)]
-    steps += [(f"crossval {r}", e["crossval_fold"]) for r in args.crossval_recipes.split(",") if r]
+    steps += [(f"crossval {r}", e["crossval_fold"] * CROSSVAL_FOLDS.get(r, 1))
+              for r in args.crossval_recipes.split(",") if r]
     return steps
 
 
@@ -140,9 +179,9 @@ def ablation_pairs(args) -> list[tuple[str, int]]:
     return [(v, s) for s in seeds for v in args.variants.split(",") if (v, s) != ("paper-4class", 0)]
 
 
-def print_plan(steps: list[tuple[str, float]], budget_s: float) -> list[dict]:
+def print_plan(steps: list[tuple[str, float]], budget_s: float, source: str) -> list[dict]:
     total, rows = 0.0, []
-    print(f"gpu_figures: plan for a budget of {budget_s:.0f} s (expected seconds from the last GPU run's rates):")
+    print(f"gpu_figures: plan for a budget of {budget_s:.0f} s (expected seconds from the rates of {source}):")
     for step, seconds in steps:
         total += seconds
         fits = total <= budget_s
@@ -151,7 +190,8 @@ def print_plan(steps: list[tuple[str, float]], budget_s: float) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser_for_plan() -> argparse.ArgumentParser:
+    """The command line (also what jobs.gpu_tables plans the default protocol with)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for figures.json, ablation/ and crossval/")
     p.add_argument("--export", default=None, help="also copy the compact result files here after every step "
@@ -170,14 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--crossval-recipes", default="screen,paper", help="cxr crossval recipes (cxr/crossval.py)")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the chain, measures nothing")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser_for_plan().parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 1e9 if args.smoke else 540.0
     budget = Budget(args.budget_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     to = Path(args.export) if args.export else None
-    steps = plan(args)
+    rates, source = expected_seconds()
+    steps = plan(args, rates)
     expected = dict(steps)
     platform = load_platform()
     init_ray()      # one Ray for every step
@@ -186,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     record(out, "machine", {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                             "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
-                            "budget_s": args.budget_s, "plan": print_plan(steps, args.budget_s)},
+                            "budget_s": args.budget_s, "plan": print_plan(steps, args.budget_s, source)},
            time.perf_counter(), to)
     done = finished(out)
 
@@ -213,9 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             skip(step, t, expected[step])
 
+    def stop(step: str, t: float, need: float) -> int:
+        """Everything after ``step`` needs it: record the skip and end cleanly with what finished."""
+        skip(step, t, need)
+        print(f"gpu_figures: stopping: {step} would not end within the budget, and the steps after it need it")
+        return 0
+
     t = time.perf_counter()
     if "train-segmenter" in done:
         seg_uri = done["train-segmenter"]["model"]
+    elif not budget.fits(expected["train-segmenter"]):
+        return stop("train-segmenter", t, expected["train-segmenter"])
     else:
         seg = train_segmenter(load_config(SegmenterTrainConfig, str(PRESETS / "segmenter-gpu.yaml"), {
             "manifest": f"{args.manifests}/lungseg.parquet", "epochs": 1 if args.smoke else args.segmenter_epochs,
@@ -228,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     if "segmenter-jsrt" not in done:
-        if budget.fits(expected["segmenter-jsrt"]):
+        if not (Path(default_data_root()) / "external" / "jsrt" / "pairs.csv").exists():
+            record(out, "segmenter-jsrt", {"skipped": f"no external/jsrt under {default_data_root()}"}, t, to)
+        elif budget.fits(expected["segmenter-jsrt"]):
             from jobs.segmenter_external import evaluate
             jsrt = evaluate(seg_uri, default_data_root(), f"{args.manifests}/lungseg.parquet", 8 if args.smoke else None)
             record(out, "segmenter-jsrt", {"dice": jsrt["dice"], "image_size": jsrt["image_size"]}, t, to)
@@ -238,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     if "pretrain" in done:
         pretrain_run = done["pretrain"]["run_id"]
+    elif not budget.fits(MIN_PRETRAIN_S + rates["pretrain_fixed"]):
+        return stop("pretrain", t, MIN_PRETRAIN_S + rates["pretrain_fixed"])
     else:
         # What follows needs its time: the pretraining gets the rest (and stops after that epoch).
         after = expected["finetune"] + expected["benchmark"]
-        limit = None if args.smoke else max(60.0, budget.left() - after - EXPECTED["pretrain_fixed"])
+        limit = None if args.smoke else max(MIN_PRETRAIN_S, budget.left() - after - rates["pretrain_fixed"])
         pre = pretrain(load_config(PretrainConfig, str(PRESETS / "pretrain-gpu.yaml"), {
             "manifest": f"{args.manifests}/tasks/source.parquet", "time_limit_s": limit,
             "stage1_epochs": 1 if args.smoke else args.pretrain_epochs, "use_gpu": gpu, **smoke}), platform)
@@ -260,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     if "finetune" in done:
         cls_uri = done["finetune"]["model"]
+    elif not budget.fits(expected["finetune"]):
+        return stop("finetune", t, expected["finetune"])
     else:
         # Exactly the ablation's paper-4class seed 0 (cxr.ablation), registered: it joins the
         # ablation's results rather than being trained twice.
@@ -318,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             *(["--folds", "(none held out)", "--n-boot", "50"] if args.smoke else [])])
         task = read_manifest(f"{args.manifests}/tasks/{RECIPES[recipe]['task']}.parquet")
         folds = 1 if args.smoke else len(plan_folds(task, cv.min_archive_images))
-        need = folds * EXPECTED["crossval_fold"] * finetune_s / EXPECTED["finetune"]
+        need = folds * rates["crossval_fold"] * finetune_s / rates["finetune"]
         if not budget.fits(need):
             skip(step, t, need)
             continue

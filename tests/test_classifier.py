@@ -171,6 +171,21 @@ def test_pretrain_logs_epochs_and_a_safe_checkpoint(pretrained):
     assert meta["classes"] == ["normal", "bacterial", "viral"] and model.fc[1].out_features == 3
 
 
+def test_a_time_limit_stops_training_after_the_epoch_that_passes_it(local_stack, ray_local, sample_manifests,
+                                                                     tmp_path):
+    """A GPU lease's clock (jobs/gpu_figures.py): 3 epochs asked, no time allowed, one epoch run,
+    and its checkpoint kept."""
+    from cxr.workflows.classifier import pretrain as run_pretrain
+
+    cfg = load_config(PretrainConfig, overrides=dict(
+        TINY, manifest=str(sample_manifests / "tasks" / "source.parquet"), stage1_epochs=3, time_limit_s=0.0,
+        run_name="tiny-pretrain-time-limit", storage_path=str(tmp_path)))
+    result = run_pretrain(cfg, load_platform())
+    assert result["epochs"] == 1 and result["meta"]["epoch"] == 0
+    history = MlflowClient(load_platform().tracking_uri).get_metric_history(result["run_id"], "val_loss")
+    assert [m.step for m in history] == [0]
+
+
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tiny_segmenter, sample_manifests, tmp_path_factory):
     cfg = load_config(FinetuneConfig, overrides=dict(
