@@ -27,9 +27,9 @@ stack-down:
 	$(BIN)/python -m infra.local.stack down
 
 # The main job on the embedded default: manifests of the curated data ($$CXR_DATA,
-# ../shared/data, else the shipped sample); champion models (trained on the shipped sample the
-# first time, a few minutes); then the nightly scoring of the sample archive in the loopback
-# bucket (s3://cxr-demo/archive) into out/scores, and its review page.
+# ../shared/data, else the shipped sample); champion models (the screen shipped in
+# models/cxr-screen, imported the first time); then the nightly scoring of the sample archive
+# in the loopback bucket (s3://cxr-demo/archive) into out/scores, and its review page.
 demo: stack-up
 	. .stack/env.sh && $(CXR) prepare-data --out out/manifests
 	. .stack/env.sh && $(CXR) bootstrap

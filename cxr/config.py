@@ -286,10 +286,13 @@ class ReportConfig:
 @dataclass(frozen=True)
 class BootstrapConfig:
     """``cxr bootstrap``: make sure the registry has champion models. Where either alias is
-    missing (or with --force), train small models on the shipped sample, register them and
-    point ``champion`` at them: what a fresh demo machine needs before ``cxr score``."""
+    missing, import the validated screen shipped in ``models/`` as ``champion``; without one
+    (``--bundle ''``), or with --force, train small models on the shipped sample, register them
+    and point ``champion`` at them: what a fresh demo machine needs before ``cxr score``."""
 
     NAME: ClassVar[str] = "bootstrap"
+    bundle: str = option(str(REPO_ROOT / "models" / "cxr-screen"), "the shipped screen bundle imported as champion "
+                                                                   "when the registry has none ('' to train instead)")
     data_root: str = option("", "data to train on (default: the shipped sample, data/sample)")
     manifests: str = option("out/manifests-sample", "where its manifests are written")
     segmenter_model: str = option("unet-resnet34", "segmenter architecture")

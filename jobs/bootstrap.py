@@ -1,6 +1,7 @@
 """``cxr bootstrap``: champion models for a fresh machine. Skips everything if the champions
-exist; else trains small models on the shipped sample, registers them and their screen, and
-points ``champion`` at all three."""
+exist; else imports the validated screen shipped in ``models/cxr-screen`` (README, "The shipped
+screen") as ``champion``; without it, or with ``--force``, trains small models on the shipped
+sample, registers them and their screen, and points ``champion`` at all three."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import sys
 from pathlib import Path
 
 from cxr import tracking
+from cxr.card import CardError
 from cxr.config import (SAMPLE_DATA, BootstrapConfig, FinetuneConfig, PrepareDataConfig, SegmenterTrainConfig,
                         load_config, load_platform)
+from cxr.package import PackageError
 from cxr.promotion import alias_version
 from cxr.workflows.classifier import finetune
 from cxr.workflows.data import prepare_manifests
-from cxr.workflows.screen import register_screen, screen_name
+from cxr.workflows.screen import import_model, register_screen, screen_name
 from cxr.workflows.segmenter import train_segmenter
 from jobs.runtime import init_ray
 
@@ -30,6 +33,18 @@ def main(cfg: BootstrapConfig) -> int:
                                      f"models:/{names['segmenter']}@{alias}", alias)
         print(f"bootstrap: champions exist ({names['segmenter']} v{current['segmenter']}, "
               f"{names['classifier']} v{current['classifier']}, {screen_name(platform)} v{screen}); nothing to do")
+        return 0
+    if cfg.bundle and not cfg.force and not Path(cfg.bundle).exists():
+        # An installed package without the repo's models/ folder (an image): the old way.
+        print(f"bootstrap: no bundle at {cfg.bundle}; training small models on the sample instead", file=sys.stderr)
+    elif cfg.bundle and not cfg.force:
+        try:
+            versions = import_model(platform, cfg.bundle, alias)
+        except (PackageError, CardError) as e:
+            print(f"cxr bootstrap: {cfg.bundle}: {e}", file=sys.stderr)
+            return 2
+        print(f"bootstrap: imported {cfg.bundle}; {alias} is now {names['segmenter']} v{versions['segmenter']}, "
+              f"{names['classifier']} v{versions['classifier']} and {screen_name(platform)} v{versions['screen']}")
         return 0
     data_root = cfg.data_root or str(SAMPLE_DATA)
     out = Path(cfg.manifests)

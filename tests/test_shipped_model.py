@@ -1,0 +1,47 @@
+"""The screen shipped in ``models/cxr-screen``: a verified bundle within its size, carrying its
+cross-archive figures, which ``cxr bootstrap`` imports as champion into an empty registry, and
+which tells the sample's classes apart."""
+
+import json
+
+from cxr.card import ModelCard
+from cxr.config import BootstrapConfig, load_platform
+from cxr.package import folder_bytes, read_screen
+from cxr.promotion import alias_version
+from jobs import bootstrap, shipped_model
+from tests.conftest import own_platform
+
+BUNDLE = shipped_model.BUNDLE
+
+
+def test_the_shipped_bundle_verifies_and_carries_its_cross_archive_figures():
+    classifier, segmenter, info = read_screen(BUNDLE)         # checksums, cards, safe files only
+    assert info["weights_dtype"] == "int8" and folder_bytes(BUNDLE) <= 64 * 2**20
+    assert segmenter is not None and classifier.card.operating_point is not None
+    card: ModelCard = classifier.card
+    held_out = card.metrics["cross_archive"]["held_out"]
+    assert len({r["archive"] for r in held_out}) >= 5
+    for row in held_out:      # each reported by a model that never trained on it ("none held out": no fold did)
+        assert row["fold"] in {"yes", "none held out"}
+        assert row["report"]["specificity"]["low"] <= row["report"]["specificity"]["value"]
+    assert "not for diagnosis" in (BUNDLE / "MODEL_CARD.md").read_text()
+
+
+def test_bootstrap_imports_the_shipped_screen_as_champion_once(local_stack, tmp_path):
+    with own_platform(tmp_path, "shipped") as names:
+        assert bootstrap.main(BootstrapConfig()) == 0
+        platform = load_platform()
+        alias = platform.aliases["champion"]
+        versions = {k: alias_version(platform.tracking_uri, names[k], alias) for k in names}
+        assert all(versions.values()), versions
+        assert bootstrap.main(BootstrapConfig()) == 0                  # champions exist: nothing new
+        assert {k: alias_version(platform.tracking_uri, names[k], alias) for k in names} == versions
+
+
+def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
+    """In-distribution (the sample comes from its training archives): a broken or mismatched
+    bundle (weights, preprocessing, labels) lands near chance here."""
+    result = shipped_model.evaluate(BUNDLE, sample_root, None, None, n_boot=200)
+    assert result["all"]["accuracy"] >= 0.7
+    assert result["all"]["covid_auroc"]["low"] > 0.8
+    json.dumps(result, default=str)
