@@ -240,6 +240,9 @@ class ScoreConfig:
     max_lung_fraction: float = option(0.50, "flag an image whose lung area fraction is above this")
     no_lung_fraction: float = option(0.01, "below this lung fraction: no lungs found")
     max_file_mb: float = option(64.0, "files larger than this are error rows, never read whole")
+    keep_identifiers: bool = option(False, "store DICOM patient identifiers (PatientID, AccessionNumber) as they are; by "
+                                           "default they are pseudonymised with HMAC-SHA256 under $CXR_PSEUDONYM_KEY, "
+                                           "or left out where it is not set")
     max_unreadable_share: float = option(
         0.5, "stop the job when storage errors (after retries) hit more than this share of a decode batch of "
              "16 (and at least 2 inputs): the store is failing, not the files; below it, each is an error row")
@@ -284,6 +287,17 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class ExportSRConfig:
+    """``cxr export-sr``: a scoring job's results for the PACS: one DICOM Structured Report per
+    scored DICOM study (TID 1500, highdicom) and a CSV worklist of the screen-positives."""
+
+    NAME: ClassVar[str] = "export_sr"
+    scores: str = option("out/scores", "output of cxr score (folder or s3:// prefix)")
+    job: str | None = option(None, "the scoring job whose rows to export (default: the latest)")
+    out: str = option("out/sr", "folder for the reports (<StudyInstanceUID>.dcm) and worklist.csv")
+
+
+@dataclass(frozen=True)
 class BootstrapConfig:
     """``cxr bootstrap``: make sure the registry has champion models. Where either alias is
     missing, import the validated screen shipped in ``models/`` as ``champion``; without one
@@ -302,7 +316,8 @@ class BootstrapConfig:
     classifier_size: int = option(224, "classifier letterbox size")
     classifier_epochs: tuple[int, ...] = option((4, 6), "epochs of fine-tuning stage 1 and stage 2")
     num_workers: int = option(1, "Ray Train workers")
-    force: bool = option(False, "train and promote even if champions exist")
+    force: bool = option(False, "train small models on the sample and promote them, even if champions exist "
+                                "(never the bundle)")
     storage_path: str = option("out/ray", "Ray Train results")
 
 

@@ -23,6 +23,7 @@ STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collap
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:230px;font-size:12px;word-break:break-all}
 .card img{width:224px;height:224px}.flag{color:#b00}"""
+SCORED = ("ok", "flagged")        # run through the models (skipped and error rows were not)
 
 
 def read_job(scores: str, job_id: str | None, top: int, max_flagged: int, storage) -> pd.DataFrame:
@@ -77,14 +78,18 @@ def _cards(rows: pd.DataFrame, size: int, storage: StorageConfig | None) -> str:
 def _screening_counts(scored: pd.DataFrame) -> pd.Series:
     """Screen-positive / negative counts per classifier threshold; rows without one (older
     schema, or a card without an operating point) count as "no threshold"."""
-    threshold = scored["covid_threshold"].map(lambda t: "no threshold" if pd.isna(t) else f">= {t:.3f}")
-    result = scored["screen_positive"].map(lambda v: "" if pd.isna(v) else (": positive" if v else ": negative"))
-    return (threshold + result).value_counts()
+    def label(threshold, positive) -> str:
+        if pd.isna(threshold) or pd.isna(positive):
+            return "no threshold"
+        return f"positive (>= {threshold:.3f})" if positive else f"negative (< {threshold:.3f})"
+
+    return pd.Series([label(t, p) for t, p in zip(scored["covid_threshold"], scored["screen_positive"])],
+                     dtype=object).value_counts()
 
 
 def shown(rows: pd.DataFrame, top: int, max_flagged: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The rows the page shows with images: the highest COVID probabilities, and the flagged."""
-    scored = rows[rows["status"] != "error"]
+    scored = rows[rows["status"].isin(SCORED)]
     return (scored.sort_values("covid_probability", ascending=False).head(top),
             rows[rows["status"] == "flagged"].head(max_flagged))
 
@@ -93,12 +98,14 @@ def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int
            storage: StorageConfig | None = None) -> str:
     """The whole page for ``rows`` (scores as read by ``cxr.scores_table.read_scores``; the
     ``heatmap_png`` of the rows ``shown`` is enough)."""
-    scored = rows[rows["status"] != "error"]
+    scored = rows[rows["status"].isin(SCORED)]
     highest, flagged = shown(rows, top, max_flagged)
-    errors = rows[rows["status"] == "error"]
+    errors, skipped = rows[rows["status"] == "error"], rows[rows["status"] == "skipped"]
     models = rows[["segmenter_name", "segmenter_version", "classifier_name", "classifier_version"]].drop_duplicates()
     error_rows = "".join(f"<tr><td>{html.escape(r.uri)}</td><td>{html.escape(str(r.error))}</td></tr>"
                          for r in errors.itertuples())
+    skipped_rows = "".join(f"<tr><td>{html.escape(r.uri)}</td><td>{html.escape(str(r.skip_reason))}</td></tr>"
+                           for r in skipped.itertuples())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -109,5 +116,6 @@ def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int
 {_table(_screening_counts(scored), 'COVID screen at the card threshold')}</div>
 <h2>Highest COVID-19 probability ({len(highest)})</h2>{_cards(highest, size, storage)}
 <h2>Flagged by quality control ({len(rows[rows['status'] == 'flagged'])}, showing {len(flagged)})</h2>{_cards(flagged, size, storage)}
+<h2>Skipped: not a frontal chest radiograph ({len(skipped)})</h2><table><tr><th>uri</th><th>reason</th></tr>{skipped_rows}</table>
 <h2>Errors ({len(errors)})</h2><table><tr><th>uri</th><th>error</th></tr>{error_rows}</table>
 </body></html>"""

@@ -35,15 +35,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from cxr.data.dicom_header import IDENTITY_COLUMNS
 from cxr.data.storage import StorageConfig, filesystem_for
 
 log = logging.getLogger(__name__)
 
 # Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 SCHEMA = pa.schema([
     ("uri", pa.string()), ("sha256", pa.string()),
-    ("status", pa.string()),                     # ok | flagged | error
+    ("status", pa.string()),                     # ok | flagged | skipped (version 5) | error
     ("error", pa.string()),
     ("labels", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float32())),
     ("predicted_label", pa.string()), ("covid_probability", pa.float32()),
@@ -58,6 +59,9 @@ SCHEMA = pa.schema([
     ("job_id", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC")),
     ("source_size", pa.int64()), ("source_mtime_ns", pa.int64()),   # added in version 3
     ("source_etag", pa.string()), ("source_version_id", pa.string()),   # added in version 4
+    # added in version 5: why an input was routed out, its decoded size, and a DICOM's identity
+    ("skip_reason", pa.string()), ("image_height", pa.int32()), ("image_width", pa.int32()),
+    *((column, pa.string()) for column in IDENTITY_COLUMNS),
 ])
 PARTITION = pa.schema([("scored_date", pa.string())])
 TMP_DIR = "_tmp"

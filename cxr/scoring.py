@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, is_s3, read_bytes
@@ -157,10 +158,12 @@ def storage_reason(error: OSError) -> str:
 
 
 def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fill: int, skip: set[str],
-                 max_bytes: int, storage: StorageConfig | None,
-                 max_unreadable_share: float = 0.5) -> dict[str, np.ndarray]:
+                 max_bytes: int, storage: StorageConfig | None, max_unreadable_share: float = 0.5,
+                 pseudonymiser: Pseudonymiser = Pseudonymiser()) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
-    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``).
+    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``). A DICOM's
+    header gives its identity columns (patient identifiers through ``pseudonymiser``) and may
+    route it out (``cxr.data.dicom_header.skip_reason``): a ``skipped`` row, never decoded.
 
     Inputs whose key is in ``skip`` are dropped. Whatever goes wrong with one input (a bad
     file, an odd DICOM header, an unsupported URI, an object the store refuses) is that input's
@@ -170,8 +173,9 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     and writing no rows lets the next run score them.
     """
     limits = DecodeLimits(max_bytes=max_bytes)
-    out = {"uri": [], "sha256": [], "status": [], "error": [], "image": [], "seg_image": [],
-           "source_size": [], "source_mtime_ns": [], "source_etag": [], "source_version_id": []}
+    out = {"uri": [], "sha256": [], "status": [], "error": [], "skip_reason": [], "image": [], "seg_image": [],
+           "image_height": [], "image_width": [], "source_size": [], "source_mtime_ns": [], "source_etag": [],
+           "source_version_id": [], **{c: [] for c in IDENTITY_COLUMNS}}
     blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
     unreadable: list[tuple[str, str]] = []
     n_in = len(batch["uri"])
@@ -181,13 +185,18 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     versions_in = batch.get("source_version_id", np.full(n_in, None, object))
     for uri, size, mtime, etag, version_id in zip(batch["uri"], sizes_in, mtimes_in, etags_in, versions_in):
         uri = str(uri)
-        sha, error, images = None, None, blank
+        sha, error, images, reason, shape, ident = None, None, blank, None, (None, None), identity(None, pseudonymiser)
         try:
             data = read_bytes(uri, storage, max_bytes)
             sha = hashlib.sha256(data).hexdigest()
             if key(uri, sha) in skip:
                 continue
-            images = letterbox_pair(decode_image(data, uri, limits), sizes, fill)
+            header = read_header(data)
+            ident, reason = identity(header, pseudonymiser), skip_reason(header)
+            if reason is None:
+                gray = decode_image(data, uri, limits)
+                shape = gray.shape
+                images = letterbox_pair(gray, sizes, fill)
         except BadImageError as e:
             error = e.reason
         except OSError as e:
@@ -202,10 +211,15 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
             continue
         out["uri"].append(uri)
         out["sha256"].append(sha)
-        out["status"].append("error" if error else "ok")
+        out["status"].append("error" if error else "skipped" if reason else "ok")
         out["error"].append(error)
+        out["skip_reason"].append(None if error else reason)
         out["image"].append(images[0])
         out["seg_image"].append(images[1])
+        out["image_height"].append(shape[0])
+        out["image_width"].append(shape[1])
+        for column in IDENTITY_COLUMNS:
+            out[column].append(ident[column])
         out["source_size"].append(int(size))
         out["source_mtime_ns"].append(int(mtime))
         out["source_etag"].append(etag if isinstance(etag, str) else None)
@@ -221,6 +235,11 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                "source_mtime_ns": np.array(out["source_mtime_ns"], np.int64),
                "source_etag": np.array(out["source_etag"], dtype=object),
                "source_version_id": np.array(out["source_version_id"], dtype=object),
+               "skip_reason": np.array(out["skip_reason"], dtype=object),
+               # -1: not decoded (an error or a skipped input); object arrays of None lose their type in Ray
+               "image_height": np.array([-1 if v is None else v for v in out["image_height"]], np.int32),
+               "image_width": np.array([-1 if v is None else v for v in out["image_width"]], np.int32),
+               **{c: np.array(out[c], dtype=object) for c in IDENTITY_COLUMNS},
                "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8)}
     if sizes[1]:
         columns["seg_image"] = np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)
@@ -255,8 +274,10 @@ class ScoringPredictor:
         n = len(batch["uri"])
         # An error row's reason is never empty (None would read as "ok").
         errors = [(e or "unreadable") if s == "error" else None for s, e in zip(batch["status"], _strings(batch["error"]))]
+        skipped = [(r or "skipped") if s == "skipped" else None
+                   for s, r in zip(batch["status"], _strings(batch["skip_reason"]))]
         columns = self.screen.rows(list(batch["uri"]), _strings(batch["sha256"]), errors, batch["image"],
-                                   batch.get("seg_image"), self.heatmap_size)
+                                   batch.get("seg_image"), self.heatmap_size, skipped)
         seg, cls = self.seg_ref, self.cls_ref
         now = datetime.now(timezone.utc)
         # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle
@@ -272,6 +293,10 @@ class ScoringPredictor:
             "source_size": [int(v) for v in batch["source_size"]],
             "source_mtime_ns": [int(v) for v in batch["source_mtime_ns"]],
             "source_etag": _strings(batch["source_etag"]), "source_version_id": _strings(batch["source_version_id"]),
+            "skip_reason": skipped,
+            "image_height": [int(v) if v > 0 else None for v in batch["image_height"]],
+            "image_width": [int(v) if v > 0 else None for v in batch["image_width"]],
+            **{c: _strings(batch[c]) for c in IDENTITY_COLUMNS},
         }, schema=SCHEMA)
 
 

@@ -185,13 +185,16 @@ class Screen:
                 heatmap_to_uint8(cams) if heatmap_size else None)
 
     def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
-             images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64) -> dict[str, list]:
+             images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64,
+             skipped: Sequence[str | None] | None = None) -> dict[str, list]:
         """The screen's fields of a scores row (``ROW_FIELDS``) for a batch; an input with an
-        error is an ``error`` row, the others ``ok`` or ``flagged`` (a quality flag)."""
+        error is an ``error`` row, one routed out (``skipped``: its reason) a ``skipped`` row,
+        neither run through the models; the others ``ok`` or ``flagged`` (a quality flag)."""
         from cxr.explain import heatmap_png
 
         n = len(uris)
-        ok = np.array([e is None for e in errors], bool)
+        skipped = list(skipped) if skipped is not None else [None] * n
+        ok = np.array([e is None and r is None for e, r in zip(errors, skipped)], bool)
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         fraction = np.full(n, np.nan, np.float32)
         heatmaps: list[bytes | None] = [None] * n
@@ -203,7 +206,8 @@ class Screen:
             for i, heat in zip(np.flatnonzero(ok), cams if cams is not None else []):
                 heatmaps[i] = heatmap_png(heat)
         flags = [self.quality.flags(float(fraction[i])) if ok[i] else [] for i in range(n)]
-        status = ["error" if not ok[i] else "flagged" if flags[i] else "ok" for i in range(n)]
+        status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
+                  else "flagged" if flags[i] else "ok" for i in range(n)]
         return {
             "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors),
             "labels": [self.labels if ok[i] else None for i in range(n)],

@@ -10,7 +10,7 @@ import sys
 import typing
 
 from cxr.config import (AblationConfig, BenchmarkConfig, BootstrapConfig, CalibrateConfig, CompactConfig,
-                        CrossvalConfig, EvaluateConfig, ExportModelConfig, FinetuneConfig, ImportModelConfig,
+                        CrossvalConfig, EvaluateConfig, ExportModelConfig, ExportSRConfig, FinetuneConfig, ImportModelConfig,
                         PrepareDataConfig, PretrainConfig, PromoteConfig, ReportConfig, RetrainConfig, ScoreConfig, SegmenterTrainConfig,
                         TrainBenchmarkConfig, TuneJobConfig, config_fields, load_config)
 
@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                  "leave-one-archive-out: train without each archive, threshold without it, report on it"),
     "evaluate": (EvaluateConfig, "jobs.evaluate",
                  "evaluate a registered classifier on a labeled manifest: metrics with CIs, plots, Grad-CAM"),
+    "export-sr": (ExportSRConfig, "jobs.export_sr",
+                  "a scoring job's results for the PACS: one DICOM SR per study (TID 1500) and a CSV worklist"),
     "score": (ScoreConfig, "jobs.score",
               "the nightly job: score a folder, s3:// prefix or manifest into Parquet (predictions, heatmaps, QC)"),
     "compact": (CompactConfig, "jobs.compact",

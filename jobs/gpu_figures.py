@@ -42,9 +42,9 @@ import torch
 import yaml
 
 from cxr.ablation import VARIANTS, run_ablation
-from cxr.config import (CONFIG_DIR, FinetuneConfig, PrepareDataConfig, PretrainConfig, SegmenterTrainConfig,
+from cxr.config import (CONFIG_DIR, REPO_ROOT, FinetuneConfig, PrepareDataConfig, PretrainConfig, SegmenterTrainConfig,
                         default_data_root, load_config, load_platform)
-from cxr.crossval import RECIPES, plan_folds
+from cxr.crossval import ALL, RECIPES, plan_folds
 from cxr.data.manifest import read_manifest
 from cxr.workflows.benchmark import (benchmark_inputs, benchmark_naive, benchmark_pipeline, benchmark_record,
                                      benchmark_training)
@@ -69,7 +69,7 @@ DEFAULT_EXPECTED = {
     "pretrain_per_epoch": SOURCE_TRAIN_IMAGES / 1269 + 0.6, "pretrain_fixed": 30,
     "finetune": 160, "benchmark_fixed": 35, "benchmark_images_per_s": 1000, "crossval_fold": 240,
 }
-RECORDED = Path("docs/results/gpu/figures.json")      # the last run's records (jobs/gpu_tables.py)
+RECORDED = REPO_ROOT / "docs" / "results" / "gpu" / "figures.json"   # the last run's records (jobs/gpu_tables.py)
 # Leave-one-archive-out folds per recipe at full scale (cxr crossval's plan on ../shared/data,
 # docs/results/crossval): the plan's estimate only; the run counts them from the manifests.
 MIN_PRETRAIN_S = 60.0         # less pretraining than this is not worth a fine-tune
@@ -83,7 +83,11 @@ def expected_seconds(recorded: Path = RECORDED) -> tuple[dict, str]:
     if not recorded.exists():
         return e, "the defaults (no recorded run)"
     figures = json.loads(recorded.read_text())
-    done = {f["step"]: f for f in figures if "skipped" not in f}     # the latest record of each step
+    machines = [f for f in figures if f["step"] == "machine"]
+    if not machines:
+        return e, f"the defaults ({recorded} holds no run)"
+    # The latest record of each step that ran (not skipped, not a reused earlier result).
+    done = {f["step"]: f for f in figures if "skipped" not in f and not f.get("reused")}
     for step in ("prepare-data", "segmenter-jsrt"):
         if step in done:
             e[step] = done[step]["seconds"]
@@ -104,8 +108,7 @@ def expected_seconds(recorded: Path = RECORDED) -> tuple[dict, str]:
     if steady:
         e["benchmark_images_per_s"] = steady
         e["benchmark_fixed"] = max(0.0, done["benchmark"]["seconds"] - done["benchmark"]["images"] / steady)
-    machine = [f for f in figures if f["step"] == "machine"][-1]
-    return e, f"{recorded} ({machine['device']}, {machine['date'][:10]})"
+    return e, f"{recorded.name} of {machines[-1]['device']}, {machines[-1]['date'][:10]}"
 
 
 class Budget:
@@ -126,9 +129,13 @@ def export(out: Path, to: Path | None) -> None:
     if to is None:
         return
     to.mkdir(parents=True, exist_ok=True)
-    for src, name in [("figures.json", "figures.json"), ("ablation/results.json", "ablation-results.json"),
-                      ("ablation/table.md", "ablation-table.md"), ("crossval/results.json", "crossval-results.json"),
-                      ("crossval/table.md", "crossval-table.md")]:
+    files = [("figures.json", "figures.json"), ("ablation/results.json", "ablation-results.json"),
+             ("ablation/table.md", "ablation-table.md")]
+    # Each crossval recipe has its own folder (cxr crossval writes one results.json per --out).
+    for recipe in sorted(p.name for p in (out / "crossval").glob("*") if p.is_dir()):
+        files += [(f"crossval/{recipe}/results.json", f"crossval-{recipe}-results.json"),
+                  (f"crossval/{recipe}/table.md", f"crossval-{recipe}-table.md")]
+    for src, name in files:
         if (out / src).exists():
             shutil.copyfile(out / src, to / name)
 
@@ -168,7 +175,7 @@ def plan(args, e: dict) -> list[tuple[str, float]]:
               ("finetune", e["finetune"]),
               ("benchmark", e["benchmark_fixed"] + args.score_images / e["benchmark_images_per_s"])]
     steps += [(f"ablation {v} seed {s}", e["finetune"]) for v, s in ablation_pairs(args)]
-    steps += [(f"crossval {r}", e["crossval_fold"] * CROSSVAL_FOLDS.get(r, 1))
+    steps += [(f"crossval {r} ({CROSSVAL_FOLDS.get(r, 1)} folds)", e["crossval_fold"] * CROSSVAL_FOLDS.get(r, 1))
               for r in args.crossval_recipes.split(",") if r]
     return steps
 
@@ -195,11 +202,12 @@ def build_parser_for_plan() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for figures.json, ablation/ and crossval/")
     p.add_argument("--export", default=None, help="also copy the compact result files here after every step "
-                                                  "(the device tool's $OUT: flat, at most 8 files)")
+                                                  "(the device tool's $OUT: flat, 3 files + 2 per crossval recipe)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds this command may take (default 540, a 9-minute lease; none with --smoke)")
     p.add_argument("--manifests", default="out/manifests")
-    p.add_argument("--train-batch-sizes", default="128", help="cxr benchmark-train batch sizes ('' for none)")
+    p.add_argument("--train-batch-sizes", default="32,128", help="cxr benchmark-train batch sizes ('' for none): the "
+                                                                "paper's 32, and 128")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile (a minute more)")
     p.add_argument("--segmenter-epochs", type=int, default=30)
     p.add_argument("--pretrain-epochs", type=int, default=100, help="the recipe's 100; stops early to fit the budget")
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     record(out, "machine", {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                             "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
-                            "budget_s": args.budget_s, "plan": print_plan(steps, args.budget_s, source)},
+                            "budget_s": args.budget_s, "plan_source": source,
+                            "plan": print_plan(steps, args.budget_s, source)},
            time.perf_counter(), to)
     done = finished(out)
 
@@ -293,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     if "pretrain" in done:
         pretrain_run = done["pretrain"]["run_id"]
-    elif not budget.fits(MIN_PRETRAIN_S + rates["pretrain_fixed"]):
-        return stop("pretrain", t, MIN_PRETRAIN_S + rates["pretrain_fixed"])
+    elif not budget.fits(MIN_PRETRAIN_S + rates["pretrain_fixed"] + expected["finetune"]):
+        # A pretraining cut shorter than this would be reused by every resumed run: better none.
+        return stop("pretrain", t, MIN_PRETRAIN_S + rates["pretrain_fixed"] + expected["finetune"])
     else:
         # What follows needs its time: the pretraining gets the rest (and stops after that epoch).
         after = expected["finetune"] + expected["benchmark"]
@@ -329,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             "register": True, "run_name": "gpu-figures-registered"}), platform)
         cls_uri = f"models:/{ft['model_name']}/{ft['version']}"
         results_file = ablation_dir / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.exists() else []
+        results = [r for r in (json.loads(results_file.read_text()) if results_file.exists() else [])
+                   if (r["variant"], r["seed"]) != ("paper-4class", 0)]
         results.append({"variant": "paper-4class", "seed": 0, "run_id": ft["run_id"], "minutes": ft["minutes"],
                         "report": ft["report"]})
         results_file.write_text(json.dumps(results, indent=2))
@@ -359,30 +370,47 @@ def main(argv: list[str] | None = None) -> int:
         t, step = time.perf_counter(), f"ablation {variant} seed {seed}"
         if step in done:
             continue
+        results_file = ablation_dir / "results.json"
+        if results_file.exists() and any((r["variant"], r["seed"]) == (variant, seed)
+                                         for r in json.loads(results_file.read_text())):
+            # In the results from a run cut off before it recorded the step: no new time to count.
+            record(out, step, {"results": str(results_file), "reused": True}, t, to)
+            continue
         if not budget.fits(finetune_s):
             skip(step, t, finetune_s)
             continue
         run_ablation(flags_to_config("ablation", [
             "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
             "--variants", variant, "--seeds", str(seed), "--out", str(ablation_dir)]), platform)
-        record(out, step, {"results": str(ablation_dir / "results.json")}, t, to)
+        record(out, step, {"results": str(results_file)}, t, to)
 
+    fold_s = rates["crossval_fold"] * finetune_s / rates["finetune"]
     for recipe in [r for r in args.crossval_recipes.split(",") if r]:
-        t, step = time.perf_counter(), f"crossval {recipe}"
-        if step in done:
-            continue
-        cv = flags_to_config("crossval", [
-            "--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
-            "--recipes", recipe, "--segmenter", seg_uri, "--register", "--out", str(out / "crossval"),
-            *(["--folds", "(none held out)", "--n-boot", "50"] if args.smoke else [])])
+        flags = ["--pretrain-run", pretrain_run, "--finetune-config", str(finetune_yaml), "--manifests", args.manifests,
+                 "--recipes", recipe, "--segmenter", seg_uri, "--register", "--out", str(out / "crossval" / recipe),
+                 *(["--n-boot", "50"] if args.smoke else [])]
+        cv = flags_to_config("crossval", flags)
         task = read_manifest(f"{args.manifests}/tasks/{RECIPES[recipe]['task']}.parquet")
-        folds = 1 if args.smoke else len(plan_folds(task, cv.min_archive_images))
-        need = folds * rates["crossval_fold"] * finetune_s / rates["finetune"]
-        if not budget.fits(need):
-            skip(step, t, need)
-            continue
-        run_crossval(cv, platform)
-        record(out, step, {"results": str(out / "crossval" / "results.json")}, t, to)
+        folds = [ALL] if args.smoke else plan_folds(task, cv.min_archive_images)
+        finished_folds = []
+        for fold in folds:           # one step per fold, so a lease's minutes go to whole folds
+            t, step = time.perf_counter(), f"crossval {recipe} {fold}"
+            if step in done:
+                finished_folds.append(fold)
+                continue
+            if not budget.fits(fold_s):
+                skip(step, t, fold_s)
+                continue
+            # The all-archives fold (last) registers a model whose card holds the other folds'
+            # results: they are named too, and read back from their JSON, not retrained.
+            these = [*finished_folds, fold] if fold == ALL else [fold]
+            run_crossval(flags_to_config("crossval", [*flags, "--folds", ",".join(these)]), platform)
+            finished_folds.append(fold)
+            record(out, step, {"results": str(out / "crossval" / recipe / "results.json")}, t, to)
+        if finished_folds:
+            # The recipe's table over every finished fold (read back from their JSON: seconds).
+            run_crossval(flags_to_config("crossval", [*flags, "--folds", ",".join(finished_folds)]), platform)
+            export(out, to)
     return 0
 
 

@@ -43,7 +43,7 @@ def format_summary(s: dict) -> str:
 
     later = f", {s['deferred']} left for later runs (--limit)" if s["deferred"] else ""
     return (f"score job {s['job_id']}: {s['inputs']} inputs, {s['scored']} scored ({counts(s['why'])}), "
-            f"{s['skipped']} already scored{later}; "
+            f"{s['already_scored']} already scored{later}; "
             f"status: {counts(s['by_status'])}; predicted: {counts(s['by_label'])}; "
             f"COVID screen-positive: {s['screen_positive']}; {s['images_per_s']:.1f} images/s; "
             f"{s['parts']} Parquet parts; models {s['segmenter']} + {s['classifier']}; output {s['output']}")

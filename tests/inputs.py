@@ -72,6 +72,38 @@ def dicom_bytes(photometric: str = "MONOCHROME2", transfer_syntax=ExplicitVRLitt
     return buf.getvalue()
 
 
+SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+               "CT": "1.2.840.10008.5.1.4.1.1.2"}
+
+
+def tagged_dicom(gray: np.ndarray, modality: str = "CR", view: str | None = "PA", body_part: str | None = "CHEST",
+                 patient_id: str = "PAT-0001", accession: str = "ACC-0001", study_uid: str | None = None) -> bytes:
+    """A real image as the DICOM a modality sends: CR, DX or CT storage with the patient, study,
+    series and acquisition tags a PACS gives it (``view``/``body_part`` None: tag absent)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientAge = patient_id, "Test^Patient", "F", "054Y"
+    ds.AccessionNumber, ds.StudyDate, ds.StudyTime = accession, "20261127", "101500"
+    ds.Modality, ds.Manufacturer, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = modality, "cxr-tests", "1", 1, 1
+    if view is not None:
+        ds.ViewPosition = view
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(gray, np.uint8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def png_header_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     """A valid PNG header announcing width x height pixels, with one tiny IDAT chunk."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -11,18 +11,19 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cxr.config import REPO_ROOT, ReportConfig, ScoreConfig, load_platform
+from cxr.config import REPO_ROOT, ExportSRConfig, ReportConfig, ScoreConfig, load_platform
 from cxr.scores_table import SCHEMA, SCHEMA_VERSION, live_files, read_current, read_scores
 from cxr.workflows.score import list_inputs
 from jobs import report, score
 from tests.conftest import platform_file
 from tests.flaky_proxy import FlakyProxy
-from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_jpeg_bytes
+from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_gray, real_jpeg_bytes
 
 BUCKET = "cxr-score"
 
@@ -88,7 +89,7 @@ def test_scores_good_and_bad_images_one_row_each(scored, archive, tiny_models):
     assert summary["parts"] == len(live_files(out)[2]) <= 2
     # Incremental: a second run scores nothing new.
     again = score.run(_cfg(tiny_models, input=archive["prefix"], output=out))
-    assert again["scored"] == 0 and again["skipped"] == again["inputs"] and len(read_scores(out)) == len(rows)
+    assert again["scored"] == 0 and again["already_scored"] == again["inputs"] and len(read_scores(out)) == len(rows)
 
 
 def test_killed_run_restarted_ends_with_exactly_one_row_per_input(local_stack, archive, tiny_models, sample_root,
@@ -208,7 +209,8 @@ def test_report_is_a_self_contained_page_of_the_run(scored, tmp_path):
     assert summary["job_id"] in text and "Research use, not for diagnosis" in text
     assert text.count("data:image/png;base64,") >= 3                  # overlays are inline
     assert "empty file (0 bytes)" in text                             # errors are listed with reasons
-    assert "COVID screen at the card threshold" in text and "&gt;= 0.250: " in text
+    assert "COVID screen at the card threshold" in text
+    assert "positive (&gt;= 0.250)" in text or "negative (&lt; 0.250)" in text
     assert "http" not in text.replace("http://127.0.0.1", "")         # nothing fetched from elsewhere
 
 
@@ -368,14 +370,14 @@ def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_mode
         s3.put_object(Bucket=BUCKET, Key=k, Body=p.read_bytes())
     out = str(tmp_path / "scores")
     first = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out, limit=4))
-    assert (first["scored"], first["deferred"], first["skipped"]) == (4, 2, 0)   # a backlog worked through
+    assert (first["scored"], first["deferred"], first["already_scored"]) == (4, 2, 0)   # a backlog worked through
     rest = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
-    assert (rest["scored"], rest["deferred"], rest["skipped"]) == (2, 0, 4)
+    assert (rest["scored"], rest["deferred"], rest["already_scored"]) == (2, 0, 4)
     with FlakyProxy(local_stack.s3_endpoint, fail_every=10**9) as proxy:
         monkeypatch.setenv("CXR_S3_ENDPOINT", proxy.endpoint)
         again = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
         object_reads = [path for method, path in proxy.requests if method == "GET" and "/meta/" in path.split("?")[0]]
-        assert again["scored"] == 0 and again["skipped"] == 6 and object_reads == []
+        assert again["scored"] == 0 and again["already_scored"] == 6 and object_reads == []
         s3.put_object(Bucket=BUCKET, Key=keys[0], Body=_real_images(sample_root, 8)[-1].read_bytes())
         changed = score.run(_cfg(tiny_models, input=f"s3://{BUCKET}/meta", output=out))
     assert changed["scored"] == 1 and changed["why"] == {"changed": 1}
@@ -473,3 +475,54 @@ def test_why_each_input_is_scored_again():
     work = new_work(listing, done)
     assert sorted(work["uri"].to_pylist()) == sorted(uris[:4])
     assert why_new(work, index) == {"new": 1, "changed": 1, "retry": 1, "backfill": 1}
+
+
+def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_local, tmp_path, monkeypatch):
+    """Real DICOMs made from a sample film with a modality's tags, a photo and noise, scored by
+    the job: identifiers (pseudonymised) in the rows, lateral / CT / non-chest skipped with the
+    reason and never run through the models."""
+    from tests.test_dicom_routing import write_archive
+
+    monkeypatch.setenv("CXR_PSEUDONYM_KEY", "site-secret")
+    (tmp_path / "archive").mkdir()
+    write_archive(tmp_path / "archive", real_gray())
+    out = str(tmp_path / "scores")
+    summary = score.run(_cfg(tiny_models, input=str(tmp_path / "archive"), output=out))
+    rows = read_scores(out).to_pandas().set_index("uri")
+    rows.index = [u.rsplit("/", 1)[1] for u in rows.index]
+    assert summary["by_status"].get("skipped") == 3 and summary["scored"] == 7
+    page = tmp_path / "report.html"
+    assert report.main(ReportConfig(scores=out, out=str(page))) == 0
+    text = page.read_text()
+    assert "Skipped: not a frontal chest radiograph (3)" in text and "lateral view (ViewPosition LL)" in text
+    assert ": negative" not in text and ": positive" not in text      # the old, inverted-looking labels
+    skipped = rows[rows["status"] == "skipped"]
+    assert sorted(skipped.index) == ["ct.dcm", "hand.dcm", "lateral.dcm"]
+    assert skipped["skip_reason"].str.len().gt(10).all() and skipped["probabilities"].isna().all()
+    assert skipped["heatmap_png"].isna().all() and skipped["error"].isna().all()
+    assert rows.loc["pa.dcm", "status"] in ("ok", "flagged") and rows.loc["pa.dcm", "modality"] == "CR"
+    assert rows.loc["pa.dcm", "patient_id"].startswith("pseudo-")
+    assert rows.loc["pa.dcm", "patient_id"] == rows.loc["lateral.dcm", "patient_id"]
+    assert rows.loc["ap", "view_position"] == "AP" and rows.loc["ap", "study_instance_uid"]
+    assert rows.loc["pa.dcm", "image_height"] == real_gray().shape[0]
+    assert rows[["study_instance_uid", "patient_id"]].loc[["photo.jpg", "noise.png"]].isna().all().all()
+    assert set(rows["schema_version"]) == {SCHEMA_VERSION}
+
+    # Back to the PACS: one SR per scored study, naming the scored images; the worklist.
+    from cxr.dicom_sr import read_back
+    from jobs import export_sr
+
+    sr_out = tmp_path / "sr"
+    assert export_sr.main(ExportSRConfig(scores=out, out=str(sr_out))) == 0
+    reports = sorted(sr_out.glob("*.dcm"))
+    assert sorted(p.stem for p in reports) == sorted(rows.loc[["pa.dcm", "ap"], "study_instance_uid"])
+    back = {b["sop_instance_uid"]: b for p in reports for b in read_back(p)}
+    assert set(back) == set(rows.loc[["pa.dcm", "ap"], "sop_instance_uid"])      # the lateral is not in its study's
+    pa_sr = back[rows.loc["pa.dcm", "sop_instance_uid"]]
+    assert pa_sr["patient_id"] == "P1"                 # the PACS's own identifier, from the source header
+    assert abs(pa_sr["covid_probability"] - rows.loc["pa.dcm", "covid_probability"]) < 1e-6
+    assert pa_sr["screen"] == ("Positive" if rows.loc["pa.dcm", "screen_positive"] else "Negative")
+    worklist = pd.read_csv(sr_out / "worklist.csv")
+    assert len(worklist) == int(rows["screen_positive"].fillna(False).astype(bool).sum())
+    assert list(worklist["covid_probability"]) == sorted(worklist["covid_probability"], reverse=True)
+    assert pd.read_csv(sr_out / "errors.csv").empty

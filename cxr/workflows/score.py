@@ -20,6 +20,7 @@ from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
 from cxr.data.storage import (absolute_uri, filesystem_for, inventory_entries, is_s3, list_entries, stat_entries,
                               write_bytes)
+from cxr.data.dicom_header import Pseudonymiser
 from cxr.lease import Lease, LeaseHeld
 from cxr.scores_table import AtomicParquetSink, add_up, clear_scratch, finish_compactions
 from cxr.scoring import (ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work, scored_index,
@@ -163,6 +164,7 @@ class ScoringPlan:
     why: dict[str, int]     # why they are scored: new, changed, retry, backfill (``why_new``)
     skip: set[str]          # (uri, sha256) keys of rows from before schema version 3
     lease: Lease            # held until ``run_scoring`` ends
+    pseudonymiser: Pseudonymiser     # how DICOM patient identifiers are stored
 
 
 def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
@@ -194,11 +196,12 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
     why = why_new(inputs, index)
     skip = legacy_keys(done)
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
-    log.info("job %s: %d inputs, %d to score (%s) for %s v%s%s", job_id, listing.num_rows, inputs.num_rows,
+    pseudonymiser = Pseudonymiser.from_environment(cfg.keep_identifiers)
+    log.info("job %s: %d inputs, %d to score (%s) for %s v%s%s; %s", job_id, listing.num_rows, inputs.num_rows,
              ", ".join(f"{k} {v}" for k, v in why.items()) or "none", classifier.name, classifier.version,
-             f" + {segmenter.name} v{segmenter.version}" if segmenter else "")
+             f" + {segmenter.name} v{segmenter.version}" if segmenter else "", pseudonymiser.policy)
     return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
-                       listing.num_rows, unscored - inputs.num_rows, inputs, why, skip, lease)
+                       listing.num_rows, unscored - inputs.num_rows, inputs, why, skip, lease, pseudonymiser)
 
 
 def take_lease(output: str, job_id: str, storage, ttl_s: float, wait_s: float = 0.0) -> Lease:
@@ -246,7 +249,8 @@ def _run(plan: ScoringPlan) -> dict:
         ds = ds.map_batches(decode_batch, batch_format="numpy", batch_size=16,
                             fn_kwargs={"sizes": plan.sizes, "fill": plan.fill, "skip": plan.skip,
                                        "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage,
-                                       "max_unreadable_share": cfg.max_unreadable_share},
+                                       "max_unreadable_share": cfg.max_unreadable_share,
+                                       "pseudonymiser": plan.pseudonymiser},
                             compute=TaskPoolStrategy(size=decode_tasks))
         ds = ds.map_batches(
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
@@ -272,7 +276,7 @@ def _run(plan: ScoringPlan) -> dict:
     wrote = add_up(sink.summary.values())
     seg = plan.segmenter
     return {"job_id": plan.job_id, "inputs": plan.listed, "deferred": plan.deferred,
-            "skipped": plan.listed - plan.deferred - wrote["rows"], "scored": wrote["rows"], "why": plan.why,
+            "already_scored": plan.listed - plan.deferred - wrote["rows"], "scored": wrote["rows"], "why": plan.why,
             "parts": len(sink.summary), "by_status": wrote["status"], "by_label": wrote["label"],
             "screen_positive": wrote["screen_positive"],
             "seconds": seconds, "images_per_s": wrote["rows"] / seconds if seconds > 0 else 0.0,

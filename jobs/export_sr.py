@@ -1,0 +1,28 @@
+"""``cxr export-sr``: one DICOM SR per scored DICOM study of a job, and a CSV worklist of its
+screen-positives (``cxr.workflows.export_sr``). Exit 1 if the scores hold no job; a study that
+fails is listed in errors.csv and the others are written."""
+
+from __future__ import annotations
+
+import sys
+
+from cxr.config import ExportSRConfig, load_platform
+from cxr.data.storage import absolute_uri
+from cxr.workflows.export_sr import export_sr
+
+
+def main(cfg: ExportSRConfig) -> int:
+    try:
+        s = export_sr(absolute_uri(cfg.scores), cfg.job, cfg.out, load_platform().storage)
+    except (ValueError, OSError) as e:
+        print(f"cxr export-sr: {e}", file=sys.stderr)
+        return 1
+    print(f"export-sr: job {s['job']}: {len(s['reports'])} reports for {s['dicom_images']} scored DICOM images, "
+          f"{len(s['errors'])} studies failed (errors.csv); worklist of {s['worklist']} screen-positives; in {s['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main as cli_main
+
+    sys.exit(cli_main(["export-sr", *sys.argv[1:]]))
