@@ -30,11 +30,14 @@ if TYPE_CHECKING:        # torch and the model code load where weights are read 
     import torch
     from torch import nn
 
+    from cxr.qc import QualityModel
+
 WEIGHTS, CARD, LEGACY_META = "model.safetensors", "card.json", "meta.json"
 SCREEN, CHECKSUMS, MARKDOWN = "screen.json", "checksums.sha256", "MODEL_CARD.md"
 SCREEN_FORMAT, SCREEN_FORMAT_VERSION = "cxr-screen", 1
 # Data and text only: weights, JSON, YAML, text and MLflow's metadata files.
-SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, "MLmodel", "registered_model_meta",
+SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, "qc.safetensors", "qc.json",
+              "MLmodel", "registered_model_meta",
               "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
               "serving_input_example.json"}
 COMPONENTS = ("classifier", "segmenter")
@@ -52,6 +55,7 @@ class Component:
     card: ModelCard
     name: str | None = None
     version: str | None = None
+    qc: QualityModel | None = None      # a classifier's quality control (cxr.qc), kept beside its weights
 
 
 def check_safe(folder: Path, what: str) -> None:
@@ -73,14 +77,23 @@ def check_safe(folder: Path, what: str) -> None:
                            "cxr models are safetensors + JSON only")
 
 
-def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "float32") -> Path:
+def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "float32",
+                qc: QualityModel | None = None) -> Path:
     from cxr.weights import save_weights
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / WEIGHTS, dtype)
     (folder / CARD).write_text(card.validate().to_json())
+    if qc is not None:
+        qc.save(folder)
     return folder
+
+
+def read_qc(folder: Path) -> QualityModel | None:
+    from cxr.qc import QualityModel
+
+    return QualityModel.load(folder)
 
 
 def read_card(folder: Path) -> ModelCard:
@@ -110,7 +123,7 @@ def write_screen(folder: Path, classifier: Component, segmenter: Component | Non
     from cxr.model_card import screen_markdown
 
     folder = Path(folder)
-    write_model(folder / "classifier", classifier.model, classifier.card, dtype)
+    write_model(folder / "classifier", classifier.model, classifier.card, dtype, classifier.qc)
     if segmenter is not None:
         write_model(folder / "segmenter", segmenter.model, segmenter.card, dtype)
     (folder / SCREEN).write_text(json.dumps({
@@ -151,7 +164,7 @@ def read_screen(folder: Path, device: str | torch.device = "cpu") -> tuple[Compo
             if card.task != kind:
                 raise PackageError(f"{folder}/{kind}/card.json is a {card.task} card")
             origin = info.get(kind) or {}
-            parts[kind] = Component(model, card, origin.get("name"), origin.get("version"))
+            parts[kind] = Component(model, card, origin.get("name"), origin.get("version"), read_qc(folder / kind))
     if "classifier" not in parts:
         raise PackageError(f"{folder} has no classifier/")
     return parts["classifier"], parts.get("segmenter"), info

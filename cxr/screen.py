@@ -141,10 +141,11 @@ class Screen:
                  bf16: bool | None = None, storage: StorageConfig | None = None):
         self.device = torch.device(device) if device else default_device()
         self.classifier = Component(classifier.model.to(self.device).eval(), classifier.card, classifier.name,
-                                    classifier.version)
+                                    classifier.version, classifier.qc)
         self.segmenter = (Component(segmenter.model.to(self.device).eval(), segmenter.card, segmenter.name,
                                     segmenter.version) if segmenter else None)
         self.preprocess = Preprocess(classifier.card.preprocessing, self.segmenter)
+        self.qc = classifier.qc            # quality control in the classifier's feature space (cxr.qc), if it has one
         self.labels = list(classifier.card.labels)
         op = classifier.card.operating_point
         self.covid = self.labels.index("covid") if "covid" in self.labels else None
@@ -166,10 +167,11 @@ class Screen:
     # --- batches of letterboxed images ----------------------------------------------------------
 
     @torch.no_grad()
-    def infer(self, images: np.ndarray, seg_images: np.ndarray | None,
-              heatmap_size: int | None = 64) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def infer(self, images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int | None = 64
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
         """(B, S, S) uint8 letterboxed images (and the segmenter's) -> (probabilities (B, C),
-        lung fractions (B,) or None, uint8 heatmaps (B, h, h) of the predicted class or None)."""
+        lung fractions (B,) or None, uint8 heatmaps (B, h, h) of the predicted class or None,
+        the classifier's pooled features (B, K), which its quality control reads)."""
         from cxr.explain import heatmap_to_uint8, predict_with_cam
 
         x_u8 = torch.from_numpy(np.ascontiguousarray(images)[:, None]).to(self.device)
@@ -178,11 +180,11 @@ class Screen:
             x, fraction = self.preprocess(x_u8, seg)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            probs, cams = predict_with_cam(self.classifier.model, x, heatmap_size or 7)
+            probs, cams, features = predict_with_cam(self.classifier.model, x, heatmap_size or 7, with_features=True)
         if self.temperature != 1.0:              # the card's calibration (cxr calibrate, fine-tuning)
             probs = torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / self.temperature, dim=1)
         return (probs.float().cpu().numpy(), fraction.float().cpu().numpy() if fraction is not None else None,
-                heatmap_to_uint8(cams) if heatmap_size else None)
+                heatmap_to_uint8(cams) if heatmap_size else None, features.float().cpu().numpy())
 
     def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
              images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64,
@@ -198,14 +200,18 @@ class Screen:
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         fraction = np.full(n, np.nan, np.float32)
         heatmaps: list[bytes | None] = [None] * n
+        flags: list[list[str]] = [[] for _ in range(n)]
         if ok.any():
-            p, f, cams = self.infer(images[ok], seg_images[ok] if seg_images is not None else None, heatmap_size)
+            p, f, cams, features = self.infer(images[ok], seg_images[ok] if seg_images is not None else None,
+                                              heatmap_size)
             probs[ok] = p
             if f is not None:
                 fraction[ok] = f
             for i, heat in zip(np.flatnonzero(ok), cams if cams is not None else []):
                 heatmaps[i] = heatmap_png(heat)
-        flags = [self.quality.flags(float(fraction[i])) if ok[i] else [] for i in range(n)]
+            model_flags = self.qc.flags(features) if self.qc is not None else [[] for _ in range(len(p))]
+            for i, extra in zip(np.flatnonzero(ok), model_flags):
+                flags[i] = self.quality.flags(float(fraction[i])) + extra
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
                   else "flagged" if flags[i] else "ok" for i in range(n)]
         return {
@@ -216,8 +222,9 @@ class Screen:
             "covid_probability": [float(probs[i, self.covid]) if ok[i] and self.covid is not None else None
                                   for i in range(n)],
             "covid_threshold": [self.threshold] * n,
-            "screen_positive": [bool(probs[i, self.covid] >= self.threshold) if ok[i] and self.threshold is not None
-                                else None for i in range(n)],
+            # A flagged film is scored but not screened: it needs a person first (null, as an error's).
+            "screen_positive": [bool(probs[i, self.covid] >= self.threshold)
+                                if ok[i] and not flags[i] and self.threshold is not None else None for i in range(n)],
             "heatmap_png": heatmaps, "heatmap_size": [heatmap_size or None] * n,
             "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
             "qc_flags": flags,

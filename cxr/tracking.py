@@ -29,7 +29,7 @@ from mlflow.types import Schema, TensorSpec
 
 from cxr.card import INTENDED_USE, ModelCard
 
-from cxr.package import (CARD, Component, check_safe, read_model, read_screen_info, write_checksums,
+from cxr.package import (CARD, Component, check_safe, read_model, read_qc, read_screen_info, write_checksums,
                          write_model)
 
 if TYPE_CHECKING:        # torch loads where models do, not in a planning driver
@@ -209,7 +209,7 @@ def _register_folder(c: MlflowClient, name: str, run_id: str, folder: Path, desc
 
 
 def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, card: ModelCard,
-                   dtype: str = "float32") -> str:
+                   dtype: str = "float32", qc=None) -> str:
     """Register a classifier or segmenter: safetensors weights + the validated card (JSON, and
     Markdown as the version's description), loadable with ``mlflow.pyfunc.load_model`` (tensors
     in, logits out) and by ``load_registered``. Returns the new version number."""
@@ -217,7 +217,7 @@ def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, 
     card = dataclasses.replace(card, run_id=run_id, git_commit=git_commit()).validate()
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_model(Path(tmp) / "model", model, card, dtype)
+        folder = write_model(Path(tmp) / "model", model, card, dtype, qc)
         example = np.zeros((1, *card.input_shape), np.float32)
         _save_pyfunc(folder, _tensor_signature(card), example,
                      {"kind": card.task, "architecture": card.architecture, "weights": "model.safetensors",
@@ -313,7 +313,8 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         local, version = download_model(tracking_uri, model_uri, tmp)
         model, card = read_model(local, map_location, f"{model_uri} (version {version.version})")
-    return Component(model, card, version.name, str(version.version))
+        qc = read_qc(local)
+    return Component(model, card, version.name, str(version.version), qc)
 
 
 def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:

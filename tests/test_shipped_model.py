@@ -3,6 +3,7 @@ cross-archive figures, which ``cxr bootstrap`` imports as champion into an empty
 which tells the sample's classes apart."""
 
 import json
+from pathlib import Path
 
 from cxr.card import ModelCard
 from cxr.config import BootstrapConfig, load_platform
@@ -45,3 +46,24 @@ def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
     assert result["all"]["accuracy"] >= 0.7
     assert result["all"]["covid_auroc"]["low"] > 0.8
     json.dumps(result, default=str)
+
+
+def test_the_shipped_screen_flags_a_photo_and_noise_and_keeps_adult_films(sample_root):
+    """Its quality control (cxr.qc, fitted by jobs/fit_qc.py): a photo and noise are flagged,
+    so never screen-positive; adult chest films of the sample are not."""
+    import matplotlib
+    import numpy as np
+
+    from cxr.screen import Screen
+    from tests.test_dicom_routing import png
+
+    photo = (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
+    noise = png(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
+    adults = sorted((sample_root / "lungseg" / "images").glob("*.*"))[:8]
+    screen = Screen.from_folder(BUNDLE, "cpu")
+    assert screen.qc is not None
+    rows = screen.predict([photo, noise, *map(str, adults)], heatmap_size=None)
+    assert list(rows["status"][:2]) == ["flagged", "flagged"]
+    assert all(set(f) & {"not_a_chest_xray", "out_of_distribution"} for f in rows["qc_flags"][:2])
+    assert rows["screen_positive"][:2].isna().all()                # flagged: not screened without review
+    assert (rows["status"][2:] == "ok").mean() >= 0.8, rows[["uri", "qc_flags"]]

@@ -27,6 +27,7 @@ from cxr.evaluation import evaluate_classifier, flat_metrics, screening_threshol
 from cxr.models import model_spec
 from cxr.models.classifier import read_state_file
 from cxr.plots import loss_curves
+from cxr.qc import fit_for_task
 from cxr.screen import Preprocess
 from cxr.train.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
@@ -205,6 +206,9 @@ def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
         tracking.log_figures(uri, run_id, figures, "plots")
         if cfg.register:
             card = classifier_card(cfg, task, meta, init_origin, report, screening)
-            version = tracking.register_model(uri, name, run_id, model, card)
+            train = (rows["split"] == "train").to_numpy()
+            ages = rows.loc[train, "age_group"] if "age_group" in rows else ["unknown"] * int(train.sum())
+            qc = fit_for_task(model, splits["train"][0], splits["val"][0], ages)
+            version = tracking.register_model(uri, name, run_id, model, card, qc=qc)
     return {"run_id": run_id, "version": version, "model_name": name, "report": report, "minutes": minutes,
             "best_epoch": meta["epoch"]}

@@ -1,0 +1,156 @@
+"""Quality control in the classifier's own feature space: is this a frontal adult chest film
+like those the classifier was trained on?
+
+The features are the classifier's pooled layer4 activations (what its head reads), computed in
+the same forward pass as the prediction. Fitted on its training images:
+
+- **distance**: the squared Mahalanobis distance to the training images under probabilistic
+  PCA (scikit-learn ``PCA``): inside the principal subspace each direction scaled by its
+  variance, plus what lies outside the subspace scaled by the noise variance. The second term
+  is what tells noise and photos apart: their features leave the subspace that chest films
+  span. Two thresholds: ``out_of_distribution`` (above the 99th percentile of the
+  validation films: an unfamiliar film) and ``not_a_chest_xray`` (far beyond every validation
+  film: photos, noise, documents and the like);
+- **pediatric**: a logistic regression on the same projection, children against adults. The
+  only children in the curated data are Kermany's, so this also learns that archive's look:
+  its figures on adults from other archives say how far that goes.
+
+There is no lateral film in the curated data to learn from: lateral DICOMs are routed out by
+their ViewPosition (``cxr.data.dicom_header``); a lateral film without the tag is not flagged.
+The parameters are a few hundred KB, kept beside the classifier's weights
+(``qc.safetensors`` + ``qc.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+QC_WEIGHTS, QC_INFO = "qc.safetensors", "qc.json"
+FLAGS = ("not_a_chest_xray", "out_of_distribution", "pediatric")
+
+
+@dataclass
+class QualityModel:
+    mean: np.ndarray                 # (K,) feature mean
+    components: np.ndarray           # (K, d) PCA projection
+    variance: np.ndarray             # (d,) variance along each component
+    noise_variance: float            # variance per dimension outside the subspace
+    ood_threshold: float             # squared distance above which a film is unfamiliar
+    not_cxr_threshold: float         # ... and above which it is not taken for a chest film
+    pediatric_coef: np.ndarray | None = None      # (d,) logistic regression, children = 1
+    pediatric_intercept: float = 0.0
+    info: dict = field(default_factory=dict)      # what it was fitted on, and its figures
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        return (np.asarray(features, np.float64) - self.mean) @ self.components
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each row of ``features`` (B, K) to the training films,
+        under probabilistic PCA, divided by K (about 1 for a typical training film)."""
+        centred = np.asarray(features, np.float64) - self.mean
+        z = centred @ self.components
+        outside = np.maximum((centred ** 2).sum(axis=1) - (z ** 2).sum(axis=1), 0.0)
+        return ((z ** 2 / self.variance).sum(axis=1) + outside / self.noise_variance) / len(self.mean)
+
+    def pediatric_probability(self, features: np.ndarray) -> np.ndarray | None:
+        if self.pediatric_coef is None:
+            return None
+        return 1 / (1 + np.exp(-(self.project(features) @ self.pediatric_coef + self.pediatric_intercept)))
+
+    def flags(self, features: np.ndarray) -> list[list[str]]:
+        """The QC flags of each image (a non-empty list makes the row ``flagged``)."""
+        d = self.distance(features)
+        child = self.pediatric_probability(features)
+        out = []
+        for i, di in enumerate(d):
+            f = ["not_a_chest_xray"] if di > self.not_cxr_threshold else (
+                ["out_of_distribution"] if di > self.ood_threshold else [])
+            if child is not None and child[i] >= 0.5 and not f:
+                f.append("pediatric")
+            out.append(f)
+        return out
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"mean": self.mean, "components": self.components, "variance": self.variance}
+        if self.pediatric_coef is not None:
+            tensors["pediatric_coef"] = self.pediatric_coef
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(Path(folder) / QC_WEIGHTS))
+        (Path(folder) / QC_INFO).write_text(json.dumps({
+            "noise_variance": self.noise_variance, "ood_threshold": self.ood_threshold, "not_cxr_threshold": self.not_cxr_threshold,
+            "pediatric_intercept": self.pediatric_intercept, "info": self.info}, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "QualityModel | None":
+        """The folder's QC model, or None where it has none."""
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        if not (folder / QC_WEIGHTS).exists() or not (folder / QC_INFO).exists():
+            return None
+        t = {k: v.astype(np.float64) for k, v in load_file(str(folder / QC_WEIGHTS)).items()}
+        meta = json.loads((folder / QC_INFO).read_text())
+        return cls(t["mean"], t["components"], t["variance"], float(meta["noise_variance"]), float(meta["ood_threshold"]),
+                   float(meta["not_cxr_threshold"]), t.get("pediatric_coef"), float(meta["pediatric_intercept"]),
+                   meta.get("info", {}))
+
+
+def fit_quality_model(train: np.ndarray, val: np.ndarray, train_is_child: np.ndarray | None = None,
+                      components: int = 32, ood_quantile: float = 0.99, not_cxr_factor: float = 3.0,
+                      seed: int = 0) -> QualityModel:
+    """Fit on the training films' features; thresholds from the validation films':
+    ``out_of_distribution`` at their ``ood_quantile``, ``not_a_chest_xray`` at
+    ``not_cxr_factor`` x their largest distance (no validation film comes near it)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    train, val = np.asarray(train, np.float64), np.asarray(val, np.float64)
+    pca = PCA(n_components=min(components, train.shape[0] - 1, train.shape[1]), random_state=seed).fit(train)
+    z = pca.transform(train)
+    # Floors: with as few images as dimensions the fit leaves no variance outside the subspace.
+    floor = 1e-6 * max(float(pca.explained_variance_.mean()), 1e-12)
+    model = QualityModel(pca.mean_, pca.components_.T, np.maximum(pca.explained_variance_, floor),
+                         max(float(pca.noise_variance_), floor), 0.0, 0.0)
+    val_d = model.distance(val)
+    model.ood_threshold = float(np.quantile(val_d, ood_quantile))
+    model.not_cxr_threshold = float(not_cxr_factor * val_d.max())
+    if train_is_child is not None and 0 < np.sum(train_is_child) < len(train_is_child):
+        lr = LogisticRegression(max_iter=2000, class_weight="balanced").fit(z, np.asarray(train_is_child, int))
+        model.pediatric_coef, model.pediatric_intercept = lr.coef_[0], float(lr.intercept_[0])
+    return model
+
+
+def classifier_features(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The pooled layer4 features (N, K) of (N, 1, S, S) uint8 model-ready images (as
+    ``Preprocess.prepare`` makes them), on the model's device."""
+    import torch
+
+    from cxr.explain import predict_with_cam
+    from cxr.preprocess import classifier_input
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = classifier_input(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).to(device))
+            out.append(predict_with_cam(model, x, 7, with_features=True)[2].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def fit_for_task(model, train_images: np.ndarray, val_images: np.ndarray, train_age_groups) -> QualityModel:
+    """A classifier's quality control from its own training and validation images (what
+    ``cxr finetune`` registers with it); children against adults where both are known."""
+    train_f, val_f = classifier_features(model, train_images), classifier_features(model, val_images)
+    ages = np.asarray(train_age_groups, dtype=object)
+    known = ages != "unknown"
+    qc = fit_quality_model(train_f[known] if known.sum() > 1 else train_f, val_f,
+                           (ages[known] == "pediatric") if known.sum() > 1 else None)
+    qc.info = {"fitted_on": {"train": int(known.sum()) if known.sum() > 1 else len(train_f), "val": len(val_f)}}
+    return qc
