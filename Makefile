@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and alone: it comes from local disk; resolved with the rest, pip could pull another build.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test]'
+	# Headless Chromium for the review page's browser test (a Debian package; root installs it).
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
+		echo "chromium could not be installed: tests/test_scoring.py's browser test will say so"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -274,15 +274,19 @@ class CompactConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """``cxr report``: a self-contained HTML review page of scored rows: the summary, then the
-    highest-COVID-probability and the flagged images with their Grad-CAM overlays, then errors."""
+    """``cxr report``: a self-contained HTML review page of scored rows: the summary, every
+    screen-positive, the highest COVID probabilities, the flagged, skipped and error rows, with
+    Grad-CAM overlays inside the lungs on one colour scale."""
 
     NAME: ClassVar[str] = "report"
     scores: str = option("out/scores", "output of cxr score (folder or s3:// prefix)")
     out: str = option("out/report.html", "the HTML file to write")
-    job_id: str | None = option(None, "report this job's rows (default: the latest job; 'all': every row)")
-    top: int = option(24, "how many of the highest-COVID-probability images to show")
-    max_flagged: int = option(48, "show at most this many flagged images")
+    job_id: str | None = option(None, "report this job's rows (default: the latest night, the current row of every "
+                                      "input scored on the latest date, resumed runs included; 'all': every input's "
+                                      "current row)")
+    top: int = option(24, "images of this many screen-positives, and of the highest-COVID-probability others "
+                          "(every screen-positive is listed)")
+    max_flagged: int = option(48, "images of at most this many flagged films (every one is listed)")
     image_size: int = option(224, "size of the overlay thumbnails in px")
 
 

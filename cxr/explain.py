@@ -64,6 +64,25 @@ def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int, clas
     return (*out, features.float().mean(dim=(2, 3))) if with_features else out
 
 
+@torch.no_grad()
+def screen_maps(model: nn.Module, inputs: torch.Tensor, cam_size: int, covid: int | None):
+    """One forward pass for serving: (probabilities (B, C), pooled features (B, K), the
+    predicted class's heatmaps (B, S, S) in [0, 1], their scales (B,), and the same two for
+    ``covid`` (or None)). A heatmap's scale is its largest Grad-CAM value before min-max scaling
+    (in logit units per position), so maps of different images can be drawn on one colour scale."""
+    logits, features = logits_and_features(model, inputs)
+    probs = torch.softmax(logits.float(), dim=1)
+    weights = head_weights(model)
+
+    def maps(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cams = class_activation_maps(features, weights, classes)
+        return normalise_and_resize(cams, cam_size), cams.flatten(1).amax(dim=1)
+
+    predicted, predicted_scale = maps(probs.argmax(dim=1))
+    covid_maps = maps(torch.full_like(probs[:, 0], covid, dtype=torch.long)) if covid is not None else (None, None)
+    return probs, features.float().mean(dim=(2, 3)), predicted, predicted_scale, *covid_maps
+
+
 def heatmap_to_uint8(heatmaps: torch.Tensor) -> np.ndarray:
     """(B, S, S) float in [0, 1] -> uint8 in [0, 255] (what scoring stores)."""
     return (heatmaps.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -1,12 +1,22 @@
 """The review page of a scoring run: one self-contained HTML file (images inline as PNG), so it
-can be mailed or archived beside the Parquet it summarises."""
+can be mailed or archived beside the Parquet it summarises. Rendered with Jinja2
+(``cxr/templates/report.html.j2``, autoescaped).
+
+What it covers: by default the latest night, i.e. the current row of every input scored on the
+latest date, whichever jobs wrote them (a killed run resumed is several jobs); or one job; or
+"all" current rows. Every screen-positive is listed, most probable first; flagged, skipped and
+error rows each have their section. Heatmaps are drawn inside the lungs (the stored lung mask),
+cropped to the film's own proportions (its stored size: the letterbox padding is removed), on
+one colour scale for the page (each map's stored scale), with a legend.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
+from pathlib import Path
 
+import jinja2
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -17,105 +27,158 @@ from PIL import Image
 from cxr.data.errors import BadImageError
 from cxr.data.images import load_image
 from cxr.data.storage import StorageConfig
-from cxr.scores_table import SCHEMA, latest_job, read_scores
+from cxr.scores_table import SCHEMA, current_rows, read_scores
 
-STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}
-.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:230px;font-size:12px;word-break:break-all}
-.card img{width:224px;height:224px}.flag{color:#b00}"""
 SCORED = ("ok", "flagged")        # run through the models (skipped and error rows were not)
+IMAGES = ("heatmap_png", "covid_heatmap_png", "lung_mask_png")     # read only for the rows shown
+TEMPLATES = Path(__file__).parent / "templates"
+COLOURS = matplotlib.colormaps["inferno"]
 
 
 def read_job(scores: str, job_id: str | None, top: int, max_flagged: int, storage) -> pd.DataFrame:
-    """The rows of ``job_id`` (the latest job if None; every row for "all"), without heatmaps,
-    then the heatmaps of the rows the page shows: the rest of the table is never read."""
-    job_id = latest_job(scores, storage) if job_id is None else job_id
-    only = None if job_id == "all" else pc.field("job_id") == job_id
-    columns = [n for n in SCHEMA.names if n != "heatmap_png"]
-    rows = read_scores(scores, storage, columns, filter=only).to_pandas() if job_id else pd.DataFrame(columns=columns)
-    wanted = pd.concat(shown(rows, top, max_flagged))["uri"].unique().tolist() if len(rows) else []
-    if not wanted:
-        return rows.assign(heatmap_png=None)
-    where = pc.field("uri").isin(pa.array(wanted, pa.string()))
-    heatmaps = read_scores(scores, storage, ["uri", "job_id", "scored_at", "heatmap_png"],
-                           filter=where if only is None else where & only).to_pandas()
-    return rows.merge(heatmaps, on=["uri", "job_id", "scored_at"], how="left")
+    """The page's rows without images (``job_id`` None: the latest night's current rows; "all":
+    every input's current row; else that job's rows), then the images of the rows ``shown``:
+    the rest of the table's images are never read."""
+    columns = [n for n in SCHEMA.names if n not in IMAGES] + ["scored_date"]
+    if job_id not in (None, "all"):
+        rows = read_scores(scores, storage, columns, filter=pc.field("job_id") == job_id)
+    else:
+        rows = current_rows(read_scores(scores, storage, columns))
+        if job_id is None and rows.num_rows:
+            rows = rows.filter(pc.equal(rows["scored_date"], pc.max(rows["scored_date"])))
+    rows = rows.to_pandas()
+    if rows.empty:
+        return rows.assign(**{c: None for c in IMAGES})
+    wanted = pd.concat(shown(rows, top, max_flagged))
+    if wanted.empty:
+        return rows.assign(**{c: None for c in IMAGES})
+    where = pc.field("uri").isin(pa.array(wanted["uri"].unique().tolist(), pa.string()))
+    images = read_scores(scores, storage, ["uri", "job_id", "scored_at", *IMAGES], filter=where).to_pandas()
+    return rows.merge(images, on=["uri", "job_id", "scored_at"], how="left")
 
 
-def overlay_png(uri: str, heatmap_png: bytes | None, size: int, storage: StorageConfig | None) -> str:
-    """The letterboxed image with its heatmap blended over it, as a data: URI."""
+def shown(rows: pd.DataFrame, top: int, max_flagged: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(screen-positives, most probable first; the highest COVID probabilities among the other
+    screened films; the flagged films): ``top``, ``top`` and ``max_flagged`` of them get images."""
+    scored = rows[rows["status"].isin(SCORED)].sort_values("covid_probability", ascending=False)
+    positive = scored["screen_positive"].fillna(False).astype(bool)
+    return (scored[positive], scored[~positive & (scored["status"] == "ok")].head(top),
+            scored[scored["status"] == "flagged"])
+
+
+def _png_array(data) -> np.ndarray | None:
+    return np.asarray(Image.open(io.BytesIO(data))) if isinstance(data, bytes) and data else None
+
+
+def overlay_png(row: pd.Series | dict, size: int, storage: StorageConfig | None, page_scale: float,
+                which: str = "covid") -> tuple[str, float | None]:
+    """(the film with its ``which`` ("covid" or "predicted") heatmap over it as a data: URI,
+    the share of the map outside the lungs or None). The map is drawn inside the lungs only, as
+    transparent where it is 0, scaled by its own scale over ``page_scale``, and cropped to the
+    film's proportions."""
     try:
-        gray = load_image(uri, size, storage)
+        gray = load_image(row["uri"], size, storage)
     except (BadImageError, OSError):
         gray = np.full((size, size), 128, np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    if isinstance(heatmap_png, bytes) and heatmap_png:      # NaN where the heatmap was not read
-        heat = np.asarray(Image.open(io.BytesIO(heatmap_png)).resize((size, size), Image.Resampling.BILINEAR))
-        colour = matplotlib.colormaps["jet"](heat / 255.0)[..., :3] * 255
-        rgb = 0.6 * rgb + 0.4 * colour
+    heat = _png_array(row.get("covid_heatmap_png" if which == "covid" else "heatmap_png"))
+    scale = row.get("covid_heatmap_scale" if which == "covid" else "heatmap_scale")
+    outside = None
+    if heat is not None:
+        value = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        if scale is not None and not pd.isna(scale) and page_scale > 0:
+            value *= float(scale) / page_scale
+        lungs = _png_array(row.get("lung_mask_png"))
+        if lungs is not None:
+            inside = np.asarray(Image.fromarray(lungs).resize((size, size), Image.Resampling.NEAREST)) > 127
+            total = float(value.sum())
+            outside = float(value[~inside].sum()) / total if total > 0 else 0.0
+            value = value * inside
+        colour = COLOURS(np.clip(value, 0, 1))[..., :3] * 255
+        alpha = np.clip(value, 0, 1)[..., None] * 0.7
+        rgb = (1 - alpha) * rgb + alpha * colour
+    h, w = row.get("image_height"), row.get("image_width")
+    if h and w and not pd.isna(h) and not pd.isna(w):       # remove the letterbox padding
+        s = size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        top, left = (size - nh) // 2, (size - nw) // 2
+        rgb = rgb[top:top + nh, left:left + nw]
     buffer = io.BytesIO()
     Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), outside
+
+
+def legend_png(page_scale: float) -> str:
+    """The shared colour scale, 0 .. ``page_scale`` (Grad-CAM, logit units per position)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 0.6), dpi=100)
+    fig.subplots_adjust(bottom=0.5, top=0.95, left=0.03, right=0.97)
+    matplotlib.colorbar.ColorbarBase(ax, cmap=COLOURS, orientation="horizontal",
+                                     norm=matplotlib.colors.Normalize(0, page_scale))
+    ax.tick_params(labelsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _table(counts: pd.Series, header: str) -> str:
-    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in counts.items())
-    return f"<table><tr><th>{header}</th><th>images</th></tr>{body}</table>"
+def _screen_result(row) -> str:
+    if row["status"] == "flagged":
+        return "not screened: flagged for review"
+    if pd.isna(row["covid_threshold"]) or pd.isna(row["screen_positive"]):
+        return "no threshold"
+    t = row["covid_threshold"]
+    return f"positive (>= {t:.3f})" if row["screen_positive"] else f"negative (< {t:.3f})"
 
 
-def _cards(rows: pd.DataFrame, size: int, storage: StorageConfig | None) -> str:
-    cards = []
-    for _, r in rows.iterrows():
-        probs = ", ".join(f"{label} {p:.2f}" for label, p in zip(r["labels"], r["probabilities"]))
-        flags = f"<div class=flag>{html.escape(', '.join(r['qc_flags']))}</div>" if len(r["qc_flags"]) else ""
-        cards.append(f"<div class=card><img src='{overlay_png(r['uri'], r['heatmap_png'], size, storage)}'>"
-                     f"<div><b>{html.escape(str(r['predicted_label']))}</b> ({probs})</div>"
-                     f"<div>lung fraction {r['lung_fraction']:.2f}</div>{flags}"
-                     f"<div>{html.escape(r['uri'])}</div></div>")
-    return "<div class=grid>" + "".join(cards) + "</div>" if cards else "<p>none</p>"
+def _counts(values: pd.Series) -> list[tuple[str, int]]:
+    return [(str(k), int(v)) for k, v in values.value_counts().items()]
 
 
-def _screening_counts(scored: pd.DataFrame) -> pd.Series:
-    """Screen-positive / negative counts per classifier threshold; rows without one (older
-    schema, or a card without an operating point) count as "no threshold"."""
-    def label(threshold, positive) -> str:
-        if pd.isna(threshold) or pd.isna(positive):
-            return "no threshold"
-        return f"positive (>= {threshold:.3f})" if positive else f"negative (< {threshold:.3f})"
-
-    return pd.Series([label(t, p) for t, p in zip(scored["covid_threshold"], scored["screen_positive"])],
-                     dtype=object).value_counts()
-
-
-def shown(rows: pd.DataFrame, top: int, max_flagged: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows the page shows with images: the highest COVID probabilities, and the flagged."""
-    scored = rows[rows["status"].isin(SCORED)]
-    return (scored.sort_values("covid_probability", ascending=False).head(top),
-            rows[rows["status"] == "flagged"].head(max_flagged))
+def _records(rows: pd.DataFrame, columns: list[str]) -> list[dict]:
+    out = rows.reindex(columns=columns).astype(object).where(rows.reindex(columns=columns).notna(), None)
+    return out.to_dict("records")
 
 
 def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int,
-           storage: StorageConfig | None = None) -> str:
-    """The whole page for ``rows`` (scores as read by ``cxr.scores_table.read_scores``; the
-    ``heatmap_png`` of the rows ``shown`` is enough)."""
+           storage: StorageConfig | None = None, scope: str = "") -> str:
+    """The whole page for ``rows`` (as ``read_job`` gives them)."""
+    positives, highest, flagged = shown(rows, top, max_flagged)
     scored = rows[rows["status"].isin(SCORED)]
-    highest, flagged = shown(rows, top, max_flagged)
-    errors, skipped = rows[rows["status"] == "error"], rows[rows["status"] == "skipped"]
+    drawn = pd.concat([positives.head(top), highest, flagged.head(max_flagged)])
+    scales = pd.concat([drawn["covid_heatmap_scale"], flagged.head(max_flagged)["heatmap_scale"]]).dropna()
+    page_scale = float(scales.max()) if len(scales) else 1.0
+
+    def cards(subset: pd.DataFrame, which: str) -> list[dict]:
+        out = []
+        for rank, (_, r) in enumerate(subset.iterrows(), 1):
+            image, outside = overlay_png(r, size, storage, page_scale, which)
+            probs = ", ".join(f"{label} {p:.2f}" for label, p in zip(r["labels"], r["probabilities"]))
+            has_map = isinstance(r.get("covid_heatmap_png" if which == "covid" else "heatmap_png"), bytes)
+            out.append({**r.to_dict(), "rank": rank, "image": image, "outside": outside, "probabilities": probs,
+                        "has_map": has_map,
+                        "qc_flags": list(r["qc_flags"]) if r["qc_flags"] is not None else [],
+                        "covid_map": "COVID-19", "predicted_map": f"{r['heatmap_label']} (the predicted class)"})
+        return out
+
+    flags = pd.Series([f for fs in scored["qc_flags"] for f in fs], dtype=object)
+    summary = [("status", _counts(rows["status"])), ("quality flag", _counts(flags)),
+               ("predicted label", _counts(scored["predicted_label"])),
+               ("COVID-19 screen at the card threshold", _counts(scored.apply(_screen_result, axis=1))
+                if len(scored) else [])]
     models = rows[["segmenter_name", "segmenter_version", "classifier_name", "classifier_version"]].drop_duplicates()
-    error_rows = "".join(f"<tr><td>{html.escape(r.uri)}</td><td>{html.escape(str(r.error))}</td></tr>"
-                         for r in errors.itertuples())
-    skipped_rows = "".join(f"<tr><td>{html.escape(r.uri)}</td><td>{html.escape(str(r.skip_reason))}</td></tr>"
-                           for r in skipped.itertuples())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{STYLE}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p><b>Research use, not for diagnosis.</b> {len(rows)} images; jobs: {html.escape(', '.join(sorted(rows['job_id'].unique())))}.</p>
-<p>Models: {html.escape('; '.join(f'{m.segmenter_name} v{m.segmenter_version} + {m.classifier_name} v{m.classifier_version}' for m in models.itertuples()))}</p>
-<h2>Summary</h2><div class=grid>{_table(rows['status'].value_counts(), 'status')}
-{_table(scored['predicted_label'].value_counts(), 'predicted label')}
-{_table(_screening_counts(scored), 'COVID screen at the card threshold')}</div>
-<h2>Highest COVID-19 probability ({len(highest)})</h2>{_cards(highest, size, storage)}
-<h2>Flagged by quality control ({len(rows[rows['status'] == 'flagged'])}, showing {len(flagged)})</h2>{_cards(flagged, size, storage)}
-<h2>Skipped: not a frontal chest radiograph ({len(skipped)})</h2><table><tr><th>uri</th><th>reason</th></tr>{skipped_rows}</table>
-<h2>Errors ({len(errors)})</h2><table><tr><th>uri</th><th>error</th></tr>{error_rows}</table>
-</body></html>"""
+    positive_list = positives.assign(rank=range(1, len(positives) + 1))
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                                     undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html.j2").render(
+        title=title, scope=scope or f"{len(rows)} images; jobs: {', '.join(sorted(rows['job_id'].unique()))}.",
+        models="; ".join(f"{m.segmenter_name} v{m.segmenter_version} + {m.classifier_name} v{m.classifier_version}"
+                         for m in models.itertuples()),
+        summary=summary, legend=legend_png(page_scale), top=top, max_flagged=max_flagged,
+        positives=cards(positives.head(top), "covid") + _records(positive_list.iloc[top:], list(positive_list.columns)),
+        highest=cards(highest, "covid"), flagged=cards(flagged.head(max_flagged), "predicted")
+        + _records(flagged.iloc[max_flagged:], list(flagged.columns)),
+        skipped=_records(rows[rows["status"] == "skipped"], ["uri", "skip_reason", "modality", "view_position",
+                                                              "body_part_examined"]),
+        errors=_records(rows[rows["status"] == "error"], ["uri", "error"]))

@@ -61,6 +61,8 @@ SCHEMA = pa.schema([
     ("source_etag", pa.string()), ("source_version_id", pa.string()),   # added in version 4
     # added in version 5: why an input was routed out, its decoded size, and a DICOM's identity
     ("skip_reason", pa.string()), ("image_height", pa.int32()), ("image_width", pa.int32()),
+    ("heatmap_label", pa.string()), ("heatmap_scale", pa.float32()),
+    ("covid_heatmap_png", pa.binary()), ("covid_heatmap_scale", pa.float32()), ("lung_mask_png", pa.binary()),
     *((column, pa.string()) for column in IDENTITY_COLUMNS),
 ])
 PARTITION = pa.schema([("scored_date", pa.string())])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from cxr.card import Preprocessing
 from cxr.data.decode import DecodeLimits, decode_image
@@ -64,15 +65,21 @@ class Preprocess:
     def masked(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 1, S, S) uint8 letterboxed images -> (the model's images as float in [0, 255],
         each image's lung-area fraction or None without a segmenter). Runs on the images' device."""
+        return self.with_lungs(images, seg_images)[:2]
+
+    @torch.no_grad()
+    def with_lungs(self, images: torch.Tensor, seg_images: torch.Tensor | None):
+        """``masked``, and the binary lung masks (B, 1, s, s) at the segmenter's size, or None."""
         x = images.float()
-        if self.segmenter is None:
-            return x, None
+        if self.segmenter is None or seg_images is None:
+            return x, None, None
         seg = self.segmenter.model
         lung = torch.sigmoid(seg(segmenter_input(seg_images.to(images.device))).float())
         if self.prep.lung_mask:
             x, fraction = mask_lungs(x, lung, dilation_px=self.prep.dilation_px)
-            return x.round(), fraction
-        return x, lung_masks(lung).flatten(1).mean(dim=1)
+            return x.round(), fraction, lung_masks(lung)
+        masks = lung_masks(lung)
+        return x, masks.flatten(1).mean(dim=1), masks
 
     def __call__(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(classifier input (B, 3, S, S), lung fractions): ``masked`` then normalisation."""
@@ -129,7 +136,8 @@ class QualityLimits:
 
 # The fields of a scores row that a screen produces (cxr.scoring adds lineage and job columns).
 ROW_FIELDS = ("uri", "sha256", "status", "error", "labels", "probabilities", "predicted_label", "covid_probability",
-              "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "lung_fraction", "qc_flags")
+              "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "heatmap_label", "heatmap_scale",
+              "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png", "lung_fraction", "qc_flags")
 
 
 class Screen:
@@ -167,24 +175,33 @@ class Screen:
     # --- batches of letterboxed images ----------------------------------------------------------
 
     @torch.no_grad()
-    def infer(self, images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int | None = 64
-              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """(B, S, S) uint8 letterboxed images (and the segmenter's) -> (probabilities (B, C),
-        lung fractions (B,) or None, uint8 heatmaps (B, h, h) of the predicted class or None,
-        the classifier's pooled features (B, K), which its quality control reads)."""
-        from cxr.explain import heatmap_to_uint8, predict_with_cam
+    def infer(self, images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int | None = 64) -> dict:
+        """(B, S, S) uint8 letterboxed images (and the segmenter's) -> {"probs" (B, C), "fraction"
+        (B,) or None, "features" (B, K) (what quality control reads), and with ``heatmap_size``:
+        "heatmaps" (B, h, h) uint8 of the predicted class, "scales" (B,), "covid_heatmaps" and
+        "covid_scales" (or None without a covid label), "lungs" (B, h, h) uint8 0/255 or None}."""
+        from cxr.explain import heatmap_to_uint8, screen_maps
 
         x_u8 = torch.from_numpy(np.ascontiguousarray(images)[:, None]).to(self.device)
         seg = torch.from_numpy(np.ascontiguousarray(seg_images)[:, None]) if seg_images is not None else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            x, fraction = self.preprocess(x_u8, seg)
+            x, fraction, lungs = self.preprocess.with_lungs(x_u8, seg)
+            x = classifier_input(x)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            probs, cams, features = predict_with_cam(self.classifier.model, x, heatmap_size or 7, with_features=True)
+            probs, features, heat, scale, covid_heat, covid_scale = screen_maps(
+                self.classifier.model, x, heatmap_size or 7, self.covid)
         if self.temperature != 1.0:              # the card's calibration (cxr calibrate, fine-tuning)
             probs = torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / self.temperature, dim=1)
-        return (probs.float().cpu().numpy(), fraction.float().cpu().numpy() if fraction is not None else None,
-                heatmap_to_uint8(cams) if heatmap_size else None, features.float().cpu().numpy())
+        out = {"probs": probs.float().cpu().numpy(), "features": features.float().cpu().numpy(),
+               "fraction": fraction.float().cpu().numpy() if fraction is not None else None}
+        if heatmap_size:
+            out.update(heatmaps=heatmap_to_uint8(heat), scales=scale.float().cpu().numpy(),
+                       covid_heatmaps=heatmap_to_uint8(covid_heat) if covid_heat is not None else None,
+                       covid_scales=covid_scale.float().cpu().numpy() if covid_scale is not None else None,
+                       lungs=(F.interpolate(lungs.float(), size=(heatmap_size, heatmap_size), mode="nearest")[:, 0]
+                              .mul(255).to(torch.uint8).cpu().numpy() if lungs is not None else None))
+        return out
 
     def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
              images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64,
@@ -199,17 +216,23 @@ class Screen:
         ok = np.array([e is None and r is None for e, r in zip(errors, skipped)], bool)
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         fraction = np.full(n, np.nan, np.float32)
-        heatmaps: list[bytes | None] = [None] * n
+        pngs = {k: [None] * n for k in ("heatmap_png", "covid_heatmap_png", "lung_mask_png")}
+        scales = {k: [None] * n for k in ("heatmap_scale", "covid_heatmap_scale")}
         flags: list[list[str]] = [[] for _ in range(n)]
         if ok.any():
-            p, f, cams, features = self.infer(images[ok], seg_images[ok] if seg_images is not None else None,
-                                              heatmap_size)
-            probs[ok] = p
-            if f is not None:
-                fraction[ok] = f
-            for i, heat in zip(np.flatnonzero(ok), cams if cams is not None else []):
-                heatmaps[i] = heatmap_png(heat)
-            model_flags = self.qc.flags(features) if self.qc is not None else [[] for _ in range(len(p))]
+            out = self.infer(images[ok], seg_images[ok] if seg_images is not None else None, heatmap_size)
+            probs[ok] = out["probs"]
+            if out["fraction"] is not None:
+                fraction[ok] = out["fraction"]
+            for j, i in enumerate(np.flatnonzero(ok)):
+                for column, key in (("heatmap_png", "heatmaps"), ("covid_heatmap_png", "covid_heatmaps"),
+                                    ("lung_mask_png", "lungs")):
+                    if out.get(key) is not None:
+                        pngs[column][i] = heatmap_png(out[key][j])
+                for column, key in (("heatmap_scale", "scales"), ("covid_heatmap_scale", "covid_scales")):
+                    if out.get(key) is not None:
+                        scales[column][i] = float(out[key][j])
+            model_flags = self.qc.flags(out["features"]) if self.qc is not None else [[] for _ in range(int(ok.sum()))]
             for i, extra in zip(np.flatnonzero(ok), model_flags):
                 flags[i] = self.quality.flags(float(fraction[i])) + extra
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
@@ -225,7 +248,11 @@ class Screen:
             # A flagged film is scored but not screened: it needs a person first (null, as an error's).
             "screen_positive": [bool(probs[i, self.covid] >= self.threshold)
                                 if ok[i] and not flags[i] and self.threshold is not None else None for i in range(n)],
-            "heatmap_png": heatmaps, "heatmap_size": [heatmap_size or None] * n,
+            "heatmap_png": pngs["heatmap_png"], "heatmap_size": [heatmap_size or None] * n,
+            # Which class the stored heatmap explains (the predicted one), and the COVID map.
+            "heatmap_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] and heatmap_size else None
+                              for i in range(n)],
+            **scales, "covid_heatmap_png": pngs["covid_heatmap_png"], "lung_mask_png": pngs["lung_mask_png"],
             "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
             "qc_flags": flags,
         }

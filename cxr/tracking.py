@@ -240,6 +240,8 @@ def screen_signature() -> ModelSignature:
         col(Array(DataType.string), "labels"), col(Array(DataType.double), "probabilities"),
         col("string", "predicted_label"), col("double", "covid_probability"), col("double", "covid_threshold"),
         col("boolean", "screen_positive"), col("binary", "heatmap_png"), col("long", "heatmap_size"),
+        col("string", "heatmap_label"), col("double", "heatmap_scale"), col("binary", "covid_heatmap_png"),
+        col("double", "covid_heatmap_scale"), col("binary", "lung_mask_png"),
         col("double", "lung_fraction"), col(Array(DataType.string), "qc_flags", True),
         col("string", "classifier", True), col("string", "segmenter")])
     inputs = Schema([col("string", "path"), col("binary", "image")])

@@ -41,7 +41,7 @@ def features(screen, grays: list[np.ndarray], batch: int = 64) -> np.ndarray:
     out = []
     for start in range(0, len(grays), batch):
         boxed = [screen.preprocess.letterbox(g)[0] for g in grays[start:start + batch]]
-        out.append(screen.infer(np.stack(boxed), None, heatmap_size=None)[3])
+        out.append(screen.infer(np.stack(boxed), None, heatmap_size=None)["features"])
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

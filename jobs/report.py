@@ -18,7 +18,15 @@ def main(cfg: ReportConfig) -> int:
               file=sys.stderr)
         return 1
     title = f"cxr screening review: {cfg.scores}"
-    page = render(rows, title, cfg.top, cfg.max_flagged, cfg.image_size, storage)
+    jobs = ", ".join(sorted(rows["job_id"].unique()))
+    if cfg.job_id is None:
+        scope = (f"The latest night, {rows['scored_date'].max()}: the current row of each of the {len(rows)} inputs "
+                 f"scored that day (jobs {jobs}; a killed run resumed is several jobs).")
+    elif cfg.job_id == "all":
+        scope = f"Every input's current row: {len(rows)} inputs (jobs {jobs})."
+    else:
+        scope = f"The {len(rows)} rows of job {cfg.job_id}."
+    page = render(rows, title, cfg.top, cfg.max_flagged, cfg.image_size, storage, scope)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)

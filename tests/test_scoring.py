@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -209,19 +210,22 @@ def test_report_is_a_self_contained_page_of_the_run(scored, tmp_path):
     assert summary["job_id"] in text and "Research use, not for diagnosis" in text
     assert text.count("data:image/png;base64,") >= 3                  # overlays are inline
     assert "empty file (0 bytes)" in text                             # errors are listed with reasons
-    assert "COVID screen at the card threshold" in text
+    assert "COVID-19 screen at the card threshold" in text
     assert "positive (&gt;= 0.250)" in text or "negative (&lt; 0.250)" in text
     assert "http" not in text.replace("http://127.0.0.1", "")         # nothing fetched from elsewhere
 
 
 def test_the_report_reads_one_job_and_only_the_heatmaps_it_shows(scored, tmp_path):
-    from cxr.report import read_job
+    from cxr.report import read_job, shown
 
     out, summary = scored
-    rows = read_job(out, None, 3, 0, None)                             # the latest job, 3 cards
+    rows = read_job(out, summary["job_id"], 3, 0, None)                # one job; 3 cards of each kind
     assert set(rows["job_id"]) == {summary["job_id"]} and len(rows) == summary["scored"]
-    assert rows["heatmap_png"].notna().sum() == 3
+    positives, highest, flagged = shown(rows, 3, 0)
+    assert rows["covid_heatmap_png"].notna().sum() == len(pd.concat([positives, highest, flagged])["uri"].unique())
     assert read_job(out, "no-such-job", 3, 0, None).empty
+    night = read_job(out, None, 3, 0, None)                            # the latest night: every input's current row
+    assert len(night) == summary["scored"] and night["uri"].is_unique
 
 
 def test_review_notebook_runs(scored, monkeypatch):
@@ -230,7 +234,7 @@ def test_review_notebook_runs(scored, monkeypatch):
 
     import matplotlib
     matplotlib.use("Agg")
-    monkeypatch.setenv("CXR_SCORES", scored[0])
+    monkeypatch.setenv("CXR_SCORES", str(Path(scored[0]).resolve()))
     notebook = json.loads((REPO_ROOT / "notebooks" / "review_scores.ipynb").read_text())
     namespace: dict = {}
     for cell in notebook["cells"]:
@@ -526,3 +530,33 @@ def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_loca
     assert len(worklist) == int(rows["screen_positive"].fillna(False).astype(bool).sum())
     assert list(worklist["covid_probability"]) == sorted(worklist["covid_probability"], reverse=True)
     assert pd.read_csv(sr_out / "errors.csv").empty
+
+
+def chromium() -> str:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "no chromium: `make setup` installs it (the Debian package chromium)"
+    return found
+
+
+def test_the_review_page_in_a_real_browser(scored, tmp_path):
+    """The page as headless Chromium renders it: its sections and labels, and a screenshot that
+    is not blank (docs/review-page.png is one, of the demo)."""
+    out, summary = scored
+    page = tmp_path / "report.html"
+    assert report.main(ReportConfig(scores=out, out=str(page), top=3)) == 0
+    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    for heading in ("Summary", "Screen-positive (", "Highest COVID-19 probability", "Flagged by quality control",
+                    "Skipped: not a frontal chest radiograph", "Errors ("):
+        assert heading in dom, heading
+    assert "heatmap: <b>COVID-19</b>" in dom                           # each map says which class it shows
+    assert "positive (&gt;= 0.250)" in dom or "negative (&lt; 0.250)" in dom
+    assert dom.count("empty file (0 bytes)") == 1
+    shot = tmp_path / "page.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,1600", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), np.float32)
+    assert pixels.shape[:2] == (1600, 1280) and pixels.std() > 20               # drawn, not a blank page
+    assert ((pixels[..., 0] > 150) & (pixels[..., 2] < 100)).sum() > 500        # the heatmaps' colours are there
