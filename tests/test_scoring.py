@@ -542,7 +542,7 @@ def chromium() -> str:
 
 def test_the_review_page_in_a_real_browser(scored, tmp_path):
     """The page as headless Chromium renders it: its sections and labels, and a screenshot that
-    is not blank (docs/review-page.png is one, of the demo)."""
+    is not blank (docs/review-page.jpg is one, of the demo)."""
     out, summary = scored
     page = tmp_path / "report.html"
     assert report.main(ReportConfig(scores=out, out=str(page), top=3)) == 0

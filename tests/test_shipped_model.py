@@ -28,7 +28,21 @@ def test_the_shipped_bundle_verifies_and_carries_its_cross_archive_figures():
     assert "not for diagnosis" in (BUNDLE / "MODEL_CARD.md").read_text()
 
 
-def test_bootstrap_imports_the_shipped_screen_as_champion_once(local_stack, tmp_path):
+def test_bootstrap_imports_the_shipped_screen_as_champion_once_and_it_screens_a_pacs_export(
+        local_stack, ray_local, tmp_path, monkeypatch):
+    """Imported as champion, then the nightly job on real DICOMs made from a sample film with a
+    modality's tags (PA, AP, lateral, CT, a hand), a photo and noise: identifiers in the rows,
+    lateral / CT / hand skipped with reasons, the photo and noise flagged by the screen's quality
+    control, and SRs that read back with the scored images' UIDs."""
+    import pandas as pd
+
+    from cxr.config import ExportSRConfig, ScoreConfig
+    from cxr.dicom_sr import read_back
+    from cxr.scores_table import read_scores
+    from jobs import export_sr, score
+    from tests.inputs import real_gray
+    from tests.test_dicom_routing import write_archive
+
     with own_platform(tmp_path, "shipped") as names:
         assert bootstrap.main(BootstrapConfig()) == 0
         platform = load_platform()
@@ -37,6 +51,25 @@ def test_bootstrap_imports_the_shipped_screen_as_champion_once(local_stack, tmp_
         assert all(versions.values()), versions
         assert bootstrap.main(BootstrapConfig()) == 0                  # champions exist: nothing new
         assert {k: alias_version(platform.tracking_uri, names[k], alias) for k in names} == versions
+
+        monkeypatch.setenv("CXR_PSEUDONYM_KEY", "site-secret")
+        (tmp_path / "archive").mkdir()
+        write_archive(tmp_path / "archive", real_gray())
+        out = str(tmp_path / "scores")
+        assert score.main(ScoreConfig(input=str(tmp_path / "archive"), output=out, batch_size=8,
+                                      classifier=f"models:/{names['classifier']}@{alias}",
+                                      segmenter=f"models:/{names['segmenter']}@{alias}")) == 0
+        rows = read_scores(out).to_pandas().set_index("uri")
+        rows.index = [u.rsplit("/", 1)[1] for u in rows.index]
+        assert (rows.loc[["lateral.dcm", "ct.dcm", "hand.dcm"], "status"] == "skipped").all()
+        assert (rows.loc[["photo.jpg", "noise.png"], "status"] == "flagged").all()
+        assert rows.loc[["photo.jpg", "noise.png"], "screen_positive"].isna().all()
+        assert rows.loc["pa.dcm", "patient_id"].startswith("pseudo-") and rows.loc["ap", "modality"] == "DX"
+        assert export_sr.main(ExportSRConfig(scores=out, out=str(tmp_path / "sr"))) == 0
+    scored_dicoms = rows[rows["sop_instance_uid"].notna() & rows["status"].isin(["ok", "flagged"])]
+    back = [b for p in (tmp_path / "sr").glob("*.dcm") for b in read_back(p)]
+    assert sorted(b["sop_instance_uid"] for b in back) == sorted(scored_dicoms["sop_instance_uid"])
+    assert pd.read_csv(tmp_path / "sr" / "errors.csv").empty
 
 
 def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
