@@ -297,7 +297,8 @@ class ExportSRConfig:
 
     NAME: ClassVar[str] = "export_sr"
     scores: str = option("out/scores", "output of cxr score (folder or s3:// prefix)")
-    job: str | None = option(None, "the scoring job whose rows to export (default: the latest)")
+    job: str | None = option(None, "export this job's rows (default: the latest night, the current row of every input "
+                                   "scored on the latest date, resumed runs included; 'all': every input's current row)")
     out: str = option("out/sr", "folder for the reports (<StudyInstanceUID>.dcm) and worklist.csv")
 
 

@@ -60,23 +60,25 @@ def image_group(source: pydicom.Dataset, covid_probability: float, screen_positi
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
-def study_report(sources: Sequence[pydicom.Dataset], results: Sequence[tuple[float, bool | None]],
-                 algorithm_name: str, algorithm_version: str, instance_number: int = 1) -> hd.sr.Comprehensive3DSR:
+def study_report(sources: Sequence[pydicom.Dataset], results: Sequence[tuple[float, bool | None, str, str]],
+                 instance_number: int = 1) -> hd.sr.Comprehensive3DSR:
     """The SR of one study: ``sources`` (its scored images' headers, one study) and their
-    ``results`` (COVID probability, screen-positive or None without a threshold), in order."""
+    ``results`` (COVID probability, screen-positive or None when not screened, and the name and
+    version of the classifier that scored that image), in order."""
     sources = [as_evidence(s) for s in sources]
     studies = {s.StudyInstanceUID for s in sources}
     if len(studies) != 1:
         raise ValueError(f"one report per study: got {len(studies)} studies")
-    algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
+    versions = sorted({f"{name} v{version}" for _, _, name, version in results})
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="cxr", model_name=algorithm_version))
+            uid=hd.UID(), name="cxr", model_name="; ".join(versions)))
+    groups = [image_group(s, p, positive, hd.sr.AlgorithmIdentification(name=name, version=version))
+              for s, (p, positive, name, version) in zip(sources, results)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=CHEST_XRAY,
-        imaging_measurements=[image_group(s, p, positive, algorithm) for s, (p, positive) in zip(sources, results)])
+        procedure_reported=CHEST_XRAY, imaging_measurements=groups)
     return hd.sr.Comprehensive3DSR(
         evidence=list(sources), content=report[0], series_instance_uid=hd.UID(), series_number=9901,
         sop_instance_uid=hd.UID(), instance_number=instance_number, manufacturer=MANUFACTURER,

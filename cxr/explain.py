@@ -68,15 +68,18 @@ def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int, clas
 def screen_maps(model: nn.Module, inputs: torch.Tensor, cam_size: int, covid: int | None):
     """One forward pass for serving: (probabilities (B, C), pooled features (B, K), the
     predicted class's heatmaps (B, S, S) in [0, 1], their scales (B,), and the same two for
-    ``covid`` (or None)). A heatmap's scale is its largest Grad-CAM value before min-max scaling
-    (in logit units per position), so maps of different images can be drawn on one colour scale."""
+    ``covid`` (or None)). A heatmap is its Grad-CAM divided by its largest value, the scale (in
+    logit units per position): unlike the min-max scaling of ``predict_with_cam`` this keeps 0
+    at 0, so map x scale is the Grad-CAM itself and maps of different images share one scale."""
     logits, features = logits_and_features(model, inputs)
     probs = torch.softmax(logits.float(), dim=1)
     weights = head_weights(model)
 
     def maps(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cams = class_activation_maps(features, weights, classes)
-        return normalise_and_resize(cams, cam_size), cams.flatten(1).amax(dim=1)
+        scale = cams.flatten(1).amax(dim=1)
+        resized = F.interpolate(cams[:, None], size=(cam_size, cam_size), mode="bilinear", align_corners=False)[:, 0]
+        return (resized / (scale.view(-1, 1, 1) + 1e-7)).clamp(0, 1), scale
 
     predicted, predicted_scale = maps(probs.argmax(dim=1))
     covid_maps = maps(torch.full_like(probs[:, 0], covid, dtype=torch.long)) if covid is not None else (None, None)

@@ -3,8 +3,9 @@ can be mailed or archived beside the Parquet it summarises. Rendered with Jinja2
 (``cxr/templates/report.html.j2``, autoescaped).
 
 What it covers: by default the latest night, i.e. the current row of every input scored on the
-latest date, whichever jobs wrote them (a killed run resumed is several jobs); or one job; or
-"all" current rows. Every screen-positive is listed, most probable first; flagged, skipped and
+latest date, whichever jobs wrote them (a killed run resumed is several jobs; one resumed after
+midnight UTC starts a new date, so pass ``--job-id all`` or its jobs to see both halves); or one
+job; or "all" current rows. Every screen-positive is listed, most probable first; flagged, skipped and
 error rows each have their section. Heatmaps are drawn inside the lungs (the stored lung mask),
 cropped to the film's own proportions (its stored size: the letterbox padding is removed), on
 one colour scale for the page (each map's stored scale), with a legend.
@@ -27,7 +28,7 @@ from PIL import Image
 from cxr.data.errors import BadImageError
 from cxr.data.images import load_image
 from cxr.data.storage import StorageConfig
-from cxr.scores_table import SCHEMA, current_rows, read_scores
+from cxr.scores_table import SCHEMA, read_scores, rows_for
 
 SCORED = ("ok", "flagged")        # run through the models (skipped and error rows were not)
 IMAGES = ("heatmap_png", "covid_heatmap_png", "lung_mask_png")     # read only for the rows shown
@@ -39,14 +40,7 @@ def read_job(scores: str, job_id: str | None, top: int, max_flagged: int, storag
     """The page's rows without images (``job_id`` None: the latest night's current rows; "all":
     every input's current row; else that job's rows), then the images of the rows ``shown``:
     the rest of the table's images are never read."""
-    columns = [n for n in SCHEMA.names if n not in IMAGES] + ["scored_date"]
-    if job_id not in (None, "all"):
-        rows = read_scores(scores, storage, columns, filter=pc.field("job_id") == job_id)
-    else:
-        rows = current_rows(read_scores(scores, storage, columns))
-        if job_id is None and rows.num_rows:
-            rows = rows.filter(pc.equal(rows["scored_date"], pc.max(rows["scored_date"])))
-    rows = rows.to_pandas()
+    rows = rows_for(scores, job_id, storage, [n for n in SCHEMA.names if n not in IMAGES]).to_pandas()
     if rows.empty:
         return rows.assign(**{c: None for c in IMAGES})
     wanted = pd.concat(shown(rows, top, max_flagged))

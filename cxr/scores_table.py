@@ -163,6 +163,22 @@ def read_current(output: str, storage: StorageConfig | None = None, columns: lis
     return current_rows(read_scores(output, storage, needed)).select(wanted)
 
 
+def rows_for(output: str, job_id: str | None, storage: StorageConfig | None = None,
+             columns: list[str] | None = None) -> pa.Table:
+    """The rows a review or an export covers: ``job_id`` None, the latest night (the current row
+    of every input scored on the latest date, whichever jobs wrote them: a killed run resumed is
+    several jobs); "all", every input's current row; else that job's rows."""
+    import pyarrow.dataset as ds_
+
+    wanted = list(dict.fromkeys([*(columns or SCHEMA.names), "uri", "scored_at", "job_id", "scored_date"]))
+    if job_id not in (None, "all"):
+        return read_scores(output, storage, wanted, filter=ds_.field("job_id") == job_id)
+    rows = current_rows(read_scores(output, storage, wanted))
+    if job_id is None and rows.num_rows:
+        rows = rows.filter(pc.equal(rows["scored_date"], pc.max(rows["scored_date"])))
+    return rows
+
+
 def latest_job(output: str, storage: StorageConfig | None = None) -> str | None:
     """The job id of the newest row (two columns read)."""
     jobs = read_scores(output, storage, ["job_id", "scored_at"])

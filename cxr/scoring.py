@@ -191,7 +191,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
             sha = hashlib.sha256(data).hexdigest()
             if key(uri, sha) in skip:
                 continue
-            header = read_header(data)
+            header = read_header(data, uri)
             ident, reason = identity(header, pseudonymiser), skip_reason(header)
             if reason is None:
                 gray = decode_image(data, uri, limits)
@@ -293,7 +293,6 @@ class ScoringPredictor:
             "source_size": [int(v) for v in batch["source_size"]],
             "source_mtime_ns": [int(v) for v in batch["source_mtime_ns"]],
             "source_etag": _strings(batch["source_etag"]), "source_version_id": _strings(batch["source_version_id"]),
-            "skip_reason": skipped,
             "image_height": [int(v) if v > 0 else None for v in batch["image_height"]],
             "image_width": [int(v) if v > 0 else None for v in batch["image_width"]],
             **{c: _strings(batch[c]) for c in IDENTITY_COLUMNS},

@@ -135,7 +135,7 @@ class QualityLimits:
 
 
 # The fields of a scores row that a screen produces (cxr.scoring adds lineage and job columns).
-ROW_FIELDS = ("uri", "sha256", "status", "error", "labels", "probabilities", "predicted_label", "covid_probability",
+ROW_FIELDS = ("uri", "sha256", "status", "error", "skip_reason", "labels", "probabilities", "predicted_label", "covid_probability",
               "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "heatmap_label", "heatmap_scale",
               "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png", "lung_fraction", "qc_flags")
 
@@ -238,7 +238,7 @@ class Screen:
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
                   else "flagged" if flags[i] else "ok" for i in range(n)]
         return {
-            "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors),
+            "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors), "skip_reason": skipped,
             "labels": [self.labels if ok[i] else None for i in range(n)],
             "probabilities": [probs[i].tolist() if ok[i] else None for i in range(n)],
             "predicted_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] else None for i in range(n)],
@@ -272,14 +272,16 @@ class Screen:
         columns: dict[str, list] = {f: [] for f in ROW_FIELDS}
         for start in range(0, len(items), batch_size):
             uris, shas, errors, boxed = [], [], [], []
+            skipped = []
             for i, item in enumerate(items[start:start + batch_size], start):
-                uri, data, error, pair = self._decode(item, i, storage or self.storage, limits)
+                uri, data, error, pair, reason = self._decode(item, i, storage or self.storage, limits)
                 uris.append(uri)
                 shas.append(hashlib.sha256(data).hexdigest() if data is not None else None)
                 errors.append(error)
                 boxed.append(pair)
+                skipped.append(reason)
             images, seg_images = _stack(boxed, self.preprocess.sizes)
-            for k, v in self.rows(uris, shas, errors, images, seg_images, heatmap_size).items():
+            for k, v in self.rows(uris, shas, errors, images, seg_images, heatmap_size, skipped).items():
                 columns[k].extend(v)
         frame = pd.DataFrame(columns, columns=list(ROW_FIELDS))
         frame["classifier"] = _ref(self.classifier)
@@ -288,22 +290,30 @@ class Screen:
 
 
     def _decode(self, item, i: int, storage: StorageConfig | None, limits: DecodeLimits) -> tuple:
-        """(uri, bytes or None, error or None, letterboxed pair or None) of one input. Whatever
-        goes wrong with one input is its error, with a reason a person understands."""
+        """(uri, bytes or None, error or None, letterboxed pair or None, skip reason or None) of
+        one input: a DICOM that is not a frontal chest radiograph is routed out by its header
+        (``cxr.data.dicom_header``), as the nightly job does. Whatever goes wrong with one input
+        is its error, with a reason a person understands."""
+        from cxr.data.dicom_header import read_header, skip_reason
+
         if isinstance(item, str):
             uri = item
         elif isinstance(item, bytes):
             uri = f"<bytes #{i}>"
         else:
-            return f"<input #{i}>", None, f"not an image path or bytes: {type(item).__name__} {str(item)[:80]!r}", None
+            return (f"<input #{i}>", None, f"not an image path or bytes: {type(item).__name__} {str(item)[:80]!r}",
+                    None, None)
         data = None
         try:
             data = read_bytes(item, storage, limits.max_bytes) if isinstance(item, str) else item
-            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits))
+            reason = skip_reason(read_header(data, uri))
+            if reason:
+                return uri, data, None, None, reason
+            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits)), None
         except BadImageError as e:
-            return uri, data, e.reason, None
+            return uri, data, e.reason, None, None
         except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug
-            return uri, data, describe(e), None
+            return uri, data, describe(e), None, None
 
 
 def _ref(c: Component) -> str:

@@ -237,6 +237,7 @@ def screen_signature() -> ModelSignature:
 
     outputs = Schema([
         col("string", "uri", True), col("string", "sha256"), col("string", "status", True), col("string", "error"),
+        col("string", "skip_reason"),
         col(Array(DataType.string), "labels"), col(Array(DataType.double), "probabilities"),
         col("string", "predicted_label"), col("double", "covid_probability"), col("double", "covid_threshold"),
         col("boolean", "screen_positive"), col("binary", "heatmap_png"), col("long", "heatmap_size"),

@@ -17,7 +17,7 @@ def main(cfg: ExportSRConfig) -> int:
     except (ValueError, OSError) as e:
         print(f"cxr export-sr: {e}", file=sys.stderr)
         return 1
-    print(f"export-sr: job {s['job']}: {len(s['reports'])} reports for {s['dicom_images']} scored DICOM images, "
+    print(f"export-sr: jobs {', '.join(s['jobs'])}: {len(s['reports'])} reports for {s['dicom_images']} scored DICOM images, "
           f"{len(s['errors'])} studies failed (errors.csv); worklist of {s['worklist']} screen-positives; in {s['out']}")
     return 0
 

@@ -4,7 +4,8 @@ flag on images it never saw, and store it beside the classifier's weights in the
     python -m jobs.fit_qc --bundle models/cxr-screen --training-manifest out/crossval/screen/all-train.parquet \\
         --manifests out/manifests --out docs/results/qc.json
 
-- Fitted on the training split of the classifier's training manifest; thresholds from its
+- Fitted on the training split of the classifier's training manifest (and, for the
+  not-a-chest-X-ray detector, synthetic non-radiographs made in code); thresholds from its
   validation split.
 - **False flags** on chest films it did not train on: every archive's test split of the
   ``screen-4class`` task, and TBX11K (never trained on; a sample).
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
 from cxr.data.storage import read_bytes
-from cxr.qc import FLAGS, fit_quality_model
+from cxr.qc import FLAGS, fit_quality_model, synthetic_non_radiographs
 
 
 def features(screen, grays: list[np.ndarray], batch: int = 64) -> np.ndarray:
@@ -114,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit_qc: features of {len(fit_rows)} training and {len(val_rows)} validation films", flush=True)
     train_f, val_f = features(screen, manifest_grays(fit_rows, storage)), features(screen, manifest_grays(val_rows, storage))
     child = (fit_rows["age_group"] == "pediatric").to_numpy()
-    known = (fit_rows["age_group"] != "unknown").to_numpy()
-    qc = fit_quality_model(train_f[known], val_f, child[known])
+    known = fit_rows["age_group"].isin(["pediatric", "adult"]).to_numpy()
+    synthetic = synthetic_non_radiographs(screen.preprocess.size)
+    others_f = features(screen, list(synthetic[:, 0]))
+    qc = fit_quality_model(train_f, val_f, child, known, others_f)
 
     task = pd.read_parquet(Path(args.manifests) / "tasks" / "screen-4class.parquet")
     test = task[task["split"] == "test"]
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     all_others = [f for kind, grays in not_chest_xrays().items() for f in qc.flags(features(screen, grays))]
     figures = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "bundle": str(bundle),
-        "fitted_on": {"manifest": args.training_manifest, "train": int(known.sum()), "val": len(val_rows),
+        "fitted_on": {"manifest": args.training_manifest, "train": len(fit_rows), "ages_known": int(known.sum()),
+                      "val": len(val_rows),
                       "pca_components": int(qc.components.shape[1])},
         "thresholds": {"out_of_distribution": qc.ood_threshold, "not_a_chest_xray": qc.not_cxr_threshold},
         "chest_films_not_trained_on": {"all": rates(chest_flags), "by_archive": per_archive},

@@ -73,7 +73,7 @@ def dicom_bytes(photometric: str = "MONOCHROME2", transfer_syntax=ExplicitVRLitt
 
 
 SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
-               "CT": "1.2.840.10008.5.1.4.1.1.2"}
+               "CT": "1.2.840.10008.5.1.4.1.1.2", "RG": "1.2.840.10008.5.1.4.1.1.1"}
 
 
 def tagged_dicom(gray: np.ndarray, modality: str = "CR", view: str | None = "PA", body_part: str | None = "CHEST",

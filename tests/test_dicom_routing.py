@@ -19,6 +19,13 @@ def header(**tags):
     return read_header(tagged_dicom(real_gray(), **tags))
 
 
+def test_a_dicom_without_its_preamble_is_read_as_the_decoder_reads_it():
+    data = tagged_dicom(real_gray(), "CT", None)[128 + 4:]          # no preamble, no DICM
+    assert read_header(data, "x.jpg") is None
+    ds = read_header(data, "slice.dcm")
+    assert ds is not None and skip_reason(ds).startswith("not a radiograph: Modality CT")
+
+
 def test_identity_columns_come_from_the_header():
     ds = header(modality="DX", view="AP", patient_id="PAT-7", accession="ACC-9", study_uid="1.2.3.4")
     row = identity(ds, Pseudonymiser(keep=True))
@@ -52,6 +59,11 @@ def test_patient_identifiers_are_pseudonymised_under_the_key_and_never_stored_wi
     (dict(modality="CR", view="LL"), "lateral view (ViewPosition LL)"),
     (dict(modality="CT", view=None), "not a radiograph: Modality CT"),
     (dict(modality="DX", view="PA", body_part="HAND"), "not a chest film: BodyPartExamined HAND"),
+    (dict(modality="DX", view="AP", body_part="PORTABLE CHEST"), None),   # free text: any chest word keeps it
+    (dict(modality="RG", view="PA", body_part="CHEST PA"), None),
+    (dict(modality="CR", view="PA\\LL"), "lateral view"),                  # multi-valued
+    (dict(modality="CR", view="LATERAL LEFT"), "lateral view"),
+    (dict(modality="CR", view="LAO"), "oblique view"),
 ])
 def test_only_frontal_chest_radiographs_are_screened(tags, reason):
     got = skip_reason(header(**tags))

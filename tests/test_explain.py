@@ -45,3 +45,23 @@ def test_cam_of_predicted_class_by_default_and_png_roundtrip():
 
     from PIL import Image
     assert np.array_equal(np.array(Image.open(BytesIO(heatmap_png(heat[0])))), heat[0])
+
+
+def test_stored_maps_times_their_scale_are_the_grad_cam_so_films_share_one_scale():
+    """``screen_maps`` (what scoring stores): a map is its Grad-CAM over its largest value, 0
+    kept at 0, so map x scale gives back the Grad-CAM, for the predicted class and for COVID."""
+    import torch.nn.functional as F
+
+    from cxr.explain import class_activation_maps, screen_maps
+    from cxr.models.classifier import head_weights, logits_and_features
+
+    torch.manual_seed(0)
+    model = build_model("resnet18-tiny", num_classes=4).eval()
+    x = torch.randn(3, 3, 64, 64)
+    probs, features, maps, scale, covid_maps, covid_scale = screen_maps(model, x, 16, covid=0)
+    logits, layer4 = logits_and_features(model, x)
+    for classes, got, s in ((probs.argmax(1), maps, scale), (torch.zeros(3, dtype=torch.long), covid_maps, covid_scale)):
+        cams = class_activation_maps(layer4, head_weights(model), classes)
+        expected = F.interpolate(cams[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+        assert torch.allclose(got * s.view(-1, 1, 1), expected, atol=1e-5)
+    assert features.shape == (3, layer4.shape[1]) and torch.allclose(probs, torch.softmax(logits, 1))

@@ -24,7 +24,7 @@ from cxr.workflows.score import list_inputs
 from jobs import report, score
 from tests.conftest import platform_file
 from tests.flaky_proxy import FlakyProxy
-from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_gray, real_jpeg_bytes
+from tests.inputs import BAD_INPUTS, COMPRESSED_NAMES, dicom_bytes, real_gray, real_jpeg_bytes, tagged_dicom
 
 BUCKET = "cxr-score"
 
@@ -530,6 +530,13 @@ def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_loca
     assert len(worklist) == int(rows["screen_positive"].fillna(False).astype(bool).sum())
     assert list(worklist["covid_probability"]) == sorted(worklist["covid_probability"], reverse=True)
     assert pd.read_csv(sr_out / "errors.csv").empty
+    # A file replaced after scoring (another image, other UIDs) is refused, never reported as scored.
+    (tmp_path / "archive" / "pa.dcm").write_bytes(tagged_dicom(real_gray()[::-1], "CR", "PA", patient_id="P1"))
+    assert export_sr.main(ExportSRConfig(scores=out, out=str(tmp_path / "sr2"))) == 0
+    refused = pd.read_csv(tmp_path / "sr2" / "errors.csv")
+    assert list(refused["study_instance_uid"]) == [rows.loc["pa.dcm", "study_instance_uid"]]
+    assert "changed since it was scored" in refused["error"][0]
+    assert not (tmp_path / "sr2" / f"{rows.loc['pa.dcm', 'study_instance_uid']}.dcm").exists()
 
 
 def chromium() -> str:

@@ -6,10 +6,10 @@
 - **Pseudonyms**: the patient identifiers (``PATIENT_IDENTIFIERS``) are replaced by a keyed
   hash by default: HMAC-SHA256 under a key from ``$CXR_PSEUDONYM_KEY``, never from a file in
   the repo. The same patient gets the same pseudonym every night under the same key, and only
-  the key's holder can link a pseudonym to a patient (by hashing their own list). Without a key
-  the identifiers are left out (null) rather than stored; ``keep_identifiers`` stores them as
-  they are (an opt-out for a site whose output store is itself inside the hospital's PHI
-  boundary).
+  the key's holder can turn a pseudonym back into a patient id (by hashing their own list).
+  Without a key the identifiers are left out (null) rather than stored; ``keep_identifiers``
+  stores them as they are. This is pseudonymisation, not anonymisation: the UIDs (which lead
+  back to the patient in the PACS), dates, age and sex are stored as they are.
 - **Routing** (``skip_reason``): the model is for frontal chest radiographs, so a DICOM whose
   Modality is not a radiograph (CR, DX), whose BodyPartExamined names another body part, or
   whose ViewPosition is lateral is skipped, with the reason. An absent tag never skips: many
@@ -22,11 +22,13 @@ import hashlib
 import hmac
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
 import pydicom
 import pydicom.errors
+import pydicom.multival
 
 # scores-row column -> DICOM keyword
 IDENTITY_COLUMNS = {
@@ -39,9 +41,19 @@ IDENTITY_COLUMNS = {
 PATIENT_IDENTIFIERS = ("patient_id", "accession_number")
 KEY_ENV = "CXR_PSEUDONYM_KEY"
 
-RADIOGRAPH_MODALITIES = {"CR", "DX"}        # computed and digital radiography
-CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX_CHEST", "PECHO", "POITRINE", "BRUST"}
-LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE LATERAL"}
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG"}  # computed, digital and (digitised) conventional radiography
+# Body-part and view values are free text in practice ("CHEST PA", "PORTABLE CHEST", "Thorax_Lungs",
+# multi-valued): they are read as words, and any chest word keeps the film.
+CHEST_WORDS = {"CHEST", "THORAX", "THORAC", "THORAX_CHEST", "LUNG", "LUNGS", "TORAX", "TORACE", "PECHO", "POITRINE",
+               "BRUST", "THX", "CXR"}
+LATERAL_WORDS = {"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT", "LLD", "RLD", "XTABLE", "DECUBITUS"}
+OBLIQUE_WORDS = {"RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"}
+
+
+def _words(value: str) -> set[str]:
+    """Upper-case words of a tag's text: split on anything but letters and digits (the backslash
+    of a multi-valued tag too)."""
+    return {w for w in re.split(r"[^A-Z0-9]+", value.upper()) if w}
 
 
 @dataclass(frozen=True)
@@ -74,26 +86,35 @@ class Pseudonymiser:
         return "pseudo-" + hmac.new(self.key, value.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def read_header(data: bytes) -> pydicom.Dataset | None:
-    """The header of DICOM ``data`` (without pixel data), or None when the bytes are not a
-    DICOM file with the standard preamble or cannot be parsed (the decoder then says why)."""
-    if len(data) < 132 or data[128:132] != b"DICM":
+def read_header(data: bytes, uri: str = "") -> pydicom.Dataset | None:
+    """The header of DICOM ``data`` (without pixel data), or None when the bytes are not DICOM
+    or cannot be parsed (the decoder then says why). What counts as DICOM is the decoder's rule
+    (``cxr.data.decode``): the standard preamble, or a DICOM file extension without it."""
+    from cxr.data.decode import _DICOM_EXTENSIONS, sniff_format
+
+    fmt = sniff_format(data)
+    if fmt != "dicom" and not (fmt is None and uri.lower().endswith(_DICOM_EXTENSIONS)):
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=fmt != "dicom")
+        return ds if len(ds) else None
+    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """A tag's value as text (a multi-valued tag's values joined by a backslash, as DICOM
+    writes them), or None where it is absent or empty."""
     try:
         value = ds.get(keyword, None)
     except Exception:  # noqa: BLE001 - a malformed element must not lose the row
         return None
     if value is None:
         return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = "\\".join(str(v) for v in value)
     text = str(value).strip()
     return text or None
 
@@ -115,10 +136,12 @@ def skip_reason(ds: pydicom.Dataset | None) -> str | None:
     modality = (_text(ds, "Modality") or "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         return f"not a radiograph: Modality {modality} (screened: {', '.join(sorted(RADIOGRAPH_MODALITIES))})"
-    body_part = (_text(ds, "BodyPartExamined") or "").upper()
-    if body_part and body_part not in CHEST_BODY_PARTS:
+    body_part = _text(ds, "BodyPartExamined") or ""
+    if body_part and not _words(body_part) & CHEST_WORDS:
         return f"not a chest film: BodyPartExamined {body_part}"
-    view = (_text(ds, "ViewPosition") or "").upper()
-    if view in LATERAL_VIEWS:
+    view = _text(ds, "ViewPosition") or ""
+    if _words(view) & LATERAL_WORDS:
         return f"lateral view (ViewPosition {view}): the model reads frontal films only"
+    if _words(view) & OBLIQUE_WORDS:
+        return f"oblique view (ViewPosition {view}): the model reads frontal films only"
     return None

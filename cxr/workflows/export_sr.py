@@ -1,21 +1,22 @@
-"""``cxr export-sr``: one scoring job's results for the PACS and for people: a DICOM SR per
-scored DICOM study (``cxr.dicom_sr``) and a CSV worklist of its screen-positives.
+"""``cxr export-sr``: a night's results (or one job's) for the PACS and for people: a DICOM SR
+per scored DICOM study (``cxr.dicom_sr``) and a CSV worklist of its screen-positives.
 
-A study whose source headers cannot be read again, or whose report cannot be built, is listed
-in ``errors.csv`` with the reason; the other studies are still written."""
+Each source file is read again for its header and must be the file that was scored (same
+bytes, same UIDs). A study that fails that, or whose report cannot be built, is listed in
+``errors.csv`` with the reason; the other studies are still written."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.compute as pc
 
 from cxr.data.dicom_header import IDENTITY_COLUMNS, read_header
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.dicom_sr import read_back, study_report
-from cxr.scores_table import latest_job, read_scores
+from cxr.scores_table import rows_for
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,25 @@ WORKLIST_COLUMNS = ["study_instance_uid", "accession_number", "patient_id", "stu
 READ_LIMIT = 256 * 2**20      # bytes read again for a header (the header is at the front; the read is bounded)
 
 
-def job_rows(scores: str, job: str | None, storage: StorageConfig | None) -> tuple[str | None, pd.DataFrame]:
-    job = job or latest_job(scores, storage)
-    if job is None:
-        return None, pd.DataFrame()
-    columns = ["uri", "status", "predicted_label", "covid_probability", "covid_threshold", "screen_positive",
-               "qc_flags", "classifier_name", "classifier_version", "job_id", *IDENTITY_COLUMNS]
-    return job, read_scores(scores, storage, columns, filter=pc.field("job_id") == job).to_pandas()
+def job_rows(scores: str, job: str | None, storage: StorageConfig | None) -> pd.DataFrame:
+    """The rows the export covers (``cxr.scores_table.rows_for``: by default the latest night)."""
+    columns = ["uri", "sha256", "status", "predicted_label", "covid_probability", "covid_threshold", "screen_positive",
+               "qc_flags", "classifier_name", "classifier_version", "job_id", "scored_at", *IDENTITY_COLUMNS]
+    return rows_for(scores, job, storage, columns).to_pandas()
+
+
+def source_header(uri: str, sha256: str, study: str, sop: str, storage: StorageConfig | None):
+    """The header of the file a row scored, read again: refused (ValueError) where the file has
+    changed since (other bytes, or other UIDs), so a result never files under another image."""
+    data = read_bytes(uri, storage, READ_LIMIT)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{uri} has changed since it was scored (its bytes differ); score it again")
+    header = read_header(data, uri)
+    if header is None:
+        raise ValueError(f"{uri} is no longer a readable DICOM")
+    if (str(header.get("StudyInstanceUID", "")), str(header.get("SOPInstanceUID", ""))) != (study, sop):
+        raise ValueError(f"{uri}'s UIDs differ from its scored row's")
+    return header
 
 
 def worklist(rows: pd.DataFrame) -> pd.DataFrame:
@@ -44,37 +57,35 @@ def worklist(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def export_sr(scores: str, job: str | None, out: str, storage: StorageConfig | None = None) -> dict:
-    """Write the job's reports and worklist under ``out``; returns the counts and the errors."""
-    job, rows = job_rows(scores, job, storage)
+    """Write the reports and the worklist of ``job``'s rows (default: the latest night) under
+    ``out``; returns the counts and the errors."""
+    rows = job_rows(scores, job, storage)
+    if rows.empty:
+        raise ValueError(f"no scored rows in {scores}" + (f" for job {job}" if job else ""))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    if job is None:
-        raise ValueError(f"no scored rows in {scores}")
     worklist(rows).to_csv(folder / "worklist.csv", index=False)
     dicom = rows[rows["status"].isin(SCORED) & rows["study_instance_uid"].notna() & rows["sop_instance_uid"].notna()]
+    # One measurement per image: two copies of a file are one SOP instance (the newest row counts).
+    dicom = dicom.sort_values("scored_at").drop_duplicates("sop_instance_uid", keep="last")
     written, errors = [], []
     for study, group in dicom.groupby("study_instance_uid", sort=True):
         try:
             group = group.sort_values("sop_instance_uid")
-            headers = []
-            for uri in group["uri"]:
-                header = read_header(read_bytes(uri, storage, READ_LIMIT))
-                if header is None:
-                    raise ValueError(f"{uri} is no longer a readable DICOM")
-                headers.append(header)
-            results = [(float(p), None if pd.isna(s) else bool(s))
-                       for p, s in zip(group["covid_probability"], group["screen_positive"])]
-            name, version = group["classifier_name"].iloc[0], group["classifier_version"].iloc[0]
-            report = study_report(headers, results, str(name), str(version))
+            headers = [source_header(r.uri, r.sha256, study, r.sop_instance_uid, storage) for r in group.itertuples()]
+            results = [(float(r.covid_probability), None if pd.isna(r.screen_positive) else bool(r.screen_positive),
+                        str(r.classifier_name), str(r.classifier_version)) for r in group.itertuples()]
+            report = study_report(headers, results)
             path = folder / f"{study}.dcm"
             report.save_as(path)
             back = read_back(path)          # what a PACS reads: the same images, in order
-            if [b["sop_instance_uid"] for b in back] != [h.SOPInstanceUID for h in headers]:
+            if [b["sop_instance_uid"] for b in back] != list(group["sop_instance_uid"]):
                 raise ValueError("the written report does not reference the scored images")
             written.append(str(path))
         except Exception as e:  # noqa: BLE001 - one study never stops the export
             errors.append({"study_instance_uid": study, "images": len(group),
                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
     pd.DataFrame(errors, columns=["study_instance_uid", "images", "error"]).to_csv(folder / "errors.csv", index=False)
-    return {"job": job, "rows": len(rows), "dicom_images": len(dicom), "reports": written, "errors": errors,
-            "worklist": int(rows["screen_positive"].fillna(False).astype(bool).sum()), "out": str(folder.resolve())}
+    return {"jobs": sorted(rows["job_id"].unique()), "rows": len(rows), "dicom_images": len(dicom),
+            "reports": written, "errors": errors, "out": str(folder.resolve()),
+            "worklist": int(rows["screen_positive"].fillna(False).astype(bool).sum())}
