@@ -135,8 +135,8 @@ class QualityLimits:
 
 
 # The fields of a scores row that a screen produces (cxr.scoring adds lineage and job columns).
-ROW_FIELDS = ("uri", "sha256", "status", "error", "skip_reason", "labels", "probabilities", "predicted_label", "covid_probability",
-              "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "heatmap_label", "heatmap_scale",
+ROW_FIELDS = ("uri", "sha256", "status", "error", "skip_reason", "labels", "probabilities", "predicted_label",
+              "covid_probability", "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "heatmap_label", "heatmap_scale",
               "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png", "lung_fraction", "qc_flags")
 
 
