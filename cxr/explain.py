@@ -49,10 +49,9 @@ def normalise_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int, classes: torch.Tensor | None = None,
-                     with_features: bool = False):
-    """(probabilities (B, C) float32, heatmaps (B, cam_size, cam_size) float32 in [0, 1]), and
-    with ``with_features`` the pooled layer4 features (B, K) float32 the head reads (``cxr.qc``).
+def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int,
+                     classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (B, C) float32, heatmaps (B, cam_size, cam_size) float32 in [0, 1]).
 
     The heatmap is for ``classes`` if given, else for each image's predicted class.
     """
@@ -60,8 +59,7 @@ def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int, clas
     probs = torch.softmax(logits.float(), dim=1)
     target = probs.argmax(dim=1) if classes is None else classes.to(probs.device)
     cams = class_activation_maps(features, head_weights(model), target)
-    out = (probs, normalise_and_resize(cams, cam_size))
-    return (*out, features.float().mean(dim=(2, 3))) if with_features else out
+    return probs, normalise_and_resize(cams, cam_size)
 
 
 @torch.no_grad()

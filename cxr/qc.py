@@ -102,7 +102,8 @@ class QualityModel:
             tensors["not_cxr_coef"] = self.not_cxr_coef
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(Path(folder) / QC_WEIGHTS))
         (Path(folder) / QC_INFO).write_text(json.dumps({
-            "noise_variance": self.noise_variance, "ood_threshold": self.ood_threshold, "not_cxr_threshold": self.not_cxr_threshold,
+            "noise_variance": self.noise_variance, "ood_threshold": self.ood_threshold,
+            "not_cxr_threshold": self.not_cxr_threshold,
             "pediatric_intercept": self.pediatric_intercept, "not_cxr_intercept": self.not_cxr_intercept,
             "not_cxr_probability_threshold": self.not_cxr_probability_threshold, "info": self.info}, indent=2))
 
@@ -116,7 +117,8 @@ class QualityModel:
             return None
         t = {k: v.astype(np.float64) for k, v in load_file(str(folder / QC_WEIGHTS)).items()}
         meta = json.loads((folder / QC_INFO).read_text())
-        return cls(t["mean"], t["components"], t["variance"], float(meta["noise_variance"]), float(meta["ood_threshold"]),
+        return cls(t["mean"], t["components"], t["variance"], float(meta["noise_variance"]),
+                   float(meta["ood_threshold"]),
                    float(meta["not_cxr_threshold"]), t.get("pediatric_coef"), float(meta["pediatric_intercept"]),
                    t.get("not_cxr_coef"), float(meta.get("not_cxr_intercept", 0.0)),
                    float(meta.get("not_cxr_probability_threshold", 1.0)), meta.get("info", {}))
@@ -217,7 +219,7 @@ def classifier_features(model, images: np.ndarray, batch: int = 64) -> np.ndarra
     ``Preprocess.prepare`` makes them), on the model's device."""
     import torch
 
-    from cxr.explain import predict_with_cam
+    from cxr.models.classifier import logits_and_features
     from cxr.preprocess import classifier_input
 
     device = next(model.parameters()).device
@@ -225,7 +227,7 @@ def classifier_features(model, images: np.ndarray, batch: int = 64) -> np.ndarra
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = classifier_input(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).to(device))
-            out.append(predict_with_cam(model, x, 7, with_features=True)[2].cpu().numpy())
+            out.append(logits_and_features(model, x)[1].float().mean(dim=(2, 3)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

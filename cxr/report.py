@@ -28,9 +28,8 @@ from PIL import Image
 from cxr.data.errors import BadImageError
 from cxr.data.images import load_image
 from cxr.data.storage import StorageConfig
-from cxr.scores_table import SCHEMA, read_scores, rows_for
+from cxr.scores_table import SCHEMA, SCORED_STATUSES, read_scores, rows_for
 
-SCORED = ("ok", "flagged")        # run through the models (skipped and error rows were not)
 IMAGES = ("heatmap_png", "covid_heatmap_png", "lung_mask_png")     # read only for the rows shown
 TEMPLATES = Path(__file__).parent / "templates"
 COLOURS = matplotlib.colormaps["inferno"]
@@ -54,7 +53,7 @@ def read_job(scores: str, job_id: str | None, top: int, max_flagged: int, storag
 def shown(rows: pd.DataFrame, top: int, max_flagged: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(screen-positives, most probable first; the highest COVID probabilities among the other
     screened films; the flagged films): ``top``, ``top`` and ``max_flagged`` of them get images."""
-    scored = rows[rows["status"].isin(SCORED)].sort_values("covid_probability", ascending=False)
+    scored = rows[rows["status"].isin(SCORED_STATUSES)].sort_values("covid_probability", ascending=False)
     positive = scored["screen_positive"].fillna(False).astype(bool)
     return (scored[positive], scored[~positive & (scored["status"] == "ok")].head(top),
             scored[scored["status"] == "flagged"])
@@ -139,7 +138,7 @@ def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int
            storage: StorageConfig | None = None, scope: str = "") -> str:
     """The whole page for ``rows`` (as ``read_job`` gives them)."""
     positives, highest, flagged = shown(rows, top, max_flagged)
-    scored = rows[rows["status"].isin(SCORED)]
+    scored = rows[rows["status"].isin(SCORED_STATUSES)]
     drawn = pd.concat([positives.head(top), highest, flagged.head(max_flagged)])
     scales = pd.concat([drawn["covid_heatmap_scale"], flagged.head(max_flagged)["heatmap_scale"]]).dropna()
     page_scale = float(scales.max()) if len(scales) else 1.0

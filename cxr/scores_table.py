@@ -66,6 +66,7 @@ SCHEMA = pa.schema([
     *((column, pa.string()) for column in IDENTITY_COLUMNS),
 ])
 PARTITION = pa.schema([("scored_date", pa.string())])
+SCORED_STATUSES = ("ok", "flagged")      # run through the models (skipped and error rows were not)
 TMP_DIR = "_tmp"
 COMPACTION_DIR = "_compactions"
 

@@ -34,16 +34,13 @@ from PIL import Image, ImageDraw
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
 from cxr.data.storage import read_bytes
-from cxr.qc import FLAGS, fit_quality_model, synthetic_non_radiographs
+from cxr.qc import FLAGS, classifier_features, fit_quality_model, synthetic_non_radiographs
 
 
-def features(screen, grays: list[np.ndarray], batch: int = 64) -> np.ndarray:
-    """The classifier's pooled features of 8-bit grayscale images, as the screen sees them."""
-    out = []
-    for start in range(0, len(grays), batch):
-        boxed = [screen.preprocess.letterbox(g)[0] for g in grays[start:start + batch]]
-        out.append(screen.infer(np.stack(boxed), None, heatmap_size=None)["features"])
-    return np.concatenate(out) if out else np.zeros((0, 0))
+def features(screen, grays: list[np.ndarray]) -> np.ndarray:
+    """The classifier's pooled features of 8-bit grayscale images, letterboxed as the screen does."""
+    boxed = np.stack([screen.preprocess.letterbox(g)[0] for g in grays])[:, None]
+    return classifier_features(screen.classifier.model, boxed)
 
 
 def manifest_grays(rows: pd.DataFrame, storage) -> list[np.ndarray]:
@@ -113,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = pd.read_parquet(args.training_manifest)
     fit_rows, val_rows = train_rows[train_rows["split"] == "train"], train_rows[train_rows["split"] == "val"]
     print(f"fit_qc: features of {len(fit_rows)} training and {len(val_rows)} validation films", flush=True)
-    train_f, val_f = features(screen, manifest_grays(fit_rows, storage)), features(screen, manifest_grays(val_rows, storage))
+    train_f = features(screen, manifest_grays(fit_rows, storage))
+    val_f = features(screen, manifest_grays(val_rows, storage))
     child = (fit_rows["age_group"] == "pediatric").to_numpy()
     known = fit_rows["age_group"].isin(["pediatric", "adult"]).to_numpy()
     synthetic = synthetic_non_radiographs(screen.preprocess.size)

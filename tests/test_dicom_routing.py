@@ -1,18 +1,16 @@
 """A DICOM's identity in its row, patient identifiers pseudonymised, and routing: only frontal
 chest radiographs reach the models (``cxr.data.dicom_header``, the decode stage)."""
 
-import io
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.scoring import decode_batch
-from tests.inputs import real_gray, real_jpeg_bytes, tagged_dicom
+from tests.inputs import png_bytes, real_gray, real_jpeg_bytes, tagged_dicom
 
 
 def header(**tags):
@@ -70,12 +68,6 @@ def test_only_frontal_chest_radiographs_are_screened(tags, reason):
     assert got == reason if reason is None else got.startswith(reason)
 
 
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_archive(folder, gray):
     """Real DICOMs made from a sample film (PA, AP, lateral, CT, a hand), a photo and noise."""
     study = "1.2.826.0.1.3680043.8.498.777"                                  # the PA and the lateral of one study
@@ -85,7 +77,7 @@ def write_archive(folder, gray):
              "ct.dcm": tagged_dicom(gray, "CT", None, patient_id="P3"),
              "hand.dcm": tagged_dicom(gray, "DX", "PA", body_part="HAND", patient_id="P4"),
              "photo.jpg": (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes(),
-             "noise.png": png(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))}
+             "noise.png": png_bytes(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return sorted(str(folder / name) for name in files)

@@ -88,10 +88,10 @@ def test_the_shipped_screen_flags_a_photo_and_noise_and_keeps_adult_films(sample
     import numpy as np
 
     from cxr.screen import Screen
-    from tests.test_dicom_routing import png
+    from tests.inputs import png_bytes
 
     photo = (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
-    noise = png(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
+    noise = png_bytes(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
     adults = sorted((sample_root / "lungseg" / "images").glob("*.*"))[:8]
     screen = Screen.from_folder(BUNDLE, "cpu")
     assert screen.qc is not None

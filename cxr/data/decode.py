@@ -50,15 +50,23 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def looks_like_dicom(data: bytes, uri: str) -> tuple[bool, bool]:
+    """(whether ``data`` is read as DICOM, whether it has the standard preamble): the preamble,
+    or no other known format and a DICOM file extension."""
+    fmt = sniff_format(data)
+    return fmt == "dicom" or (fmt is None and uri.lower().endswith(_DICOM_EXTENSIONS)), fmt == "dicom"
+
+
 def decode_image(data: bytes, uri: str, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Decode ``data`` (the bytes of ``uri``) to a (H, W) uint8 grayscale array."""
     if len(data) == 0:
         raise BadImageError(uri, "empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise BadImageError(uri, f"file too large: {len(data):,} bytes > limit {limits.max_bytes:,}")
+    dicom, has_preamble = looks_like_dicom(data, uri)
+    if dicom:
+        return _decode_dicom(data, uri, limits, has_preamble=has_preamble)
     fmt = sniff_format(data)
-    if fmt == "dicom" or (fmt is None and uri.lower().endswith(_DICOM_EXTENSIONS)):
-        return _decode_dicom(data, uri, limits, has_preamble=fmt == "dicom")
     if fmt is None:
         raise BadImageError(uri, f"not an image: content is not {', '.join(PIL_FORMATS)} or DICOM")
     return _decode_pil(data, uri, limits, fmt)

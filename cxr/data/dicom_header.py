@@ -90,15 +90,15 @@ def read_header(data: bytes, uri: str = "") -> pydicom.Dataset | None:
     """The header of DICOM ``data`` (without pixel data), or None when the bytes are not DICOM
     or cannot be parsed (the decoder then says why). What counts as DICOM is the decoder's rule
     (``cxr.data.decode``): the standard preamble, or a DICOM file extension without it."""
-    from cxr.data.decode import _DICOM_EXTENSIONS, sniff_format
+    from cxr.data.decode import looks_like_dicom
 
-    fmt = sniff_format(data)
-    if fmt != "dicom" and not (fmt is None and uri.lower().endswith(_DICOM_EXTENSIONS)):
+    dicom, has_preamble = looks_like_dicom(data, uri)
+    if not dicom:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=fmt != "dicom")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not has_preamble)
         return ds if len(ds) else None
     except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -16,11 +16,10 @@ import pandas as pd
 from cxr.data.dicom_header import IDENTITY_COLUMNS, read_header
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.dicom_sr import read_back, study_report
-from cxr.scores_table import rows_for
+from cxr.scores_table import SCORED_STATUSES, rows_for
 
 log = logging.getLogger(__name__)
 
-SCORED = ("ok", "flagged")
 WORKLIST_COLUMNS = ["study_instance_uid", "accession_number", "patient_id", "study_date", "series_instance_uid",
                     "sop_instance_uid", "uri", "covid_probability", "covid_threshold", "predicted_label", "status",
                     "qc_flags", "classifier_name", "classifier_version", "job_id"]
@@ -65,7 +64,7 @@ def export_sr(scores: str, job: str | None, out: str, storage: StorageConfig | N
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     worklist(rows).to_csv(folder / "worklist.csv", index=False)
-    dicom = rows[rows["status"].isin(SCORED) & rows["study_instance_uid"].notna() & rows["sop_instance_uid"].notna()]
+    dicom = rows[rows["status"].isin(SCORED_STATUSES) & rows["study_instance_uid"].notna() & rows["sop_instance_uid"].notna()]
     # One measurement per image: two copies of a file are one SOP instance (the newest row counts).
     dicom = dicom.sort_values("scored_at").drop_duplicates("sop_instance_uid", keep="last")
     written, errors = [], []
