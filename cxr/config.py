@@ -163,6 +163,10 @@ class FinetuneConfig(ClassifierTrainConfig):
                                           "archive weighs the same (manifests with an archive column)")
     photometric: bool = option(True, "also random gamma, blur or sharpening, and noise, against archive style "
                                      "(with augment)")
+    qc_views: str | None = option("out/manifests/views.parquet",
+                                  "lateral films and CT slices (cxr prepare-data's views.parquet: its train and val "
+                                  "rows) that the registered quality control learns its lateral and ct_slice flags "
+                                  "from; none, or a missing file, leaves those flags out")
 
 
 @dataclass(frozen=True)
@@ -457,7 +461,10 @@ class CrossvalConfig:
     folds: tuple[str, ...] = option((), "only these held-out archives (default: every archive the recipe trains on, "
                                         "then the fold holding none out)")
     min_archive_images: int = option(20, "hold out only archives with at least this many train/val images")
-    min_specificity: float = option(0.85, "each validation archive's specificity at the chosen threshold")
+    min_specificity: float = option(0.85, "each validation archive's specificity at each fold's own threshold "
+                                          "(the worst-archive rule the per-fold tables report)")
+    transfer_specificity: float = option(0.90, "specificity on the folds' out-of-archive adult films without "
+                                               "COVID-19 at the registered model's threshold (cxr.crossval)")
     seed: int = option(0, "random seed of every fold")
     n_boot: int = option(1000, "bootstrap resamples for the intervals")
     register: bool = option(False, "register each recipe's fold that holds nothing out as a cxr-classifier version, "

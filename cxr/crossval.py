@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from cxr.metrics import ABOVE_ONE, auroc_interval, float32_above, screening_metrics
+from cxr.metrics import ABOVE_ONE, auroc_interval, float32_above, mean_interval, screening_metrics
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
 
@@ -182,6 +182,12 @@ def specificity_threshold(negatives: np.ndarray, specificity: float, conformal: 
     if not len(scores):
         return 0.5
     k = min(max(math.ceil(((len(scores) + 1) if conformal else len(scores)) * specificity - 1e-9), 1), len(scores))
+    return _threshold_above(scores, k)
+
+
+def _threshold_above(scores: np.ndarray, k: int) -> float:
+    """A float32 threshold with the ``k`` smallest of the sorted ``scores`` below it (see
+    ``specificity_threshold``)."""
     low = float(np.float32(scores[k - 1]))
     above = float32_above(low)
     if k < len(scores):
@@ -223,6 +229,129 @@ def local_negatives_curve(negatives: np.ndarray, sizes, specificity: float = 0.9
                     "specificity_p05": float(np.percentile(specs, 5)),
                     "sensitivity_mean": float(np.mean(sens)) if sens else float("nan")})
     return out
+
+
+# --- the operating point that transfers: chosen on out-of-archive predictions ------------------
+
+# The card's threshold is chosen from predictions each made by the fold that never trained on
+# the image's archive (what a new hospital's films are to the shipped model). Rules compared:
+# "pooled adult negatives": specificity TRANSFER_SPECIFICITY on every adult film without COVID
+# of every held-out archive, pooled; "archive-balanced pool": the same with every archive
+# weighing the same; "worst archive": every held-out archive with at least
+# MIN_ARCHIVE_NEGATIVES such films keeps it (what a 35-film archive can decide alone).
+TRANSFER_RULES = ("pooled adult negatives", "archive-balanced pool", "worst archive")
+TRANSFER_SPECIFICITY = 0.90
+
+
+def out_of_archive(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One prediction per image, from the fold that never trained on its archive."""
+    return predictions[predictions["held_out"]].drop_duplicates("uri").reset_index(drop=True)
+
+
+def adult_negatives(rows: pd.DataFrame) -> np.ndarray:
+    """Adult films without COVID-19 (age group known to be adult): the films a threshold must
+    keep negative at a new hospital."""
+    return (~rows["is_covid"].to_numpy(bool)) & (rows["age_group"] == "adult").to_numpy()
+
+
+def transfer_threshold(rule: str, scores: np.ndarray, archives: np.ndarray,
+                       specificity: float = TRANSFER_SPECIFICITY) -> float:
+    """``rule``'s threshold (one of ``TRANSFER_RULES``) from negatives' ``scores`` and their
+    ``archives``."""
+    scores, archives = np.asarray(scores, float), np.asarray(archives)
+    if rule == "pooled adult negatives":
+        return specificity_threshold(scores, specificity)
+    if rule == "archive-balanced pool":
+        order = np.argsort(scores, kind="stable")
+        counts = pd.Series(archives).value_counts()
+        weights = 1.0 / counts.reindex(archives[order]).to_numpy(float)
+        cumulative = np.cumsum(weights) / weights.sum()
+        k = int(np.searchsorted(cumulative, specificity - 1e-9)) + 1
+        return _threshold_above(scores[order], min(k, len(scores)))
+    if rule == "worst archive":
+        per = [specificity_threshold(scores[archives == a], specificity) for a in np.unique(archives)
+               if (archives == a).sum() >= MIN_ARCHIVE_NEGATIVES]
+        return max(per) if per else 0.5
+    raise ValueError(f"unknown rule {rule!r}; choices: {list(TRANSFER_RULES)}")
+
+
+def _rate(hits: np.ndarray, n_boot: int, seed: int) -> dict | None:
+    if not len(hits):
+        return None
+    low, high = mean_interval(hits.astype(float), n_boot, seed)
+    return {"value": float(hits.mean()), "low": low, "high": high, "n": int(len(hits))}
+
+
+def transfer_report(predictions: pd.DataFrame, specificity: float = TRANSFER_SPECIFICITY, n_boot: int = 1000,
+                    seed: int = 0) -> dict:
+    """Each rule of ``TRANSFER_RULES`` on the folds' out-of-archive predictions (columns uri,
+    archive, held_out, is_covid, age_group, p_covid): its threshold from every archive, and what
+    it does on an archive it did not see: for each archive, the threshold the rule picks from
+    the other archives, and the archive's specificity (its films without COVID) and sensitivity
+    there; pooled over archives, the specificity on adult films without COVID and the
+    sensitivity on COVID films, with 95% bootstrap intervals (over images) and the counts. The
+    chosen rule (``chosen``) has the highest pooled sensitivity among those whose pooled
+    specificity is at least ``specificity`` - 0.02 (else the most specific), and why."""
+    held = out_of_archive(predictions)
+    score, archive = held["p_covid"].to_numpy(float), held["archive"].to_numpy(str)
+    covid, negative = held["is_covid"].to_numpy(bool), adult_negatives(held)
+    rules = {}
+    for rule in TRANSFER_RULES:
+        decided = np.zeros(len(held), bool)
+        per_archive = {}
+        for a in np.unique(archive):
+            mine = archive == a
+            t = transfer_threshold(rule, score[negative & ~mine], archive[negative & ~mine], specificity)
+            decided[mine] = score[mine] >= t
+            per_archive[str(a)] = {"threshold_without_it": t, "n_covid": int((mine & covid).sum()),
+                                   "n_other": int((mine & ~covid).sum()),
+                                   "n_adult_other": int((mine & negative).sum()),
+                                   "sensitivity": _rate(decided[mine & covid], n_boot, seed),
+                                   "specificity": _rate(~decided[mine & ~covid], n_boot, seed)}
+        threshold = transfer_threshold(rule, score[negative], archive[negative], specificity)
+        rules[rule] = {
+            "threshold": threshold, "per_archive": per_archive,
+            "pooled_unseen": {"specificity_adult_negatives": _rate(~decided[negative], n_boot, seed),
+                              "sensitivity_covid": _rate(decided[covid], n_boot, seed)},
+            "pooled_at_threshold": {"specificity_adult_negatives": _rate(score[negative] < threshold, n_boot, seed),
+                                    "sensitivity_covid": _rate(score[covid] >= threshold, n_boot, seed)}}
+    pooled = {r: v["pooled_unseen"] for r, v in rules.items()}
+    specific = [r for r in TRANSFER_RULES
+                if pooled[r]["specificity_adult_negatives"]["value"] >= specificity - 0.02]
+    if specific:
+        chosen = max(specific, key=lambda r: pooled[r]["sensitivity_covid"]["value"])
+        why = (f"the highest pooled sensitivity on COVID-19 films of archives it did not see among the rules "
+               f"keeping pooled specificity >= {specificity - 0.02:.2f} on adult films without COVID-19 there")
+    else:
+        chosen = max(TRANSFER_RULES, key=lambda r: pooled[r]["specificity_adult_negatives"]["value"])
+        why = f"no rule kept pooled specificity >= {specificity - 0.02:.2f} on unseen archives: the most specific"
+    return {"specificity": specificity, "rules": rules, "chosen": chosen, "why": why,
+            "threshold": rules[chosen]["threshold"], "n_images": int(len(held)),
+            "n_adult_negatives": int(negative.sum()), "n_covid": int(covid.sum())}
+
+
+def _pct(metric: dict | None) -> str:
+    if not metric:
+        return "-"
+    return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}] (n={metric['n']})"
+
+
+def transfer_table(report: dict) -> str:
+    """Markdown: each rule's threshold and pooled figures on archives it did not see, then the
+    chosen rule's per-archive figures."""
+    lines = ["| rule | threshold (all archives) | pooled specificity, adult films without COVID-19 | "
+             "pooled sensitivity, COVID-19 films | chosen |", "|---|---|---|---|---|"]
+    for rule, r in report["rules"].items():
+        p = r["pooled_unseen"]
+        lines.append(f"| {rule} | {r['threshold']:.4f} | {_pct(p['specificity_adult_negatives'])} | "
+                     f"{_pct(p['sensitivity_covid'])} | {'yes' if rule == report['chosen'] else ''} |")
+    lines += ["", f"Rule `{report['chosen']}`, each archive at the threshold chosen without it:", "",
+              "| archive | COVID / other (adult other) | threshold without it | sensitivity | specificity |",
+              "|---|---|---|---|---|"]
+    for a, r in report["rules"][report["chosen"]]["per_archive"].items():
+        lines.append(f"| {a} | {r['n_covid']} / {r['n_other']} ({r['n_adult_other']}) | "
+                     f"{r['threshold_without_it']:.4f} | {_pct(r['sensitivity'])} | {_pct(r['specificity'])} |")
+    return "\n".join(lines)
 
 
 # --- per-archive report ---------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def predict_with_cam(model: nn.Module, inputs: torch.Tensor, cam_size: int,
 
 
 @torch.no_grad()
-def screen_maps(model: nn.Module, inputs: torch.Tensor, cam_size: int, covid: int | None):
+def screen_maps(model: nn.Module, inputs: torch.Tensor, cam_size: int, covid: int | None, choose=None):
     """One forward pass for serving: (probabilities (B, C), pooled features (B, K), the
     predicted class's heatmaps (B, S, S) in [0, 1], their scales (B,), and the same two for
     ``covid`` (or None)). A heatmap is its Grad-CAM divided by its largest value, the scale (in
@@ -79,7 +79,9 @@ def screen_maps(model: nn.Module, inputs: torch.Tensor, cam_size: int, covid: in
         resized = F.interpolate(cams[:, None], size=(cam_size, cam_size), mode="bilinear", align_corners=False)[:, 0]
         return (resized / (scale.view(-1, 1, 1) + 1e-7)).clamp(0, 1), scale
 
-    predicted, predicted_scale = maps(probs.argmax(dim=1))
+    # ``choose`` (probabilities -> class per image) names the class the first map explains:
+    # the screen's label rule (cxr.screen.screen_label_index); the most probable by default.
+    predicted, predicted_scale = maps(choose(probs) if choose is not None else probs.argmax(dim=1))
     covid_maps = maps(torch.full_like(probs[:, 0], covid, dtype=torch.long)) if covid is not None else (None, None)
     return probs, features.float().mean(dim=(2, 3)), predicted, predicted_scale, *covid_maps
 

@@ -11,12 +11,19 @@ the same forward pass as the prediction. Fitted on its training images:
   span. Two thresholds: ``out_of_distribution`` (above the 99th percentile of the
   validation films: an unfamiliar film) and ``not_a_chest_xray`` (far beyond every validation
   film: photos, noise, documents and the like);
-- **pediatric**: a logistic regression on the same projection, children against adults. The
-  only children in the curated data are Kermany's, so this also learns that archive's look:
-  its figures on adults from other archives say how far that goes.
+- **view**: a multinomial logistic regression on the same projection (and the distance):
+  frontal chest films (the training films) against lateral films and CT slices saved as plain
+  images (``external/views``, where present) and synthetic non-radiographs, giving the
+  ``lateral``, ``ct_slice`` and ``not_a_chest_xray`` flags. Each threshold keeps all but
+  ``FALSE_FLAG_QUANTILE`` of the validation films unflagged;
+- **pediatric**: a logistic regression on the same projection, children against adults, at
+  the probability the validation adults stay under (the same quantile). The only children in
+  the curated data are Kermany's, so this also learns that archive's look: its figures on
+  adults from other archives say how far that goes.
 
-There is no lateral film in the curated data to learn from: lateral DICOMs are routed out by
-their ViewPosition (``cxr.data.dicom_header``); a lateral film without the tag is not flagged.
+A flag comes with its score and the threshold it crossed (``assess``). Some flags stop the
+screen (``BLOCKING``: what was scored is not a frontal chest film, so a COVID-19 result on it
+means nothing); the others only mark the row for review, the screen result still given.
 The parameters are a few hundred KB, kept beside the classifier's weights
 (``qc.safetensors`` + ``qc.json``).
 """
@@ -30,7 +37,16 @@ from pathlib import Path
 import numpy as np
 
 QC_WEIGHTS, QC_INFO = "qc.safetensors", "qc.json"
-FLAGS = ("not_a_chest_xray", "out_of_distribution", "pediatric")
+FLAGS = ("not_a_chest_xray", "ct_slice", "lateral", "out_of_distribution", "pediatric")
+# Flags that stop the screen: the film is not a frontal chest radiograph, so its COVID-19
+# probability answers no question (docs/RESULTS.md measures what each would cost in sensitivity
+# on real COVID-19 films). The others mark the row for review and keep the screen result.
+BLOCKING = frozenset({"not_a_chest_xray", "ct_slice", "lateral"})
+# The view detector's classes, frontal first (the films the classifier was trained on).
+VIEW_CLASSES = ("frontal", "lateral", "ct_slice", "not_a_chest_xray")
+# Each learnt flag's threshold leaves this share of the validation films (adults, for
+# ``pediatric``) above it: the in-distribution false-flag rate each flag is allowed.
+FALSE_FLAG_QUANTILE = 0.995
 
 
 @dataclass
@@ -47,6 +63,10 @@ class QualityModel:
     not_cxr_intercept: float = 0.0
     not_cxr_probability_threshold: float = 1.0
     info: dict = field(default_factory=dict)      # what it was fitted on, and its figures
+    pediatric_threshold: float = 0.5
+    view_coef: np.ndarray | None = None           # (len(VIEW_CLASSES), d + 1) multinomial regression
+    view_intercept: np.ndarray | None = None      # (len(VIEW_CLASSES),)
+    view_thresholds: dict = field(default_factory=dict)   # flag -> probability threshold
 
     def project(self, features: np.ndarray) -> np.ndarray:
         return (np.asarray(features, np.float64) - self.mean) @ self.components
@@ -73,22 +93,51 @@ class QualityModel:
             return None
         return 1 / (1 + np.exp(-(self.project(features) @ self.pediatric_coef + self.pediatric_intercept)))
 
-    def flags(self, features: np.ndarray) -> list[list[str]]:
-        """The QC flags of each image (a non-empty list makes the row ``flagged``)."""
+    def view_probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """(B, len(VIEW_CLASSES)) probabilities of the view detector, or None without one."""
+        if self.view_coef is None:
+            return None
+        logits = self._detector_input(features) @ self.view_coef.T + self.view_intercept
+        logits = np.nan_to_num(logits - logits.max(axis=1, keepdims=True), nan=0.0)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def assess(self, features: np.ndarray) -> list[list[dict]]:
+        """Each image's flags, each as ``{"flag", "score", "threshold"}`` (the score that crossed
+        the threshold), most serious first: a film that is not a chest film, a CT slice or a
+        lateral film gets that one flag; otherwise ``out_of_distribution`` and ``pediatric``
+        may both apply."""
         d = self.distance(features)
         child = self.pediatric_probability(features)
-        not_cxr = self.not_cxr_probability(features)
+        not_cxr = self.not_cxr_probability(features) if self.view_coef is None else None
+        views = self.view_probabilities(features)
         out = []
         for i, di in enumerate(d):
+            found = []
             # A non-finite distance (NaN or inf features) is nothing the training films look like.
-            far = not np.isfinite(di) or di > self.not_cxr_threshold
-            detected = not_cxr is not None and not_cxr[i] > self.not_cxr_probability_threshold
-            f = ["not_a_chest_xray"] if far or detected else (
-                ["out_of_distribution"] if di > self.ood_threshold else [])
-            if child is not None and child[i] >= 0.5 and not f:
-                f.append("pediatric")
-            out.append(f)
+            if not np.isfinite(di) or di > self.not_cxr_threshold:
+                found.append({"flag": "not_a_chest_xray", "score": float(np.nan_to_num(di, nan=np.inf)),
+                              "threshold": self.not_cxr_threshold})
+            elif views is not None:
+                for c, name in enumerate(VIEW_CLASSES):
+                    t = self.view_thresholds.get(name)
+                    if t is not None and views[i, c] > t:
+                        found.append({"flag": name, "score": float(views[i, c]), "threshold": float(t)})
+                found = sorted(found, key=lambda f: -f["score"])[:1]
+            elif not_cxr is not None and not_cxr[i] > self.not_cxr_probability_threshold:
+                found.append({"flag": "not_a_chest_xray", "score": float(not_cxr[i]),
+                              "threshold": self.not_cxr_probability_threshold})
+            if not found:
+                if di > self.ood_threshold:
+                    found.append({"flag": "out_of_distribution", "score": float(di), "threshold": self.ood_threshold})
+                if child is not None and child[i] >= self.pediatric_threshold:
+                    found.append({"flag": "pediatric", "score": float(child[i]), "threshold": self.pediatric_threshold})
+            out.append(found)
         return out
+
+    def flags(self, features: np.ndarray) -> list[list[str]]:
+        """The QC flags of each image (a non-empty list makes the row ``flagged``)."""
+        return [[f["flag"] for f in found] for found in self.assess(features)]
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -100,12 +149,16 @@ class QualityModel:
             tensors["pediatric_coef"] = self.pediatric_coef
         if self.not_cxr_coef is not None:
             tensors["not_cxr_coef"] = self.not_cxr_coef
+        if self.view_coef is not None:
+            tensors["view_coef"], tensors["view_intercept"] = self.view_coef, self.view_intercept
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(Path(folder) / QC_WEIGHTS))
         (Path(folder) / QC_INFO).write_text(json.dumps({
             "noise_variance": self.noise_variance, "ood_threshold": self.ood_threshold,
             "not_cxr_threshold": self.not_cxr_threshold,
             "pediatric_intercept": self.pediatric_intercept, "not_cxr_intercept": self.not_cxr_intercept,
-            "not_cxr_probability_threshold": self.not_cxr_probability_threshold, "info": self.info}, indent=2))
+            "not_cxr_probability_threshold": self.not_cxr_probability_threshold,
+            "pediatric_threshold": self.pediatric_threshold, "view_classes": list(VIEW_CLASSES),
+            "view_thresholds": self.view_thresholds, "info": self.info}, indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> "QualityModel | None":
@@ -117,22 +170,32 @@ class QualityModel:
             return None
         t = {k: v.astype(np.float64) for k, v in load_file(str(folder / QC_WEIGHTS)).items()}
         meta = json.loads((folder / QC_INFO).read_text())
+        if "view_coef" in t and tuple(meta.get("view_classes", ())) != VIEW_CLASSES:
+            raise ValueError(f"{folder / QC_INFO}: view classes {meta.get('view_classes')} are not {list(VIEW_CLASSES)}")
+        # Files written before the view detector (no view_*, pediatric at 0.5) load as they were.
         return cls(t["mean"], t["components"], t["variance"], float(meta["noise_variance"]),
                    float(meta["ood_threshold"]),
                    float(meta["not_cxr_threshold"]), t.get("pediatric_coef"), float(meta["pediatric_intercept"]),
                    t.get("not_cxr_coef"), float(meta.get("not_cxr_intercept", 0.0)),
-                   float(meta.get("not_cxr_probability_threshold", 1.0)), meta.get("info", {}))
+                   float(meta.get("not_cxr_probability_threshold", 1.0)), meta.get("info", {}),
+                   float(meta.get("pediatric_threshold", 0.5)), t.get("view_coef"), t.get("view_intercept"),
+                   {k: float(v) for k, v in meta.get("view_thresholds", {}).items()})
 
 
 def fit_quality_model(train: np.ndarray, val: np.ndarray, train_is_child: np.ndarray | None = None,
                       age_known: np.ndarray | None = None, non_radiographs: np.ndarray | None = None,
+                      views: np.ndarray | None = None, view_kinds=None, val_is_adult: np.ndarray | None = None,
                       components: int = 32, ood_quantile: float = 0.99, not_cxr_factor: float = 3.0,
-                      seed: int = 0) -> QualityModel:
+                      false_flag_quantile: float = FALSE_FLAG_QUANTILE, seed: int = 0) -> QualityModel:
     """Fit the distance on every training film's features; thresholds from the validation
     films' (the training films' where there are none): ``out_of_distribution`` at their
     ``ood_quantile``, ``not_a_chest_xray`` at ``not_cxr_factor`` x their largest distance (no
-    validation film comes near it). The pediatric regression uses only the films whose age
-    group is known (``age_known``), and needs children and adults among them."""
+    validation film comes near it). The view detector learns the training films (frontal)
+    against ``views`` (features of lateral films and CT slices, ``view_kinds`` "lateral" or
+    "ct") and ``non_radiographs``; each of its flags, and ``pediatric``, at the probability
+    that ``false_flag_quantile`` of the validation films (adults: ``val_is_adult``) stay under.
+    The pediatric regression uses only the films whose age group is known (``age_known``),
+    and needs children and adults among them."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
@@ -145,25 +208,50 @@ def fit_quality_model(train: np.ndarray, val: np.ndarray, train_is_child: np.nda
     floor = 1e-6 * max(float(pca.explained_variance_.mean()), 1e-12)
     model = QualityModel(pca.mean_, pca.components_.T, np.maximum(pca.explained_variance_, floor),
                          max(float(pca.noise_variance_), floor), 0.0, 0.0)
-    reference = model.distance(val if len(val) else train)
+    reference_films = val if len(val) else train
+    reference = model.distance(reference_films)
     reference = reference[np.isfinite(reference)]
     model.ood_threshold = float(np.quantile(reference, ood_quantile))
     model.not_cxr_threshold = float(not_cxr_factor * reference.max())
+    kinds = {"lateral": "lateral", "ct": "ct_slice"}
+    parts = [(train, "frontal")]
+    if views is not None and len(views):
+        view_kinds = np.asarray(view_kinds, dtype=object)
+        unknown = sorted(set(view_kinds) - set(kinds))
+        if unknown:
+            raise ValueError(f"view kinds {unknown} are not among {sorted(kinds)}")
+        parts += [(np.asarray(views, np.float64)[view_kinds == k], name) for k, name in kinds.items()]
     if non_radiographs is not None and len(non_radiographs):
-        # Chest films against synthetic non-radiographs (``synthetic_non_radiographs``); its
-        # threshold keeps 99% of the validation films unflagged.
-        x = np.vstack([model._detector_input(train), model._detector_input(non_radiographs)])
-        y = np.r_[np.zeros(len(train)), np.ones(len(non_radiographs))]
+        parts.append((np.asarray(non_radiographs, np.float64), "not_a_chest_xray"))
+    parts = [(x, name) for x, name in parts if len(x)]
+    if len(parts) > 1:
+        x = np.vstack([model._detector_input(f) for f, _ in parts])
+        y = np.concatenate([np.full(len(f), VIEW_CLASSES.index(name)) for f, name in parts])
         lr = LogisticRegression(max_iter=5000, class_weight="balanced", C=0.1).fit(x, y)
-        model.not_cxr_coef, model.not_cxr_intercept = lr.coef_[0], float(lr.intercept_[0])
-        model.not_cxr_probability_threshold = max(0.5, float(np.quantile(
-            model.not_cxr_probability(val if len(val) else train), ood_quantile)))
+        # Classes with no examples get a logit that never wins; a two-class fit is the
+        # softmax of (0, w.x + b).
+        coef = np.zeros((len(VIEW_CLASSES), x.shape[1]))
+        intercept = np.full(len(VIEW_CLASSES), -1e4)
+        if len(lr.classes_) == 2:
+            intercept[lr.classes_[0]] = 0.0
+            coef[lr.classes_[1]], intercept[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+        else:
+            coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
+        model.view_coef, model.view_intercept = coef, intercept
+        on_films = model.view_probabilities(reference_films)
+        model.view_thresholds = {name: max(0.5, float(np.quantile(on_films[:, VIEW_CLASSES.index(name)],
+                                                                  false_flag_quantile)))
+                                 for _, name in parts[1:]}
     if train_is_child is not None:
         known = np.ones(len(train), bool) if age_known is None else np.asarray(age_known, bool)
         child = np.asarray(train_is_child, bool)[known]
         if 0 < child.sum() < len(child):
             lr = LogisticRegression(max_iter=2000, class_weight="balanced").fit(z[known], child.astype(int))
             model.pediatric_coef, model.pediatric_intercept = lr.coef_[0], float(lr.intercept_[0])
+            adults = val[np.asarray(val_is_adult, bool)] if val_is_adult is not None and len(val) else val[:0]
+            if len(adults):
+                model.pediatric_threshold = max(0.5, float(np.quantile(model.pediatric_probability(adults),
+                                                                       false_flag_quantile)))
     return model
 
 
@@ -231,13 +319,19 @@ def classifier_features(model, images: np.ndarray, batch: int = 64) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def fit_for_task(model, train_images: np.ndarray, val_images: np.ndarray, train_age_groups) -> QualityModel:
+def fit_for_task(model, train_images: np.ndarray, val_images: np.ndarray, train_age_groups,
+                 val_age_groups=None, view_images: np.ndarray | None = None, view_kinds=None) -> QualityModel:
     """A classifier's quality control from its own training and validation images (what
-    ``cxr finetune`` registers with it); children against adults where both are known."""
+    ``cxr finetune`` registers with it); children against adults where both are known; the
+    view detector from ``view_images`` (lateral films and CT slices, ``view_kinds``) where given."""
     train_f, val_f = classifier_features(model, train_images), classifier_features(model, val_images)
     others = classifier_features(model, synthetic_non_radiographs(train_images.shape[-1]))
+    views = classifier_features(model, view_images) if view_images is not None and len(view_images) else None
     ages = np.asarray(train_age_groups, dtype=object)
-    qc = fit_quality_model(train_f, val_f, ages == "pediatric", np.isin(ages, ["pediatric", "adult"]), others)
+    val_adult = (np.asarray(val_age_groups, dtype=object) == "adult") if val_age_groups is not None else None
+    qc = fit_quality_model(train_f, val_f, ages == "pediatric", np.isin(ages, ["pediatric", "adult"]), others,
+                           views, view_kinds, val_adult)
     qc.info = {"fitted_on": {"train": len(train_f), "val": len(val_f),
-                             "ages_known": int(np.isin(ages, ["pediatric", "adult"]).sum())}}
+                             "ages_known": int(np.isin(ages, ["pediatric", "adult"]).sum()),
+                             "views": len(views) if views is not None else 0}}
     return qc

@@ -117,12 +117,13 @@ def legend_png(page_scale: float) -> str:
 
 
 def _screen_result(row) -> str:
-    if row["status"] == "flagged":
-        return "not screened: flagged for review"
+    if row["status"] == "flagged" and pd.isna(row["screen_positive"]):
+        return "not screened: not a frontal chest film"
     if pd.isna(row["covid_threshold"]) or pd.isna(row["screen_positive"]):
         return "no threshold"
     t = row["covid_threshold"]
-    return f"positive (>= {t:.3f})" if row["screen_positive"] else f"negative (< {t:.3f})"
+    result = f"positive (>= {t:.3f})" if row["screen_positive"] else f"negative (< {t:.3f})"
+    return result + (", flagged for review" if row["status"] == "flagged" else "")
 
 
 def _counts(values: pd.Series) -> list[tuple[str, int]]:

@@ -41,7 +41,7 @@ from cxr.data.storage import StorageConfig, filesystem_for
 log = logging.getLogger(__name__)
 
 # Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "5"
+SCHEMA_VERSION = "6"
 SCHEMA = pa.schema([
     ("uri", pa.string()), ("sha256", pa.string()),
     ("status", pa.string()),                     # ok | flagged | skipped (version 5) | error
@@ -64,6 +64,10 @@ SCHEMA = pa.schema([
     ("heatmap_label", pa.string()), ("heatmap_scale", pa.float32()),
     ("covid_heatmap_png", pa.binary()), ("covid_heatmap_scale", pa.float32()), ("lung_mask_png", pa.binary()),
     *((column, pa.string()) for column in IDENTITY_COLUMNS),
+    # added in version 6: the most probable class (predicted_label follows the screen's label
+    # rule), and each quality flag with the score that raised it and the threshold it crossed
+    ("argmax_label", pa.string()),
+    ("qc_scores", pa.list_(pa.struct([("flag", pa.string()), ("score", pa.float32()), ("threshold", pa.float32())]))),
 ])
 PARTITION = pa.schema([("scored_date", pa.string())])
 SCORED_STATUSES = ("ok", "flagged")      # run through the models (skipped and error rows were not)

@@ -27,6 +27,7 @@ from cxr.data.storage import StorageConfig, read_bytes
 from cxr.masking import lung_masks, mask_lungs
 from cxr.package import Component
 from cxr.preprocess import classifier_input, segmenter_input
+from cxr.qc import BLOCKING
 
 
 def default_device() -> torch.device:
@@ -125,19 +126,39 @@ class QualityLimits:
     high: float = 0.50
 
     def flags(self, fraction: float | None) -> list[str]:
+        return [f["flag"] for f in self.assess(fraction)]
+
+    def assess(self, fraction: float | None) -> list[dict]:
+        """The flag a lung fraction raises, as ``{"flag", "score", "threshold"}`` (``cxr.qc.QualityModel.assess``)."""
         if fraction is None or not np.isfinite(fraction):
             return []
         if fraction < self.no_lungs:
-            return ["no_lungs_found"]
+            return [{"flag": "no_lungs_found", "score": float(fraction), "threshold": self.no_lungs}]
         if fraction < self.low or fraction > self.high:
-            return ["lung_fraction_out_of_range"]
+            return [{"flag": "lung_fraction_out_of_range", "score": float(fraction),
+                     "threshold": self.low if fraction < self.low else self.high}]
         return []
+
+
+def screen_label_index(probs: np.ndarray, covid: int | None, threshold: float | None) -> np.ndarray:
+    """The one rule for a row's ``predicted_label`` (docs/SCORES.md): COVID-19 when its
+    calibrated probability is at or above the card's operating point (the screen is
+    positive), otherwise the most probable of the other classes; without an operating point,
+    the most probable class. So a row's label and its screen result never disagree; the raw
+    most probable class is kept as ``argmax_label``. ``probs``: (B, C) calibrated."""
+    probs = np.asarray(probs, np.float64)
+    if covid is None or threshold is None or not probs.size:
+        return probs.argmax(axis=1) if probs.size else np.zeros(len(probs), int)
+    others = probs.copy()
+    others[:, covid] = -np.inf
+    return np.where(probs[:, covid] >= threshold, covid, others.argmax(axis=1))
 
 
 # The fields of a scores row that a screen produces (cxr.scoring adds lineage and job columns).
 ROW_FIELDS = ("uri", "sha256", "status", "error", "skip_reason", "labels", "probabilities", "predicted_label",
-              "covid_probability", "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size", "heatmap_label", "heatmap_scale",
-              "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png", "lung_fraction", "qc_flags")
+              "argmax_label", "covid_probability", "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size",
+              "heatmap_label", "heatmap_scale", "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png",
+              "lung_fraction", "qc_flags", "qc_scores")
 
 
 class Screen:
@@ -190,9 +211,8 @@ class Screen:
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             probs, features, heat, scale, covid_heat, covid_scale = screen_maps(
-                self.classifier.model, x, heatmap_size or 7, self.covid)
-        if self.temperature != 1.0:              # the card's calibration (cxr calibrate, fine-tuning)
-            probs = torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / self.temperature, dim=1)
+                self.classifier.model, x, heatmap_size or 7, self.covid, choose=self._label_classes)
+        probs = self._calibrated(probs)
         out = {"probs": probs.float().cpu().numpy(), "features": features.float().cpu().numpy(),
                "fraction": fraction.float().cpu().numpy() if fraction is not None else None}
         if heatmap_size:
@@ -202,6 +222,17 @@ class Screen:
                        lungs=(F.interpolate(lungs.float(), size=(heatmap_size, heatmap_size), mode="nearest")[:, 0]
                               .mul(255).to(torch.uint8).cpu().numpy() if lungs is not None else None))
         return out
+
+    def _calibrated(self, probs: torch.Tensor) -> torch.Tensor:
+        """The card's calibration (cxr calibrate, fine-tuning) of softmax outputs."""
+        if self.temperature == 1.0:
+            return probs
+        return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / self.temperature, dim=1)
+
+    def _label_classes(self, probs: torch.Tensor) -> torch.Tensor:
+        """``screen_label_index`` of uncalibrated softmax outputs: the class each heatmap explains."""
+        chosen = screen_label_index(self._calibrated(probs).float().cpu().numpy(), self.covid, self.threshold)
+        return torch.as_tensor(chosen, device=probs.device, dtype=torch.long)
 
     def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
              images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64,
@@ -218,7 +249,7 @@ class Screen:
         fraction = np.full(n, np.nan, np.float32)
         pngs = {k: [None] * n for k in ("heatmap_png", "covid_heatmap_png", "lung_mask_png")}
         scales = {k: [None] * n for k in ("heatmap_scale", "covid_heatmap_scale")}
-        flags: list[list[str]] = [[] for _ in range(n)]
+        details: list[list[dict]] = [[] for _ in range(n)]
         if ok.any():
             out = self.infer(images[ok], seg_images[ok] if seg_images is not None else None, heatmap_size)
             probs[ok] = out["probs"]
@@ -232,29 +263,33 @@ class Screen:
                 for column, key in (("heatmap_scale", "scales"), ("covid_heatmap_scale", "covid_scales")):
                     if out.get(key) is not None:
                         scales[column][i] = float(out[key][j])
-            model_flags = self.qc.flags(out["features"]) if self.qc is not None else [[] for _ in range(int(ok.sum()))]
+            model_flags = self.qc.assess(out["features"]) if self.qc is not None else [[] for _ in range(int(ok.sum()))]
             for i, extra in zip(np.flatnonzero(ok), model_flags):
-                flags[i] = self.quality.flags(float(fraction[i])) + extra
+                details[i] = self.quality.assess(float(fraction[i])) + extra
+        flags = [[f["flag"] for f in d] for d in details]
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
                   else "flagged" if flags[i] else "ok" for i in range(n)]
+        # A film flagged as not a frontal chest film (cxr.qc.BLOCKING) is not screened and gets
+        # no label; other flags mark the row for review and keep both.
+        screened = ok & np.array([not set(f) & BLOCKING for f in flags], bool)
+        chosen = screen_label_index(np.nan_to_num(probs, nan=0.0), self.covid, self.threshold)
         return {
             "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors), "skip_reason": skipped,
             "labels": [self.labels if ok[i] else None for i in range(n)],
             "probabilities": [probs[i].tolist() if ok[i] else None for i in range(n)],
-            "predicted_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] else None for i in range(n)],
+            "predicted_label": [self.labels[int(chosen[i])] if screened[i] else None for i in range(n)],
+            "argmax_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] else None for i in range(n)],
             "covid_probability": [float(probs[i, self.covid]) if ok[i] and self.covid is not None else None
                                   for i in range(n)],
             "covid_threshold": [self.threshold] * n,
-            # A flagged film is scored but not screened: it needs a person first (null, as an error's).
             "screen_positive": [bool(probs[i, self.covid] >= self.threshold)
-                                if ok[i] and not flags[i] and self.threshold is not None else None for i in range(n)],
+                                if screened[i] and self.threshold is not None else None for i in range(n)],
             "heatmap_png": pngs["heatmap_png"], "heatmap_size": [heatmap_size or None] * n,
-            # Which class the stored heatmap explains (the predicted one), and the COVID map.
-            "heatmap_label": [self.labels[int(np.argmax(probs[i]))] if ok[i] and heatmap_size else None
-                              for i in range(n)],
+            # Which class the stored heatmap explains (the label rule's), and the COVID map.
+            "heatmap_label": [self.labels[int(chosen[i])] if ok[i] and heatmap_size else None for i in range(n)],
             **scales, "covid_heatmap_png": pngs["covid_heatmap_png"], "lung_mask_png": pngs["lung_mask_png"],
             "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
-            "qc_flags": flags,
+            "qc_flags": flags, "qc_scores": details,
         }
 
     # --- the Python API -------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def screen_signature() -> ModelSignature:
     outputs: the fields of a scores row (``cxr.screen.ROW_FIELDS``; null where an input is an
     error row) and the models' names; params: batch_size, heatmap_size."""
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import Array, Object, Property
 
     def col(kind, name: str, required: bool = False) -> ColSpec:
         return ColSpec(kind, name, required=required)
@@ -244,6 +244,9 @@ def screen_signature() -> ModelSignature:
         col("string", "heatmap_label"), col("double", "heatmap_scale"), col("binary", "covid_heatmap_png"),
         col("double", "covid_heatmap_scale"), col("binary", "lung_mask_png"),
         col("double", "lung_fraction"), col(Array(DataType.string), "qc_flags", True),
+        col("string", "argmax_label"),
+        col(Array(Object([Property("flag", DataType.string), Property("score", DataType.double),
+                          Property("threshold", DataType.double)])), "qc_scores"),
         col("string", "classifier", True), col("string", "segmenter")])
     inputs = Schema([col("string", "path"), col("binary", "image")])
     params = ParamSchema([ParamSpec("batch_size", "long", 32), ParamSpec("heatmap_size", "long", 64)])

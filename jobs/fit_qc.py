@@ -1,19 +1,22 @@
-"""Fit a screen's quality control (``cxr.qc``) on its classifier's training films, measure each
-flag on images it never saw, and store it beside the classifier's weights in the bundle.
+"""Fit a screen's quality control (``cxr.qc``), judge every flag on films its fit never saw, and
+store it beside the classifier's weights in the bundle.
 
-    python -m jobs.fit_qc --bundle models/cxr-screen --training-manifest out/crossval/screen/all-train.parquet \\
-        --manifests out/manifests --out docs/results/qc.json
+    python -m jobs.fit_qc --crossval out/crossval/screen --bundle models/cxr-screen --out docs/results/qc.json
 
-- Fitted on the training split of the classifier's training manifest (and, for the
-  not-a-chest-X-ray detector, synthetic non-radiographs made in code); thresholds from its
-  validation split.
-- **False flags** on chest films it did not train on: every archive's test split of the
-  ``screen-4class`` task, and TBX11K (never trained on; a sample).
-- **Sensitivity** on images that are not chest X-rays, all from files installed packages ship
-  (no download): photos (scikit-learn's and matplotlib's sample images, and crops of them), an
-  MRI slice (matplotlib's ``s1045.ima``), elevation maps and graphics, rendered text pages,
-  noise, and flat or gradient images.
-- **Pediatric**: Kermany's test split (children) against the adults of the other archives.
+It works from the features ``cxr crossval`` saved for each fold (``<fold>-features.npz``: the
+fold classifier's features of its training and validation films, of the films it reports on,
+of the lateral films and CT slices of ``external/views``, and of synthetic non-radiographs):
+
+- **False flags on archives never trained on**: for each fold, quality control fitted on that
+  fold's films alone (views: their train and val split), judged on its held-out archive (the
+  fold holding none out: TBX11K). Adult films, with and without COVID-19.
+- **What blocking would cost**: the share of those COVID-19 films each flag would stop.
+- **Lateral films and CT slices**: the views' test split (patients no fit saw), by the fold
+  holding none out. **Children**: Kermany's test split by the same fold (films it did not
+  train on). **Non-radiographs**: files installed packages ship (photos, an MRI slice, maps,
+  rendered text, noise, flat fields), through the bundle's classifier.
+- **The shipped fit**: the fold holding none out (the bundle's classifier, checked below) on
+  its training films, views train and val, and synthetic non-radiographs.
 
 Writes ``qc.safetensors`` and ``qc.json`` into the bundle's ``classifier/`` and its checksums.
 """
@@ -31,11 +34,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from cxr.metrics import mean_interval
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
 from cxr.data.storage import read_bytes
-from cxr.qc import FLAGS, classifier_features, fit_quality_model, synthetic_non_radiographs
-
+from cxr.qc import BLOCKING, FLAGS, QualityModel, classifier_features, fit_quality_model, synthetic_non_radiographs
 
 def features(screen, grays: list[np.ndarray]) -> np.ndarray:
     """The classifier's pooled features of 8-bit grayscale images, letterboxed as the screen does."""
@@ -85,73 +88,139 @@ def not_chest_xrays(seed: int = 0) -> dict[str, list[np.ndarray]]:
             "map or graphic": maps + graphics, "text page": pages, "noise": noise, "flat or gradient": flat}
 
 
+def rate(hits, n_boot: int = 1000) -> dict:
+    """A share with its 95% bootstrap interval and count."""
+    hits = np.asarray(hits, float)
+    if not len(hits):
+        return {"value": None, "n": 0}
+    low, high = mean_interval(hits, n_boot, 0)
+    return {"value": float(hits.mean()), "low": low, "high": high, "n": int(len(hits))}
+
+
 def rates(flags: list[list[str]]) -> dict:
-    n = len(flags)
-    return {"n": n, "any_flag": sum(bool(f) for f in flags) / n if n else None,
-            **{flag: sum(flag in f for f in flags) / n if n else None for flag in FLAGS}}
+    """Any flag, and each flag, with intervals."""
+    return {"any_flag": rate([bool(f) for f in flags]),
+            **{flag: rate([flag in f for f in flags]) for flag in (*FLAGS, "no_lungs_found", "lung_fraction_out_of_range")
+               if any(flag in f for f in flags)}}
+
+
+def fold_inputs(folder: Path, name: str) -> dict:
+    """A fold's saved features, its predictions (rows of ``evaluation``) and the age groups of
+    its validation films (rebuilt from its training manifest as ``task_rows`` orders them)."""
+    f = dict(np.load(folder / f"{name}-features.npz"))
+    rows = pd.read_parquet(folder / f"{name}-train.parquet")
+    rows = rows[rows["split"].isin(["train", "val"]) & rows["label"].notna()]
+    f["val_age_group"] = rows.loc[rows["split"] == "val", "age_group"].fillna("unknown").to_numpy(str)
+    assert len(f["val_age_group"]) == len(f["val"]), "validation rows do not match the saved features"
+    f["predictions"] = pd.read_parquet(folder / f"{name}.parquet")
+    return f
+
+
+def fit_fold(f: dict, **knobs) -> QualityModel:
+    """Quality control from one fold's own films: training/validation films, the views' train
+    and val split, synthetic non-radiographs."""
+    fit_views = f["views_split"] != "test" if "views" in f else None
+    ages = f["train_age_group"]
+    return fit_quality_model(f["train"], f["val"], ages == "pediatric", np.isin(ages, ["pediatric", "adult"]),
+                             f["synthetic"], f["views"][fit_views] if fit_views is not None else None,
+                             f["views_kind"][fit_views] if fit_views is not None else None,
+                             f["val_age_group"] == "adult", **knobs)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", default="models/cxr-screen", help="the screen bundle (folder), written in place")
-    p.add_argument("--training-manifest", required=True, help="its classifier's training manifest (train/val rows)")
-    p.add_argument("--manifests", default="out/manifests", help="cxr prepare-data output of the curated data")
-    p.add_argument("--tbx11k", type=int, default=300, help="TBX11K films to check (never trained on)")
+    p.add_argument("--crossval", default="out/crossval/screen", help="a recipe's cxr crossval folder (with features)")
+    p.add_argument("--bundle", default="models/cxr-screen", help="the screen bundle (folder), written in place; "
+                                                                "its classifier must be the fold holding none out")
+    p.add_argument("--manifests", default="out/manifests", help="cxr prepare-data output (views.parquet)")
+    p.add_argument("--ood-quantile", type=float, default=0.99,
+                   help="out_of_distribution above this quantile of the validation films' distance")
+    p.add_argument("--false-flag-quantile", type=float, default=0.995,
+                   help="each learnt flag's threshold: this share of the validation films stays under it")
     p.add_argument("--out", default="out/qc.json")
     args = p.parse_args(argv)
     from cxr.package import read_screen, write_checksums
     from cxr.screen import Screen
 
-    storage = load_platform().storage
-    bundle = Path(args.bundle)
-    classifier, segmenter, _ = read_screen(bundle)
-    screen = Screen(classifier, None, "cpu")
-    screen.qc = None
-    train_rows = pd.read_parquet(args.training_manifest)
-    fit_rows, val_rows = train_rows[train_rows["split"] == "train"], train_rows[train_rows["split"] == "val"]
-    print(f"fit_qc: features of {len(fit_rows)} training and {len(val_rows)} validation films", flush=True)
-    train_f = features(screen, manifest_grays(fit_rows, storage))
-    val_f = features(screen, manifest_grays(val_rows, storage))
-    child = (fit_rows["age_group"] == "pediatric").to_numpy()
-    known = fit_rows["age_group"].isin(["pediatric", "adult"]).to_numpy()
-    synthetic = synthetic_non_radiographs(screen.preprocess.size)
-    others_f = features(screen, list(synthetic[:, 0]))
-    qc = fit_quality_model(train_f, val_f, child, known, others_f)
+    folder = Path(args.crossval)
+    knobs = {"ood_quantile": args.ood_quantile, "false_flag_quantile": args.false_flag_quantile}
+    held, all_fold = [], None
+    for result in sorted(folder.glob("*.json")):
+        name = result.stem
+        if not (folder / f"{name}-features.npz").exists():
+            continue
+        f = fold_inputs(folder, name)
+        qc = fit_fold(f, **knobs)
+        found = qc.flags(f["evaluation"])
+        rows = f["predictions"].assign(flags=found)
+        held.append(rows[rows["held_out"]])
+        if name == "all":
+            all_fold = (f, qc, rows)
+        print(f"fit_qc: fold {name}: {int(rows['held_out'].sum())} held-out films", flush=True)
+    if all_fold is None:
+        print(f"fit_qc: no fold holding none out (all-features.npz) in {folder}", file=sys.stderr)
+        return 2
+    held = pd.concat(held, ignore_index=True).drop_duplicates("uri")
+    adult = held[held["age_group"] == "adult"]
+    f, qc, rows = all_fold
+    views_test = f["views_split"] == "test"
+    view_flags = qc.flags(f["views"][views_test])
+    kinds = f["views_kind"][views_test]
+    children = rows[(~rows["held_out"]) & (rows["archive"] == "kermany")]
 
-    task = pd.read_parquet(Path(args.manifests) / "tasks" / "screen-4class.parquet")
-    test = task[task["split"] == "test"]
-    tbx = pd.read_parquet(Path(args.manifests) / "tasks" / "archives.parquet").query("archive == 'tbx11k'")
-    tbx = tbx.sample(min(args.tbx11k, len(tbx)), random_state=0)
-    chest = pd.concat([test, tbx], ignore_index=True)
-    print(f"fit_qc: {len(chest)} held-out chest films", flush=True)
-    chest_flags = qc.flags(features(screen, manifest_grays(chest, storage)))
-    per_archive = {a: rates([chest_flags[i] for i in np.flatnonzero((chest["archive"] == a).to_numpy())])
-                   for a in sorted(chest["archive"].unique())}
-    adults = (chest["age_group"] == "adult").to_numpy()
-    children = (chest["age_group"] == "pediatric").to_numpy()
-    others = {kind: rates(qc.flags(features(screen, grays))) for kind, grays in not_chest_xrays().items()}
-    all_others = [f for kind, grays in not_chest_xrays().items() for f in qc.flags(features(screen, grays))]
+    # The shipped fit reads the bundle's own classifier (int8 where it is), as serving will.
+    screen = Screen(read_screen(Path(args.bundle))[0], None, "cpu")
+    storage = load_platform().storage
+    train_rows = pd.read_parquet(folder / "all-train.parquet")
+    train_rows = train_rows[train_rows["split"].isin(["train", "val"]) & train_rows["label"].notna()]
+    views = pd.read_parquet(Path(args.manifests) / "views.parquet")
+    views = views[views["split"] != "test"]
+    print(f"fit_qc: the bundle's features of {len(train_rows)} training films and {len(views)} views", flush=True)
+    grays = {split: manifest_grays(train_rows[train_rows["split"] == split], storage) for split in ("train", "val")}
+    shipped_inputs = {"train": features(screen, grays["train"]), "val": features(screen, grays["val"]),
+                      "train_age_group": train_rows.loc[train_rows["split"] == "train", "age_group"].fillna("unknown").to_numpy(str),
+                      "val_age_group": train_rows.loc[train_rows["split"] == "val", "age_group"].fillna("unknown").to_numpy(str),
+                      "synthetic": features(screen, list(synthetic_non_radiographs(screen.preprocess.size)[:, 0])),
+                      "views": features(screen, manifest_grays(views, storage)),
+                      "views_kind": views["view"].to_numpy(str), "views_split": views["split"].to_numpy(str)}
+    shipped = fit_fold(shipped_inputs, **knobs)
+    others = {kind: shipped.flags(features(screen, grays)) for kind, grays in not_chest_xrays().items()}
+    covid = adult[adult["is_covid"]]
     figures = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "bundle": str(bundle),
-        "fitted_on": {"manifest": args.training_manifest, "train": len(fit_rows), "ages_known": int(known.sum()),
-                      "val": len(val_rows),
-                      "pca_components": int(qc.components.shape[1])},
-        "thresholds": {"out_of_distribution": qc.ood_threshold, "not_a_chest_xray": qc.not_cxr_threshold},
-        "chest_films_not_trained_on": {"all": rates(chest_flags), "by_archive": per_archive},
-        "pediatric": {"children_flagged": rates([chest_flags[i] for i in np.flatnonzero(children)])["pediatric"],
-                      "adults_flagged": rates([chest_flags[i] for i in np.flatnonzero(adults)])["pediatric"],
-                      "n_children": int(children.sum()), "n_adults": int(adults.sum())},
-        "not_chest_xrays": {"all": rates(all_others), "by_kind": others},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "bundle": str(Path(args.bundle)),
+        "crossval": str(folder), "knobs": knobs,
+        "false_flags_unseen_archives": {
+            "adult_films": rates(list(adult["flags"])),
+            "adult_films_without_covid": rates(list(adult.loc[~adult["is_covid"], "flags"])),
+            "by_archive": {a: rates(list(g["flags"])) for a, g in adult.groupby("archive")}},
+        "blocking_cost_on_unseen_covid_films": {
+            "n": len(covid), "blocking_flags": sorted(BLOCKING),
+            "stopped_by_blocking_flags": rate([bool(set(x) & BLOCKING) for x in covid["flags"]]),
+            "stopped_if_every_flag_blocked": rate([bool(x) for x in covid["flags"]])},
+        "views_test_split": {kind: {**rates([v for v, k in zip(view_flags, kinds) if k == kind]),
+                                    "caught_as_not_frontal": rate([bool(set(v) & BLOCKING)
+                                                                   for v, k in zip(view_flags, kinds) if k == kind])}
+                             for kind in ("lateral", "ct")},
+        "children_kermany_test": {"pediatric": rate(["pediatric" in x for x in children["flags"]]),
+                                  "any_flag": rate([bool(x) for x in children["flags"]])},
+        "not_chest_xrays": {"all": rate([bool(x) for v in others.values() for x in v]),
+                            "by_kind": {k: rates(v) for k, v in others.items()}},
+        "shipped_fit": {"train": len(shipped_inputs["train"]), "val": len(shipped_inputs["val"]),
+                        "views": len(views), "synthetic": len(shipped_inputs["synthetic"]),
+                        "thresholds": {"out_of_distribution": shipped.ood_threshold,
+                                       "not_a_chest_xray_distance": shipped.not_cxr_threshold,
+                                       "pediatric": shipped.pediatric_threshold, **shipped.view_thresholds}},
     }
-    qc.info = {"fitted_on": figures["fitted_on"], "date": figures["date"],
-               "figures": "docs/results/qc.json of cxr (jobs/fit_qc.py)"}
-    qc.save(bundle / "classifier")
-    write_checksums(bundle)
+    shipped.info = {"fitted_on": figures["shipped_fit"], "date": figures["date"],
+                    "figures": "docs/results/qc.json of cxr (jobs/fit_qc.py)"}
+    shipped.save(Path(args.bundle) / "classifier")
+    write_checksums(Path(args.bundle))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2))
-    print(json.dumps({k: figures[k] for k in ("thresholds", "pediatric")}, indent=1))
-    print("chest films not trained on:", {a: round(r["any_flag"], 3) for a, r in per_archive.items()})
-    print("not chest X-rays:", {k: round(r["any_flag"], 3) for k, r in others.items()})
+    short = {k: figures[k] for k in ("false_flags_unseen_archives", "blocking_cost_on_unseen_covid_films",
+                                     "views_test_split", "children_kermany_test")}
+    print(json.dumps(short, indent=1)[:6000])
+    print("not chest X-rays:", json.dumps(figures["not_chest_xrays"]["all"]))
     return 0
 
 

@@ -209,3 +209,56 @@ def test_thresholds_hold_in_float32_where_serving_compares_them():
         neg = np.round(rng.random(rng.integers(2, 40)), int(rng.integers(2, 7))).astype(np.float32)
         t = specificity_threshold(neg, 0.9)
         assert (neg < t).mean() >= 0.9 and (neg < t).mean() == (neg.astype(float) < t).mean()
+
+
+def _held_out_predictions(seed: int = 0) -> pd.DataFrame:
+    """Out-of-archive predictions: a large archive of adult negatives scoring low, a small
+    COVID-collection archive whose few negatives score as high as its COVID films, children."""
+    rng = np.random.default_rng(seed)
+    parts = [("tbx11k", False, "adult", rng.uniform(0.0, 0.5, 600)),
+             ("shenzhen", False, "adult", rng.uniform(0.0, 0.6, 300)),
+             ("covid/eurorad", False, "adult", rng.uniform(0.8, 1.0, 30)),
+             ("covid/eurorad", True, "adult", rng.uniform(0.8, 1.0, 30)),
+             ("covid/sirm", True, "adult", rng.uniform(0.55, 1.0, 50)),
+             ("kermany", False, "pediatric", rng.uniform(0.0, 0.3, 100))]
+    frames = [pd.DataFrame({"archive": a, "is_covid": c, "age_group": g, "p_covid": p}) for a, c, g, p in parts]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.assign(uri=[f"u{i}" for i in range(len(frame))], held_out=True)
+
+
+def test_the_transfer_rules_pool_adult_negatives_and_a_small_archive_does_not_set_the_point():
+    from cxr.crossval import transfer_report, transfer_threshold
+
+    rows = _held_out_predictions()
+    report = transfer_report(rows, 0.90, n_boot=50)
+    pooled = report["rules"]["pooled adult negatives"]
+    negatives = rows[(~rows["is_covid"]) & (rows["age_group"] == "adult")]
+    # The pooled threshold keeps 90% of every adult negative film (children are not in the pool).
+    assert (negatives["p_covid"] < pooled["threshold"]).mean() >= 0.90
+    assert report["n_adult_negatives"] == len(negatives) and report["n_covid"] == 80
+    # The worst-archive rule lets Eurorad's 30 negatives set the point, and loses the COVID films.
+    worst = report["rules"]["worst archive"]
+    assert worst["threshold"] > 0.95 > pooled["threshold"]
+    assert worst["pooled_unseen"]["sensitivity_covid"]["value"] < 0.5
+    assert report["chosen"] != "worst archive"
+    # The nested figures: each archive at the threshold chosen from the other archives alone.
+    eurorad = pooled["per_archive"]["covid/eurorad"]
+    without = transfer_threshold("pooled adult negatives", negatives.loc[negatives["archive"] != "covid/eurorad", "p_covid"],
+                                 negatives.loc[negatives["archive"] != "covid/eurorad", "archive"], 0.90)
+    assert eurorad["threshold_without_it"] == without and eurorad["n_covid"] == 30 and eurorad["n_adult_other"] == 30
+    # Archive-balanced: each archive weighs the same, so Eurorad's high negatives pull it up.
+    balanced = report["rules"]["archive-balanced pool"]["threshold"]
+    assert balanced > pooled["threshold"]
+
+
+def test_the_card_keeps_the_chosen_rule_with_its_figures_and_counts():
+    from cxr.crossval import transfer_report, transfer_table
+    from cxr.workflows.crossval import card_operating_point
+
+    report = transfer_report(_held_out_predictions(), 0.90, n_boot=50)
+    card = card_operating_point(report)
+    assert card["rule"] == report["chosen"] and card["threshold"] == report["threshold"]
+    assert set(card["rules"]) == {"pooled adult negatives", "archive-balanced pool", "worst archive"}
+    assert card["per_archive"]["tbx11k"]["specificity"]["n"] == 600
+    table = transfer_table(report)
+    assert "| worst archive |" in table and "covid/sirm" in table

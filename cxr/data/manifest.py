@@ -165,6 +165,27 @@ def tbx11k_manifest(root: Path) -> pd.DataFrame:
     })
 
 
+def views_manifest(root: Path) -> pd.DataFrame:
+    """Lateral chest films and CT slices from the COVID collection, ``external/views``, as plain
+    JPEGs with no tags: what quality control learns the ``lateral`` and CT flags from. Their
+    ``patient_id`` is the collection's own (``covid:`` as in ``covid_manifest``), so a patient's
+    frontal and lateral films are one leakage group. ``view`` is ``lateral`` or ``ct``."""
+    meta = pd.read_csv(root / "external" / "views" / "labels.csv", dtype=str, keep_default_na=False)
+    folder = root / "external" / "views"
+    return pd.DataFrame({
+        "uri": [str((folder / f).resolve()) for f in meta["filename"]],
+        "label": None,
+        "patient_id": "covid:" + meta["patientid"],
+        "source": "views",
+        "archive": "views",
+        "view": meta["kind"],
+        "age_group": [_age_group(a) for a in meta["age"]],
+        "finding": meta["finding"],
+        "width": meta["width"].astype(int),
+        "height": meta["height"].astype(int),
+    })
+
+
 def csv_manifest(csv_uri: str, storage: StorageConfig | None = None) -> pd.DataFrame:
     """A user's labeled CSV with columns ``path,label,patient_id[,source]``.
 

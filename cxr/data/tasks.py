@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr.data.manifest import covid_manifest, jsrt_manifest, kermany_manifest, lungseg_manifest, tbx11k_manifest
+from cxr.data.manifest import (covid_manifest, jsrt_manifest, kermany_manifest, lungseg_manifest, tbx11k_manifest,
+                               views_manifest)
 from cxr.data.splits import assign_splits
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
@@ -61,6 +62,8 @@ def base_manifests(root: Path) -> dict[str, pd.DataFrame]:
         bases["jsrt"] = jsrt_manifest(root).assign(split=None, label=None)
     if (root / "external" / "tbx11k").is_dir():
         bases["tbx11k"] = tbx11k_manifest(root)
+    if (root / "external" / "views").is_dir():
+        bases["views"] = views_manifest(root)
     return bases
 
 
@@ -104,6 +107,13 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     for frame in (kermany, covid, lungseg, *external):
         frame["split"] = frame["uri"].map(split_of).astype(object)
         frame.loc[frame["split"].isna(), "split"] = None
+    views = bases["views"].copy() if "views" in bases else None
+    if views is not None:
+        # A patient's lateral films and CT slices take the split of their frontal films, so
+        # that nothing learnt from one side is tested on the same patient; the rest get their own.
+        patient_split = covid.dropna(subset=["split"]).drop_duplicates("patient_id").set_index("patient_id")["split"]
+        own = assign_splits(views.assign(stratum=views["view"]), fractions, seed, stratify="stratum")
+        views["split"] = views["patient_id"].map(patient_split).fillna(own).astype(object)
 
     is_kermany_test = universe["source"] == "kermany/test"
     is_covid19 = (universe["source"] == "covid") & (universe["label"] == "covid")
@@ -125,6 +135,7 @@ def split_and_build_tasks(bases: Mapping[str, pd.DataFrame], seed: int, fraction
     return {
         "kermany": kermany, "covid": covid, "lungseg": lungseg,
         **{frame["archive"].iloc[0]: frame for frame in external},
+        **({"views": views.reset_index(drop=True)} if views is not None else {}),
         "tasks/source": source.reset_index(drop=True),
         "tasks/dataset2-4class": dataset2.reset_index(drop=True),
         "tasks/dataset2-3class": three_class(dataset2).reset_index(drop=True),

@@ -175,6 +175,19 @@ def classifier_card(cfg: ClassifierTrainConfig, task: Task, meta: dict, init_ori
         init=init_origin).validate()
 
 
+def qc_views(cfg: FinetuneConfig, task: Task, platform: PlatformConfig) -> tuple[np.ndarray | None, list | None]:
+    """The lateral films and CT slices (``cfg.qc_views``, train and val rows) as the task's
+    images are made, and their kinds; (None, None) where there are none."""
+    if not cfg.qc_views or ("://" not in cfg.qc_views and not Path(cfg.qc_views).exists()):
+        return None, None
+    views = read_manifest(cfg.qc_views, platform.storage)
+    views = views[views["split"].isin(["train", "val"])]
+    if views.empty:
+        return None, None
+    images, _ = task.preprocess.prepare(views["uri"].tolist(), platform.storage, cfg.load_threads)
+    return images, views["view"].tolist()
+
+
 def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
     """Fine-tune, choose the operating point on validation, evaluate the test split, log, and
     register (``cfg.register``). Returns run_id, version (or None), model_name, report,
@@ -207,8 +220,11 @@ def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
         if cfg.register:
             card = classifier_card(cfg, task, meta, init_origin, report, screening)
             train = (rows["split"] == "train").to_numpy()
+            val = (rows["split"] == "val").to_numpy()
             ages = rows.loc[train, "age_group"] if "age_group" in rows else ["unknown"] * int(train.sum())
-            qc = fit_for_task(model, splits["train"][0], splits["val"][0], ages)
+            val_ages = rows.loc[val, "age_group"] if "age_group" in rows else None
+            view_images, view_kinds = qc_views(cfg, task, platform)
+            qc = fit_for_task(model, splits["train"][0], splits["val"][0], ages, val_ages, view_images, view_kinds)
             version = tracking.register_model(uri, name, run_id, model, card, qc=qc)
     return {"run_id": run_id, "version": version, "model_name": name, "report": report, "minutes": minutes,
             "best_epoch": meta["epoch"]}

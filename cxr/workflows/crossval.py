@@ -18,9 +18,10 @@ from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_conf
 from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, archive_table, calibrated,
                           check_recipes, fit_temperature, fold_evaluation, fold_task, local_negatives_table,
                           log_probabilities, plan_folds, recipe_overrides, recipe_summary, rule_threshold,
-                          worst_archive_threshold)
+                          transfer_report, transfer_table, worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import ABOVE_ONE, threshold_for_specificity
+from cxr.qc import classifier_features, synthetic_non_radiographs
 from cxr.train.checkpoints import load_checkpoint
 from cxr.workflows.classifier import classifier_card, fit, initial_state, load_task, log_task, put_task
 
@@ -35,11 +36,34 @@ def log_probs(model, images: np.ndarray) -> np.ndarray:
     return log_probabilities(predict(model, images)[0])
 
 
+def save_fold_features(path: Path, model, fold, evaluation_images: np.ndarray, views: pd.DataFrame | None,
+                       platform: PlatformConfig, fcfg: FinetuneConfig) -> None:
+    """The fold classifier's pooled features (``cxr.qc.classifier_features``) of its training and
+    validation films, of the films it reports on (in ``<fold>.parquet``'s order), of the lateral
+    films and CT slices (``views``) and of synthetic non-radiographs: what quality control is
+    fitted on and judged by, per fold, without training anything again."""
+    split = fold.rows["split"].to_numpy()
+    arrays = {"train": classifier_features(model, fold.images[split == "train"]),
+              "train_age_group": fold.rows.loc[split == "train", "age_group"].fillna("unknown").to_numpy(str),
+              "val": classifier_features(model, fold.images[split == "val"]),
+              "evaluation": classifier_features(model, evaluation_images),
+              "synthetic": classifier_features(model, synthetic_non_radiographs(evaluation_images.shape[-1]))}
+    if views is not None and len(views):
+        view_images, _ = fold.preprocess.prepare(views["uri"].tolist(), platform.storage, fcfg.load_threads)
+        arrays.update(views=classifier_features(model, view_images), views_uri=views["uri"].to_numpy(str),
+                      views_kind=views["view"].to_numpy(str), views_split=views["split"].fillna("").to_numpy(str),
+                      views_patient=views["patient_id"].to_numpy(str))
+    np.savez_compressed(path, **arrays)
+
+
 def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_out: str, task: pd.DataFrame,
-             universe: pd.DataFrame, folder: Path, cross_archive: list[dict] | None = None) -> dict:
+             universe: pd.DataFrame, folder: Path, cross_archive: list[dict] | None = None,
+             views: pd.DataFrame | None = None, other_predictions: pd.DataFrame | None = None) -> dict:
     """Train one fold, and return its result (also written to ``folder``/<fold>.json, with the
     per-image predictions in <fold>.parquet). With ``cross_archive`` (the recipe's other folds'
-    results), register the fold's model, its card holding them and its calibrated operating point."""
+    results), register the fold's model, its card holding them, its temperature and the
+    operating point that transfers (``cxr.crossval.transfer_report`` on ``other_predictions``,
+    the other folds' per-image predictions, and this fold's out-of-archive ones)."""
     name = fold_name(held_out)
     manifest_uri = str((folder / f"{name}-train.parquet").resolve())
     write_manifest(fold_task(task, held_out), manifest_uri)
@@ -73,10 +97,13 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         evaluation = fold_evaluation(universe, task, held_out).reset_index(drop=True)
         images, _ = fold.preprocess.prepare(evaluation["uri"].tolist(), platform.storage, fcfg.load_threads)
         lp = log_probs(model, images)
-        predictions = evaluation[["uri", "archive", "split", "finding", "held_out"]].assign(
+        probs = calibrated(lp, temperature)
+        predictions = evaluation[["uri", "archive", "split", "finding", "age_group", "held_out"]].assign(
             recipe=recipe, fold=held_out, is_covid=(evaluation["label"] == "covid").to_numpy(),
-            p_covid=calibrated(lp, temperature)[:, 0], p_covid_raw=np.exp(lp[:, 0]))
+            p_covid=probs[:, 0], p_covid_raw=np.exp(lp[:, 0]),
+            **{f"p_{label}": probs[:, i] for i, label in enumerate(LABELS_4) if i})
         predictions.to_parquet(folder / f"{name}.parquet", index=False)
+        save_fold_features(folder / f"{name}-features.npz", model, fold, images, views, platform, fcfg)
 
         archives = {}
         for archive, rows in predictions[predictions["held_out"]].groupby("archive"):
@@ -91,17 +118,38 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         tracking.log_metrics(platform.tracking_uri, run_id, {"temperature": temperature, "threshold": threshold,
                                                              "train_minutes": minutes})
         if cross_archive is not None:
-            screening = {"threshold": threshold, "min_specificity": cfg.min_specificity, "temperature": temperature,
-                         "chosen_on": f"validation, every archive of recipe {recipe} (n={int(val.sum())})"}
+            transfer = transfer_report(pd.concat([other_predictions, predictions], ignore_index=True),
+                                       cfg.transfer_specificity, cfg.n_boot, cfg.seed)
+            (folder / "operating_point.json").write_text(json.dumps(transfer, indent=2))
+            tracking.log_dict(platform.tracking_uri, run_id, transfer, "crossval/operating_point.json")
+            screening = {"threshold": transfer["threshold"], "min_specificity": cfg.transfer_specificity,
+                         "temperature": temperature,
+                         "chosen_on": (f"out-of-archive predictions of the {recipe} folds (each archive predicted by "
+                                       f"the fold trained without it): rule '{transfer['chosen']}', "
+                                       f"{transfer['n_adult_negatives']} adult films without COVID-19 and "
+                                       f"{transfer['n_covid']} COVID-19 films; chosen as {transfer['why']}")}
             card = classifier_card(fcfg, fold, meta, init_origin, {}, screening)
             held = cross_archive + [{"archive": a, "fold": "none held out", "report": r} for a, r in archives.items()]
             card = dataclasses.replace(card, metrics={
-                "cross_archive": {"recipe": recipe, "held_out": held}, "in_distribution_test": in_distribution,
+                "cross_archive": {"recipe": recipe, "held_out": held, "rule": "worst archive (each fold's validation)"},
+                "operating_point": card_operating_point(transfer), "in_distribution_test": in_distribution,
                 "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]}).validate()
             out["version"] = tracking.register_model(platform.tracking_uri, platform.registered_models["classifier"],
                                                      run_id, model, card)
     (folder / f"{name}.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def card_operating_point(transfer: dict) -> dict:
+    """What the card keeps of ``transfer_report``: the rule, why, and every rule's threshold and
+    pooled figures on unseen archives, and the chosen rule's per-archive figures (with the
+    number of films behind each)."""
+    return {"rule": transfer["chosen"], "why": transfer["why"], "specificity": transfer["specificity"],
+            "threshold": transfer["threshold"], "n_adult_negatives": transfer["n_adult_negatives"],
+            "n_covid": transfer["n_covid"],
+            "rules": {r: {"threshold": v["threshold"], "pooled_unseen": v["pooled_unseen"]}
+                      for r, v in transfer["rules"].items()},
+            "per_archive": transfer["rules"][transfer["chosen"]]["per_archive"]}
 
 
 def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
@@ -110,6 +158,8 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
     check_recipes(cfg.recipes)
     out = Path(cfg.out)
     universe = read_manifest(str(Path(cfg.manifests) / "tasks" / "archives.parquet"))
+    views_uri = Path(cfg.manifests) / "views.parquet"
+    views = read_manifest(str(views_uri)) if views_uri.exists() else None
     results, predictions, thresholds = [], [], {}
     for recipe in cfg.recipes:
         task = read_manifest(str(Path(cfg.manifests) / "tasks" / f"{RECIPES[recipe]['task']}.parquet"))
@@ -123,7 +173,9 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
                       if register else None)
             fold = json.loads(done.read_text()) if done.exists() else None
             if fold is None or (register and "version" not in fold):       # to do, or to register
-                fold = run_fold(cfg, platform, recipe, held_out, task, universe, folder, others)
+                mine = [p for p in predictions if len(p) and (p["recipe"] == recipe).all()]
+                earlier = pd.concat(mine, ignore_index=True) if register and mine else None
+                fold = run_fold(cfg, platform, recipe, held_out, task, universe, folder, others, views, earlier)
             log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
                      {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
                       for a, r in fold["archives"].items()})
@@ -144,7 +196,16 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
                                         "threshold": threshold,
                                         "report": archive_report(rows, threshold, cfg.n_boot, cfg.seed)})
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    transfer = {}
+    for recipe in cfg.recipes:
+        mine = [p for p in predictions if len(p) and (p["recipe"] == recipe).all()]
+        if mine:
+            transfer[recipe] = transfer_report(pd.concat(mine, ignore_index=True), cfg.transfer_specificity,
+                                               cfg.n_boot, cfg.seed)
+    (out / "operating_points.json").write_text(json.dumps(transfer, indent=2))
     text = "\n\n".join([recipe_summary(results)] + [
+        f"Operating point that transfers, recipe {recipe} (threshold chosen on out-of-archive predictions):\n\n"
+        + transfer_table(report) for recipe, report in transfer.items()] + [
         f"Threshold: {rule} rule.\n\n" + archive_table([r for r in results if r["rule"] == rule])
         for rule in RULES if any(r["rule"] == rule for r in results)])
     (out / "table.md").write_text(text + "\n")
