@@ -428,9 +428,11 @@ def local_negatives_table(predictions: pd.DataFrame, thresholds: dict[tuple[str,
     """Markdown: for each held-out archive with at least ``min_negatives`` negatives, its
     specificity (and sensitivity, where it has COVID) at the fold's threshold, then after
     ``cxr calibrate``'s rule on n local negatives, for growing n: the mean and 5th percentile
-    over 200 draws of the specificity on the archive's other negatives. ``predictions``: the
-    folds' per-image rows (recipe, fold, archive, held_out, is_covid, p_covid); ``thresholds``:
-    (recipe, fold) -> threshold."""
+    over 200 draws of the specificity on the archive's other negatives, and the mean
+    sensitivity on its COVID films; an archive without COVID gets the sensitivity on the
+    recipe's COVID films of every held-out origin (marked "pooled"), a stand-in for the COVID
+    films a site would meet. ``predictions``: the folds' per-image rows (recipe, fold,
+    archive, held_out, is_covid, p_covid); ``thresholds``: (recipe, fold) -> threshold."""
     lines = ["| recipe | held-out archive | negatives / COVID | at the fold's threshold: spec. / sens. | "
              + " | ".join(f"n = {n}" for n in LOCAL_SIZES) + " |", "|---|---|---|---|" + "---|" * len(LOCAL_SIZES)]
     held = predictions[predictions["held_out"]]
@@ -441,9 +443,13 @@ def local_negatives_table(predictions: pd.DataFrame, thresholds: dict[tuple[str,
             continue
         t = thresholds[(recipe, fold)]
         before = f"{(neg < t).mean():.2f} / " + (f"{(pos >= t).mean():.2f}" if len(pos) else "-")
+        pooled = not len(pos)
+        if pooled:
+            pos = held.loc[(held["recipe"] == recipe) & held["is_covid"], "p_covid"].to_numpy()
         cells = []
         for c in local_negatives_curve(neg, LOCAL_SIZES, specificity, seed=seed, positives=pos if len(pos) else None):
-            sens = f", sens. {c['sensitivity_mean']:.2f}" if np.isfinite(c["sensitivity_mean"]) else ""
+            sens = (f", sens. {c['sensitivity_mean']:.2f}{' (pooled)' if pooled else ''}"
+                    if np.isfinite(c["sensitivity_mean"]) else "")
             cells.append(f"{c['specificity_mean']:.2f} (p5 {c['specificity_p05']:.2f}){sens}")
         cells += ["-"] * (len(LOCAL_SIZES) - len(cells))
         lines.append(f"| {recipe} | {archive} | {len(neg)} / {len(pos)} | {before} | " + " | ".join(cells) + " |")

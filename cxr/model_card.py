@@ -89,12 +89,31 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 {% endif %}
 {% if cross %}
 ## Cross-archive figures (leave-one-archive-out, recipe {{ cross.get("recipe", "?") }}; 95% bootstrap intervals)
-Each archive is reported by a model trained, calibrated and thresholded without it.
+Each archive is reported by a model trained, calibrated and thresholded without it{% if cross.get("rule") %} (threshold: {{ cross.get("rule") }}){% endif %}.
 
 | held-out archive | COVID / other | AUROC | sensitivity | specificity |
 |---|---|---|---|---|
 {% for r in cross.get("held_out") or [] if r is mapping and r.get("report") is mapping %}
 | {{ r.get("archive", "?") }} | {{ r.report.get("n_covid", "?") }} / {{ r.report.get("n_other", "?") }} | {{ r.report.get("auroc") | ci }} | {{ r.report.get("sensitivity") | ci }} | {{ r.report.get("specificity") | ci }} |
+{% endfor %}
+{% endif %}
+{% if op %}
+## The operating point: chosen on archives each fold never saw (rule: {{ op.get("rule", "?") }})
+The threshold gives specificity {{ op.get("specificity", "?") }} on {{ op.get("n_adult_negatives", "?") }} adult films without
+COVID-19, pooled over every held-out archive, each predicted by the fold trained without its archive
+({{ op.get("n_covid", "?") }} COVID-19 films of held-out origins beside them). Chosen as {{ op.get("why", "?") }}.
+Pooled figures below are each archive's at the threshold the rule picks from the other archives alone.
+
+| rule | threshold | pooled specificity, adult films without COVID-19 | pooled sensitivity, COVID-19 films |
+|---|---|---|---|
+{% for rule, r in (op.get("rules") or {}).items() if r is mapping %}
+| {{ rule }} | {{ r.get("threshold") | num }} | {{ (r.get("pooled_unseen") or {}).get("specificity_adult_negatives") | ci }} (n={{ ((r.get("pooled_unseen") or {}).get("specificity_adult_negatives") or {}).get("n", "?") }}) | {{ (r.get("pooled_unseen") or {}).get("sensitivity_covid") | ci }} (n={{ ((r.get("pooled_unseen") or {}).get("sensitivity_covid") or {}).get("n", "?") }}) |
+{% endfor %}
+
+| archive (rule {{ op.get("rule", "?") }}) | COVID / other | threshold without it | sensitivity | specificity |
+|---|---|---|---|---|
+{% for archive, r in (op.get("per_archive") or {}).items() if r is mapping %}
+| {{ archive }} | {{ r.get("n_covid", "?") }} / {{ r.get("n_other", "?") }} | {{ r.get("threshold_without_it") | num }} | {{ r.get("sensitivity") | ci }} | {{ r.get("specificity") | ci }} |
 {% endfor %}
 {% endif %}
 {% if calibration %}
@@ -134,8 +153,10 @@ def model_markdown(card: ModelCard, name: str | None = None, version: str | None
     test = test if isinstance(test, dict) and test else None
     dice = dice if isinstance(dice, dict) else None
     cross = cross if isinstance(cross, dict) else None
+    op = card.metrics.get("operating_point")
+    op = op if isinstance(op, dict) else None
     text = _MODEL.render(card=card, p=card.preprocessing, name=name, version=version, test=test, dice=dice,
-                         cross=cross, calibration=calibration, headline=_HEADLINE)
+                         cross=cross, op=op, calibration=calibration, headline=_HEADLINE)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 

@@ -277,7 +277,7 @@ class ScoringPredictor:
         skipped = [(r or "skipped") if s == "skipped" else None
                    for s, r in zip(batch["status"], _strings(batch["skip_reason"]))]
         columns = self.screen.rows(list(batch["uri"]), _strings(batch["sha256"]), errors, batch["image"],
-                                   batch.get("seg_image"), self.heatmap_size, skipped)
+                                   batch.get("seg_image"), self.heatmap_size, skipped, _strings(batch["patient_age"]))
         seg, cls = self.seg_ref, self.cls_ref
         now = datetime.now(timezone.utc)
         # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from cxr.card import Preprocessing
 from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.dicom_header import age_years
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
@@ -28,6 +29,9 @@ from cxr.masking import lung_masks, mask_lungs
 from cxr.package import Component
 from cxr.preprocess import classifier_input, segmenter_input
 from cxr.qc import BLOCKING
+
+
+ADULT_YEARS = 18.0
 
 
 def default_device() -> torch.device:
@@ -140,6 +144,20 @@ class QualityLimits:
         return []
 
 
+def with_age(flags: list[dict], patient_age: str | None) -> list[dict]:
+    """Quality flags with ``pediatric`` decided by the DICOM PatientAge where it is given (under
+    18 years; the score is the age, the threshold 18), else by the learnt detector. The detector
+    learnt children from one archive of children only (Kermany's), so a stated age is the
+    better evidence."""
+    years = age_years(patient_age)
+    if years is None:
+        return flags
+    kept = [f for f in flags if f["flag"] != "pediatric"]
+    blocked = any(f["flag"] in BLOCKING for f in kept)
+    return kept + ([{"flag": "pediatric", "score": float(years), "threshold": ADULT_YEARS}]
+                   if years < ADULT_YEARS and not blocked else [])
+
+
 def screen_label_index(probs: np.ndarray, covid: int | None, threshold: float | None) -> np.ndarray:
     """The one rule for a row's ``predicted_label`` (docs/SCORES.md): COVID-19 when its
     calibrated probability is at or above the card's operating point (the screen is
@@ -236,10 +254,11 @@ class Screen:
 
     def rows(self, uris: Sequence[str], sha256: Sequence[str | None], errors: Sequence[str | None],
              images: np.ndarray, seg_images: np.ndarray | None, heatmap_size: int = 64,
-             skipped: Sequence[str | None] | None = None) -> dict[str, list]:
+             skipped: Sequence[str | None] | None = None, ages: Sequence[str | None] | None = None) -> dict[str, list]:
         """The screen's fields of a scores row (``ROW_FIELDS``) for a batch; an input with an
         error is an ``error`` row, one routed out (``skipped``: its reason) a ``skipped`` row,
-        neither run through the models; the others ``ok`` or ``flagged`` (a quality flag)."""
+        neither run through the models; the others ``ok`` or ``flagged`` (a quality flag).
+        ``ages``: each input's DICOM PatientAge, which decides ``pediatric`` where it is given."""
         from cxr.explain import heatmap_png
 
         n = len(uris)
@@ -265,7 +284,7 @@ class Screen:
                         scales[column][i] = float(out[key][j])
             model_flags = self.qc.assess(out["features"]) if self.qc is not None else [[] for _ in range(int(ok.sum()))]
             for i, extra in zip(np.flatnonzero(ok), model_flags):
-                details[i] = self.quality.assess(float(fraction[i])) + extra
+                details[i] = self.quality.assess(float(fraction[i])) + with_age(extra, ages[i] if ages else None)
         flags = [[f["flag"] for f in d] for d in details]
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
                   else "flagged" if flags[i] else "ok" for i in range(n)]
@@ -307,16 +326,17 @@ class Screen:
         columns: dict[str, list] = {f: [] for f in ROW_FIELDS}
         for start in range(0, len(items), batch_size):
             uris, shas, errors, boxed = [], [], [], []
-            skipped = []
+            skipped, ages = [], []
             for i, item in enumerate(items[start:start + batch_size], start):
-                uri, data, error, pair, reason = self._decode(item, i, storage or self.storage, limits)
+                uri, data, error, pair, reason, age = self._decode(item, i, storage or self.storage, limits)
                 uris.append(uri)
                 shas.append(hashlib.sha256(data).hexdigest() if data is not None else None)
                 errors.append(error)
                 boxed.append(pair)
                 skipped.append(reason)
+                ages.append(age)
             images, seg_images = _stack(boxed, self.preprocess.sizes)
-            for k, v in self.rows(uris, shas, errors, images, seg_images, heatmap_size, skipped).items():
+            for k, v in self.rows(uris, shas, errors, images, seg_images, heatmap_size, skipped, ages).items():
                 columns[k].extend(v)
         frame = pd.DataFrame(columns, columns=list(ROW_FIELDS))
         frame["classifier"] = _ref(self.classifier)
@@ -325,8 +345,8 @@ class Screen:
 
 
     def _decode(self, item, i: int, storage: StorageConfig | None, limits: DecodeLimits) -> tuple:
-        """(uri, bytes or None, error or None, letterboxed pair or None, skip reason or None) of
-        one input: a DICOM that is not a frontal chest radiograph is routed out by its header
+        """(uri, bytes or None, error or None, letterboxed pair or None, skip reason or None,
+        DICOM PatientAge or None) of one input: a DICOM that is not a frontal chest radiograph is routed out by its header
         (``cxr.data.dicom_header``), as the nightly job does. Whatever goes wrong with one input
         is its error, with a reason a person understands."""
         from cxr.data.dicom_header import read_header, skip_reason
@@ -337,18 +357,20 @@ class Screen:
             uri = f"<bytes #{i}>"
         else:
             return (f"<input #{i}>", None, f"not an image path or bytes: {type(item).__name__} {str(item)[:80]!r}",
-                    None, None)
+                    None, None, None)
         data = None
         try:
             data = read_bytes(item, storage, limits.max_bytes) if isinstance(item, str) else item
-            reason = skip_reason(read_header(data, uri))
+            header = read_header(data, uri)
+            reason = skip_reason(header)
+            age = str(header.get("PatientAge", "") or "") or None if header is not None else None
             if reason:
-                return uri, data, None, None, reason
-            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits)), None
+                return uri, data, None, None, reason, age
+            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits)), None, age
         except BadImageError as e:
-            return uri, data, e.reason, None, None
+            return uri, data, e.reason, None, None, None
         except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug
-            return uri, data, describe(e), None, None
+            return uri, data, describe(e), None, None, None
 
 
 def _ref(c: Component) -> str:

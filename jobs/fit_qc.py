@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from cxr.crossval import specificity_threshold
 from cxr.metrics import mean_interval
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
@@ -116,15 +117,40 @@ def fold_inputs(folder: Path, name: str) -> dict:
     return f
 
 
-def fit_fold(f: dict, **knobs) -> QualityModel:
+def fit_fold(f: dict, ood_quantile: float = 0.99, false_flag_quantile: float = 0.995, **_) -> QualityModel:
     """Quality control from one fold's own films: training/validation films, the views' train
     and val split, synthetic non-radiographs."""
+    knobs = {"ood_quantile": ood_quantile, "false_flag_quantile": false_flag_quantile}
     fit_views = f["views_split"] != "test" if "views" in f else None
     ages = f["train_age_group"]
     return fit_quality_model(f["train"], f["val"], ages == "pediatric", np.isin(ages, ["pediatric", "adult"]),
                              f["synthetic"], f["views"][fit_views] if fit_views is not None else None,
                              f["views_kind"][fit_views] if fit_views is not None else None,
                              f["val_age_group"] == "adult", **knobs)
+
+
+def with_pediatric(rows: pd.DataFrame, threshold: float) -> list[list[str]]:
+    """The rows' flags with ``pediatric`` where the detector's probability (``p_child``) reaches
+    ``threshold`` and no flag says the film is not a frontal chest film (as ``cxr.qc`` does)."""
+    return [flags + (["pediatric"] if p >= threshold and not set(flags) & BLOCKING else [])
+            for flags, p in zip(rows["flags"], rows["p_child"].fillna(-1.0))]
+
+
+def pediatric_threshold(held: pd.DataFrame, false_flags: float) -> dict:
+    """The pediatric detector's threshold, chosen like the screen's operating point: on the
+    folds' detectors' probabilities for adult films of archives each never saw, pooled, the one
+    flagging ``false_flags`` of them; and what it does on an archive it did not see (each
+    archive at the threshold chosen from the others)."""
+    adults = held[(held["age_group"] == "adult") & held["p_child"].notna()]
+    threshold = specificity_threshold(adults["p_child"].to_numpy(), 1 - false_flags)
+    nested = {}
+    for archive, g in adults.groupby("archive"):
+        t = specificity_threshold(adults.loc[adults["archive"] != archive, "p_child"].to_numpy(), 1 - false_flags)
+        nested[archive] = {"threshold_without_it": t, **rate(g["p_child"].to_numpy() >= t)}
+    pooled = np.concatenate([adults.loc[adults["archive"] == a, "p_child"].to_numpy() >= v["threshold_without_it"]
+                             for a, v in nested.items()])
+    return {"threshold": threshold, "target_false_flags": false_flags, "n_adults": len(adults),
+            "nested_pooled": rate(pooled), "nested_by_archive": nested}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="out_of_distribution above this quantile of the validation films' distance")
     p.add_argument("--false-flag-quantile", type=float, default=0.995,
                    help="each learnt flag's threshold: this share of the validation films stays under it")
+    p.add_argument("--pediatric-false-flags", type=float, default=0.01,
+                   help="the pediatric detector's share of flagged adult films of archives never trained on")
     p.add_argument("--out", default="out/qc.json")
     args = p.parse_args(argv)
     from cxr.package import read_screen, write_checksums
     from cxr.screen import Screen
 
     folder = Path(args.crossval)
-    knobs = {"ood_quantile": args.ood_quantile, "false_flag_quantile": args.false_flag_quantile}
+    knobs = {"ood_quantile": args.ood_quantile, "false_flag_quantile": args.false_flag_quantile,
+             "pediatric_false_flags": args.pediatric_false_flags}
     held, all_fold = [], None
     for result in sorted(folder.glob("*.json")):
         name = result.stem
@@ -151,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         f = fold_inputs(folder, name)
         qc = fit_fold(f, **knobs)
-        found = qc.flags(f["evaluation"])
-        rows = f["predictions"].assign(flags=found)
+        child = qc.pediatric_probability(f["evaluation"])
+        rows = f["predictions"].assign(flags=[[x for x in found if x != "pediatric"] for found in qc.flags(f["evaluation"])],
+                                       p_child=child if child is not None else np.nan)
         held.append(rows[rows["held_out"]])
         if name == "all":
             all_fold = (f, qc, rows)
@@ -161,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fit_qc: no fold holding none out (all-features.npz) in {folder}", file=sys.stderr)
         return 2
     held = pd.concat(held, ignore_index=True).drop_duplicates("uri")
+    pediatric = pediatric_threshold(held, args.pediatric_false_flags)
+    held["flags"] = with_pediatric(held, pediatric["threshold"])
     adult = held[held["age_group"] == "adult"]
     f, qc, rows = all_fold
+    rows = rows.assign(flags=with_pediatric(rows, pediatric["threshold"]))
     views_test = f["views_split"] == "test"
     view_flags = qc.flags(f["views"][views_test])
     kinds = f["views_kind"][views_test]
@@ -184,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                       "views": features(screen, manifest_grays(views, storage)),
                       "views_kind": views["view"].to_numpy(str), "views_split": views["split"].to_numpy(str)}
     shipped = fit_fold(shipped_inputs, **knobs)
+    shipped.pediatric_threshold = pediatric["threshold"]
     others = {kind: shipped.flags(features(screen, grays)) for kind, grays in not_chest_xrays().items()}
     covid = adult[adult["is_covid"]]
     figures = {
@@ -193,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
             "adult_films": rates(list(adult["flags"])),
             "adult_films_without_covid": rates(list(adult.loc[~adult["is_covid"], "flags"])),
             "by_archive": {a: rates(list(g["flags"])) for a, g in adult.groupby("archive")}},
+        # What each flag would cost in sensitivity if it stopped the screen: the share of
+        # COVID-19 films of archives never trained on that it flags.
         "blocking_cost_on_unseen_covid_films": {
             "n": len(covid), "blocking_flags": sorted(BLOCKING),
+            "by_flag": {flag: rate([flag in x for x in covid["flags"]]) for flag in FLAGS},
             "stopped_by_blocking_flags": rate([bool(set(x) & BLOCKING) for x in covid["flags"]]),
             "stopped_if_every_flag_blocked": rate([bool(x) for x in covid["flags"]])},
         "views_test_split": {kind: {**rates([v for v, k in zip(view_flags, kinds) if k == kind]),
                                     "caught_as_not_frontal": rate([bool(set(v) & BLOCKING)
                                                                    for v, k in zip(view_flags, kinds) if k == kind])}
                              for kind in ("lateral", "ct")},
+        "pediatric_threshold": pediatric,
         "children_kermany_test": {"pediatric": rate(["pediatric" in x for x in children["flags"]]),
                                   "any_flag": rate([bool(x) for x in children["flags"]])},
         "not_chest_xrays": {"all": rate([bool(x) for v in others.values() for x in v]),

@@ -262,3 +262,19 @@ def test_the_card_keeps_the_chosen_rule_with_its_figures_and_counts():
     assert card["per_archive"]["tbx11k"]["specificity"]["n"] == 600
     table = transfer_table(report)
     assert "| worst archive |" in table and "covid/sirm" in table
+
+
+def test_the_markdown_card_shows_the_transfer_rule_and_its_figures():
+    import dataclasses
+
+    from cxr.crossval import transfer_report
+    from cxr.model_card import model_markdown
+    from cxr.workflows.crossval import card_operating_point
+    from tests.test_card import classifier_card
+
+    op = card_operating_point(transfer_report(_held_out_predictions(), 0.90, n_boot=50))
+    card = classifier_card()
+    card = dataclasses.replace(card, metrics={**card.metrics, "operating_point": op}).validate()
+    text = model_markdown(card)
+    assert f"(rule: {op['rule']})" in text and "| archive-balanced pool |" in text
+    assert "| covid/sirm | 50 / 0 |" in text and "nan" not in text.lower()

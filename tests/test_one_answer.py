@@ -137,3 +137,17 @@ def test_only_blocking_flags_stop_the_screen(tiny_models, sample_root):
     assert blocked["argmax_label"].notna().all()
     assert_one_answer(review)
     assert_one_answer(blocked)
+
+
+def test_a_stated_dicom_age_decides_pediatric():
+    from cxr.data.dicom_header import age_years
+    from cxr.screen import with_age
+
+    assert age_years("054Y") == 54 and age_years("006M") == 0.5 and age_years("") is None
+    assert age_years("adult") is None and age_years(None) is None and abs(age_years("014D") - 14 / 365.25) < 1e-9
+    learnt = [{"flag": "pediatric", "score": 0.9, "threshold": 0.7}]
+    assert with_age(learnt, None) == learnt                          # no age: the detector decides
+    assert with_age(learnt, "045Y") == []                            # an adult by the header
+    assert with_age([], "004Y") == [{"flag": "pediatric", "score": 4.0, "threshold": 18.0}]
+    lateral = [{"flag": "lateral", "score": 0.9, "threshold": 0.6}]
+    assert with_age(lateral, "004Y") == lateral                      # not screened anyway

@@ -145,3 +145,15 @@ def skip_reason(ds: pydicom.Dataset | None) -> str | None:
     if _words(view) & OBLIQUE_WORDS:
         return f"oblique view (ViewPosition {view}): the model reads frontal films only"
     return None
+
+
+_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def age_years(patient_age: str | None) -> float | None:
+    """A DICOM Age String (``054Y``, ``006M``, ``002W``, ``010D``) in years; None where it is
+    absent or not one (free text, an empty tag)."""
+    text = (patient_age or "").strip().upper()
+    if len(text) < 2 or text[-1] not in _AGE_UNITS or not text[:-1].isdigit():
+        return None
+    return int(text[:-1]) * _AGE_UNITS[text[-1]]
