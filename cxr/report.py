@@ -118,7 +118,7 @@ def legend_png(page_scale: float) -> str:
 
 def _screen_result(row) -> str:
     if row["status"] == "flagged" and pd.isna(row["screen_positive"]):
-        return "not screened: not a frontal chest film"
+        return "not screened: not a frontal adult chest film"
     if pd.isna(row["covid_threshold"]) or pd.isna(row["screen_positive"]):
         return "no threshold"
     t = row["covid_threshold"]

@@ -39,7 +39,8 @@ from cxr.metrics import mean_interval
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
 from cxr.data.storage import read_bytes
-from cxr.qc import BLOCKING, FLAGS, QualityModel, classifier_features, fit_quality_model, synthetic_non_radiographs
+from cxr.qc import (BLOCKING, FLAGS, VIEW_CLASSES, QualityModel, classifier_features, fit_quality_model,
+                    synthetic_non_radiographs)
 
 def features(screen, grays: list[np.ndarray]) -> np.ndarray:
     """The classifier's pooled features of 8-bit grayscale images, letterboxed as the screen does."""
@@ -129,28 +130,34 @@ def fit_fold(f: dict, ood_quantile: float = 0.99, false_flag_quantile: float = 0
                              f["val_age_group"] == "adult", **knobs)
 
 
-def with_pediatric(rows: pd.DataFrame, threshold: float) -> list[list[str]]:
-    """The rows' flags with ``pediatric`` where the detector's probability (``p_child``) reaches
-    ``threshold`` and no flag says the film is not a frontal chest film (as ``cxr.qc`` does)."""
-    return [flags + (["pediatric"] if p >= threshold and not set(flags) & BLOCKING else [])
-            for flags, p in zip(rows["flags"], rows["p_child"].fillna(-1.0))]
+# The learnt flags whose thresholds are chosen on archives the folds never trained on, like the
+# screen's operating point, and the probability each reads.
+LEARNT = ("lateral", "ct_slice", "not_a_chest_xray", "pediatric", "non_radiograph")
 
 
-def pediatric_threshold(held: pd.DataFrame, false_flags: float) -> dict:
-    """The pediatric detector's threshold, chosen like the screen's operating point: on the
-    folds' detectors' probabilities for adult films of archives each never saw, pooled, the one
-    flagging ``false_flags`` of them; and what it does on an archive it did not see (each
-    archive at the threshold chosen from the others)."""
-    adults = held[(held["age_group"] == "adult") & held["p_child"].notna()]
-    threshold = specificity_threshold(adults["p_child"].to_numpy(), 1 - false_flags)
-    nested = {}
-    for archive, g in adults.groupby("archive"):
-        t = specificity_threshold(adults.loc[adults["archive"] != archive, "p_child"].to_numpy(), 1 - false_flags)
-        nested[archive] = {"threshold_without_it": t, **rate(g["p_child"].to_numpy() >= t)}
-    pooled = np.concatenate([adults.loc[adults["archive"] == a, "p_child"].to_numpy() >= v["threshold_without_it"]
-                             for a, v in nested.items()])
-    return {"threshold": threshold, "target_false_flags": false_flags, "n_adults": len(adults),
-            "nested_pooled": rate(pooled), "nested_by_archive": nested}
+def learnt_scores(qc: QualityModel, features: np.ndarray) -> pd.DataFrame:
+    """Each learnt flag's probability (NaN where the fold's quality control has no such detector)."""
+    views = qc.view_probabilities(features)
+    child = qc.pediatric_probability(features)
+    out = {flag: views[:, VIEW_CLASSES.index(flag)] if views is not None and flag in qc.view_thresholds
+           else np.full(len(features), np.nan) for flag in LEARNT[:3]}
+    out["pediatric"] = child if child is not None else np.full(len(features), np.nan)
+    detector = qc.not_cxr_probability(features)      # the non-radiograph detector's own not_a_chest_xray
+    out["non_radiograph"] = detector if detector is not None else np.full(len(features), np.nan)
+    return pd.DataFrame(out)
+
+
+def choose_thresholds(adults: pd.DataFrame, budgets: dict[str, float]) -> dict[str, float]:
+    """Each learnt flag's threshold: the one flagging its budget's share of ``adults`` (adult
+    films of archives the folds never trained on, pooled)."""
+    return {flag: specificity_threshold(adults[flag].dropna().to_numpy(), 1 - budget) for flag, budget in budgets.items()}
+
+
+def set_thresholds(qc: QualityModel, thresholds: dict[str, float]) -> QualityModel:
+    qc.view_thresholds = {k: thresholds[k] for k in qc.view_thresholds}
+    qc.pediatric_threshold = thresholds["pediatric"]
+    qc.not_cxr_probability_threshold = thresholds["non_radiograph"]
+    return qc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,43 +166,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default="models/cxr-screen", help="the screen bundle (folder), written in place; "
                                                                 "its classifier must be the fold holding none out")
     p.add_argument("--manifests", default="out/manifests", help="cxr prepare-data output (views.parquet)")
-    p.add_argument("--ood-quantile", type=float, default=0.99,
+    p.add_argument("--ood-quantile", type=float, default=0.999,
                    help="out_of_distribution above this quantile of the validation films' distance")
     p.add_argument("--false-flag-quantile", type=float, default=0.995,
                    help="each learnt flag's threshold: this share of the validation films stays under it")
-    p.add_argument("--pediatric-false-flags", type=float, default=0.01,
+    p.add_argument("--pediatric-false-flags", type=float, default=0.005,
                    help="the pediatric detector's share of flagged adult films of archives never trained on")
+    p.add_argument("--view-false-flags", type=float, default=0.002,
+                   help="each view flag's (lateral, ct_slice, not_a_chest_xray) share of flagged adult films of "
+                        "archives never trained on")
+    p.add_argument("--non-radiograph-false-flags", type=float, default=0.002,
+                   help="the non-radiograph detector's share of flagged adult films of archives never trained on")
     p.add_argument("--out", default="out/qc.json")
     args = p.parse_args(argv)
     from cxr.package import read_screen, write_checksums
     from cxr.screen import Screen
 
     folder = Path(args.crossval)
-    knobs = {"ood_quantile": args.ood_quantile, "false_flag_quantile": args.false_flag_quantile,
-             "pediatric_false_flags": args.pediatric_false_flags}
-    held, all_fold = [], None
+    knobs = {"ood_quantile": args.ood_quantile, "false_flag_quantile": args.false_flag_quantile}
+    budgets = {"lateral": args.view_false_flags, "ct_slice": args.view_false_flags,
+               "not_a_chest_xray": args.view_false_flags, "pediatric": args.pediatric_false_flags,
+               "non_radiograph": args.non_radiograph_false_flags}
+    folds = {}
     for result in sorted(folder.glob("*.json")):
-        name = result.stem
-        if not (folder / f"{name}-features.npz").exists():
-            continue
-        f = fold_inputs(folder, name)
-        qc = fit_fold(f, **knobs)
-        child = qc.pediatric_probability(f["evaluation"])
-        rows = f["predictions"].assign(flags=[[x for x in found if x != "pediatric"] for found in qc.flags(f["evaluation"])],
-                                       p_child=child if child is not None else np.nan)
-        held.append(rows[rows["held_out"]])
-        if name == "all":
-            all_fold = (f, qc, rows)
-        print(f"fit_qc: fold {name}: {int(rows['held_out'].sum())} held-out films", flush=True)
-    if all_fold is None:
+        if (folder / f"{result.stem}-features.npz").exists():
+            f = fold_inputs(folder, result.stem)
+            folds[result.stem] = (f, fit_fold(f, **knobs))
+    if "all" not in folds:
         print(f"fit_qc: no fold holding none out (all-features.npz) in {folder}", file=sys.stderr)
         return 2
-    held = pd.concat(held, ignore_index=True).drop_duplicates("uri")
-    pediatric = pediatric_threshold(held, args.pediatric_false_flags)
-    held["flags"] = with_pediatric(held, pediatric["threshold"])
+    scored = []
+    for name, (f, qc) in folds.items():
+        rows = f["predictions"].reset_index(drop=True)
+        scored.append(pd.concat([rows.assign(fold=name), learnt_scores(qc, f["evaluation"])], axis=1)[rows["held_out"]])
+    held = pd.concat(scored, ignore_index=True).drop_duplicates("uri")
+    adults_scored = held[held["age_group"] == "adult"]
+    chosen = choose_thresholds(adults_scored, budgets)
+    # Nested: each archive's flags at the thresholds chosen without it (the honest figure).
+    nested = []
+    for name, (f, qc) in folds.items():
+        rows = f["predictions"].reset_index(drop=True)
+        for archive in rows.loc[rows["held_out"], "archive"].unique():
+            mine = (rows["held_out"] & (rows["archive"] == archive)).to_numpy()
+            without = choose_thresholds(adults_scored[adults_scored["archive"] != archive], budgets)
+            flags = set_thresholds(qc, without).flags(f["evaluation"][mine])
+            nested.append(rows[mine].assign(flags=flags, fold=name))
+    held = pd.concat(nested, ignore_index=True).drop_duplicates("uri")
     adult = held[held["age_group"] == "adult"]
-    f, qc, rows = all_fold
-    rows = rows.assign(flags=with_pediatric(rows, pediatric["threshold"]))
+    f, qc = folds["all"]
+    set_thresholds(qc, chosen)
+    rows = f["predictions"].assign(flags=qc.flags(f["evaluation"]))
     views_test = f["views_split"] == "test"
     view_flags = qc.flags(f["views"][views_test])
     kinds = f["views_kind"][views_test]
@@ -216,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                       "synthetic": features(screen, list(synthetic_non_radiographs(screen.preprocess.size)[:, 0])),
                       "views": features(screen, manifest_grays(views, storage)),
                       "views_kind": views["view"].to_numpy(str), "views_split": views["split"].to_numpy(str)}
-    shipped = fit_fold(shipped_inputs, **knobs)
-    shipped.pediatric_threshold = pediatric["threshold"]
+    shipped = set_thresholds(fit_fold(shipped_inputs, **knobs), chosen)
     others = {kind: shipped.flags(features(screen, grays)) for kind, grays in not_chest_xrays().items()}
     covid = adult[adult["is_covid"]]
     figures = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "bundle": str(Path(args.bundle)),
         "crossval": str(folder), "knobs": knobs,
+        "note": "false flags and blocking costs: each archive at the thresholds chosen without it",
         "false_flags_unseen_archives": {
             "adult_films": rates(list(adult["flags"])),
             "adult_films_without_covid": rates(list(adult.loc[~adult["is_covid"], "flags"])),
@@ -238,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "caught_as_not_frontal": rate([bool(set(v) & BLOCKING)
                                                                    for v, k in zip(view_flags, kinds) if k == kind])}
                              for kind in ("lateral", "ct")},
-        "pediatric_threshold": pediatric,
+        "thresholds_chosen_on_unseen_archives": {"budgets": budgets, "thresholds": chosen,
+                                                 "n_adult_films": len(adults_scored)},
         "children_kermany_test": {"pediatric": rate(["pediatric" in x for x in children["flags"]]),
                                   "any_flag": rate([bool(x) for x in children["flags"]])},
         "not_chest_xrays": {"all": rate([bool(x) for v in others.values() for x in v]),

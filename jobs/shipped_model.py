@@ -38,11 +38,20 @@ def sample_rows(data_root: Path) -> pd.DataFrame:
         return pd.read_parquet(Path(tmp) / "tasks" / "screen-4class.parquet")
 
 
+def changed(a: pd.Series, b: pd.Series) -> int:
+    """How many rows differ, a null equal to a null (a film neither version screened)."""
+    return int((a.astype(object).where(a.notna(), "-") != b.astype(object).where(b.notna(), "-")).sum())
+
+
 def figures(rows: pd.DataFrame, scored: pd.DataFrame, threshold: float, n_boot: int) -> dict:
     """Predicted labels per archive, COVID AUROC and the rates at ``threshold``."""
     is_covid = (rows["label"] == "covid").to_numpy()
     score = scored["covid_probability"].to_numpy(float)
-    out = {"n": len(rows), "accuracy": float((scored["predicted_label"].to_numpy() == rows["label"].to_numpy()).mean()),
+    screened = scored["predicted_label"].notna().to_numpy()
+    # Accuracy of the label rule's answer on the films it screened; the others (children and
+    # what is not a frontal chest film) are counted apart.
+    out = {"n": len(rows), "not_screened": int((~screened).sum()),
+           "accuracy": float((scored["predicted_label"].to_numpy() == rows["label"].to_numpy())[screened].mean()),
            "predicted": {a: scored.loc[(rows["archive"] == a).to_numpy(), "predicted_label"].value_counts().to_dict()
                          for a in sorted(rows["archive"].unique())},
            "screen": screening_metrics(is_covid, score, threshold, n_boot)}
@@ -76,8 +85,9 @@ def evaluate(bundle: Path, data_root: Path, training_manifest: str | None, refer
         result["int8_against_float32"] = {
             "max_abs_covid_probability_difference": float(
                 np.abs(original["covid_probability"] - scored["covid_probability"]).max()),
-            "changed_labels": int((original["predicted_label"] != scored["predicted_label"]).sum()),
-            "changed_screen_flags": int((original["screen_positive"] != scored["screen_positive"]).sum()),
+            "changed_labels": changed(original["predicted_label"], scored["predicted_label"]),
+            "changed_screen_flags": changed(original["screen_positive"], scored["screen_positive"]),
+            "changed_qc_flags": changed(original["qc_flags"].map(tuple), scored["qc_flags"].map(tuple)),
             "float32_figures": figures(rows, original, screen.threshold, n_boot)}
     return result
 

@@ -29,7 +29,7 @@ from cxr.config import load_platform
 from cxr.crossval import adult_negatives, calibrated, log_probabilities, out_of_archive, transfer_report
 from cxr.metrics import auroc_interval
 from cxr.screen import Preprocess
-from cxr.train.checkpoints import load_checkpoint
+from cxr.workflows.crossval import fold_model
 
 
 def zoom(images: np.ndarray, keep: float) -> np.ndarray:
@@ -49,8 +49,7 @@ SETS = {"none": ("identity",), "zooms": ("identity", "zoom 0.9", "zoom 0.8"), "m
 
 def fold_predictions(folder: Path, ray_root: Path, name: str, storage) -> pd.DataFrame:
     fold = json.loads((folder / f"{name}.json").read_text())
-    (checkpoint,) = sorted((ray_root / f"crossval-{fold['run_id'][:8]}").glob("checkpoint_*"))[-1:]
-    model, meta = load_checkpoint(checkpoint, "cpu")
+    model, meta = fold_model(folder, name, str(ray_root))
     rows = pd.read_parquet(folder / f"{name}.parquet")
     prep = Preprocess(Preprocessing.for_classifier(int(meta["image_size"])))     # the screen recipe: whole images
     images, _ = prep.prepare(rows["uri"].tolist(), storage, 2)

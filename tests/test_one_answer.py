@@ -95,7 +95,7 @@ def test_quality_control_learns_views_and_keeps_frontal_films_with_scores_and_th
     assessed = qc.assess(lateral[30:])
     assert all(a[0]["score"] > a[0]["threshold"] for a in assessed)
     assert {f for a in qc.assess(frontal[250:]) for f in (x["flag"] for x in a)} <= {"pediatric", "out_of_distribution"}
-    assert VIEW_CLASSES[0] == "frontal" and BLOCKING == {"not_a_chest_xray", "ct_slice", "lateral"}
+    assert VIEW_CLASSES[0] == "frontal" and BLOCKING == {"not_a_chest_xray", "ct_slice", "lateral", "pediatric"}
 
 
 def test_quality_control_saves_and_loads_its_view_detector(tmp_path):
@@ -113,7 +113,7 @@ def test_quality_control_saves_and_loads_its_view_detector(tmp_path):
 
 def test_only_blocking_flags_stop_the_screen(tiny_models, sample_root):
     """A flag that says the film is not a frontal chest film leaves no screen result and no
-    label; a review flag (pediatric) keeps both. Flags come with their scores."""
+    label; a review flag (out_of_distribution) keeps both. Flags come with their scores."""
     import cxr
 
     images = [str(p) for p in sorted((sample_root / "kermany").rglob("*.jpg"))[:4]]
@@ -126,15 +126,16 @@ def test_only_blocking_flags_stop_the_screen(tiny_models, sample_root):
         def assess(self, features):
             return [[{"flag": self.flag, "score": 0.9, "threshold": 0.5}] for _ in range(len(features))]
 
-    screen.qc = Fixed("pediatric")
+    screen.qc = Fixed("out_of_distribution")
     review = screen.predict(images, heatmap_size=None)
     assert (review["status"] == "flagged").all() and review["screen_positive"].notna().all()
     assert review["predicted_label"].notna().all()
-    assert review["qc_scores"][0] == [{"flag": "pediatric", "score": 0.9, "threshold": 0.5}]
-    screen.qc = Fixed("lateral")
-    blocked = screen.predict(images, heatmap_size=None)
-    assert blocked["screen_positive"].isna().all() and blocked["predicted_label"].isna().all()
-    assert blocked["argmax_label"].notna().all()
+    assert review["qc_scores"][0] == [{"flag": "out_of_distribution", "score": 0.9, "threshold": 0.5}]
+    for flag in ("lateral", "pediatric"):
+        screen.qc = Fixed(flag)
+        blocked = screen.predict(images, heatmap_size=None)
+        assert blocked["screen_positive"].isna().all() and blocked["predicted_label"].isna().all()
+        assert blocked["argmax_label"].notna().all()
     assert_one_answer(review)
     assert_one_answer(blocked)
 
@@ -151,3 +152,4 @@ def test_a_stated_dicom_age_decides_pediatric():
     assert with_age([], "004Y") == [{"flag": "pediatric", "score": 4.0, "threshold": 18.0}]
     lateral = [{"flag": "lateral", "score": 0.9, "threshold": 0.6}]
     assert with_age(lateral, "004Y") == lateral                      # not screened anyway
+    assert with_age([{"flag": "out_of_distribution", "score": 3.0, "threshold": 2.0}], "004Y")[-1]["flag"] == "pediatric"

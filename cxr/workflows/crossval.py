@@ -140,6 +140,16 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
     return out
 
 
+def fold_model(folder: Path, name: str, storage_path: str = "out/ray"):
+    """A finished fold's best checkpoint (Ray Train keeps the best one under ``storage_path``),
+    loaded on the CPU: (model, meta)."""
+    run_id = json.loads((Path(folder) / f"{name}.json").read_text())["run_id"]
+    found = sorted(p for p in (Path(storage_path) / f"crossval-{run_id[:8]}").glob("checkpoint_*") if p.is_dir())
+    if not found:
+        raise FileNotFoundError(f"no checkpoint of fold {name} (run {run_id}) under {storage_path}")
+    return load_checkpoint(found[-1], "cpu")
+
+
 def card_operating_point(transfer: dict) -> dict:
     """What the card keeps of ``transfer_report``: the rule, why, and every rule's threshold and
     pooled figures on unseen archives, and the chosen rule's per-archive figures (with the
