@@ -259,6 +259,8 @@ def transfer_threshold(rule: str, scores: np.ndarray, archives: np.ndarray,
     """``rule``'s threshold (one of ``TRANSFER_RULES``) from negatives' ``scores`` and their
     ``archives``."""
     scores, archives = np.asarray(scores, float), np.asarray(archives)
+    if not len(scores):
+        return 0.5
     if rule == "pooled adult negatives":
         return specificity_threshold(scores, specificity)
     if rule == "archive-balanced pool":
@@ -315,15 +317,17 @@ def transfer_report(predictions: pd.DataFrame, specificity: float = TRANSFER_SPE
                               "sensitivity_covid": _rate(decided[covid], n_boot, seed)},
             "pooled_at_threshold": {"specificity_adult_negatives": _rate(score[negative] < threshold, n_boot, seed),
                                     "sensitivity_covid": _rate(score[covid] >= threshold, n_boot, seed)}}
-    pooled = {r: v["pooled_unseen"] for r, v in rules.items()}
-    specific = [r for r in TRANSFER_RULES
-                if pooled[r]["specificity_adult_negatives"]["value"] >= specificity - 0.02]
+    def value(rule: str, metric: str) -> float:        # a rate with no films behind it counts as 0
+        rated = rules[rule]["pooled_unseen"][metric]
+        return rated["value"] if rated else 0.0
+
+    specific = [r for r in TRANSFER_RULES if value(r, "specificity_adult_negatives") >= specificity - 0.02]
     if specific:
-        chosen = max(specific, key=lambda r: pooled[r]["sensitivity_covid"]["value"])
+        chosen = max(specific, key=lambda r: value(r, "sensitivity_covid"))
         why = (f"the highest pooled sensitivity on COVID-19 films of archives it did not see among the rules "
                f"keeping pooled specificity >= {specificity - 0.02:.2f} on adult films without COVID-19 there")
     else:
-        chosen = max(TRANSFER_RULES, key=lambda r: pooled[r]["specificity_adult_negatives"]["value"])
+        chosen = max(TRANSFER_RULES, key=lambda r: value(r, "specificity_adult_negatives"))
         why = f"no rule kept pooled specificity >= {specificity - 0.02:.2f} on unseen archives: the most specific"
     return {"specificity": specificity, "rules": rules, "chosen": chosen, "why": why,
             "threshold": rules[chosen]["threshold"], "n_images": int(len(held)),

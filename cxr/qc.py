@@ -43,9 +43,8 @@ QC_WEIGHTS, QC_INFO = "qc.safetensors", "qc.json"
 FLAGS = ("not_a_chest_xray", "ct_slice", "lateral", "out_of_distribution", "pediatric")
 # Flags that stop the screen: the film is not a frontal adult chest radiograph, which is all
 # the screen was validated on (docs/RESULTS.md, "Quality control that keeps real films":
-# none of these flagged more than 1% of COVID-19 films of archives never trained on, so
-# blocking costs at most that in sensitivity, while children, unblocked, were called
-# screen-positive at 26%). ``out_of_distribution`` (and the lung-fraction flags) mark the row
+# together they stopped 1.7% of the COVID-19 films of archives never trained on, each about
+# 1% or less, while children, unblocked, were called screen-positive at 26%). ``out_of_distribution`` (and the lung-fraction flags) mark the row
 # for review and keep the screen result: they flag real adult chest films, COVID-19 ones too.
 BLOCKING = frozenset({"not_a_chest_xray", "ct_slice", "lateral", "pediatric"})
 # The view detector's classes, frontal first (the films the classifier was trained on).
@@ -70,7 +69,7 @@ class QualityModel:
     not_cxr_probability_threshold: float = 1.0
     info: dict = field(default_factory=dict)      # what it was fitted on, and its figures
     pediatric_threshold: float = 0.5
-    view_coef: np.ndarray | None = None           # (len(VIEW_CLASSES), d + 1) multinomial regression
+    view_coef: np.ndarray | None = None           # (len(VIEW_CLASSES), K) multinomial regression
     view_intercept: np.ndarray | None = None      # (len(VIEW_CLASSES),)
     view_thresholds: dict = field(default_factory=dict)   # flag -> probability threshold
     # Standardisation of the features for the view and pediatric detectors (since the view

@@ -28,6 +28,7 @@ from PIL import Image
 from cxr.data.errors import BadImageError
 from cxr.data.images import load_image
 from cxr.data.storage import StorageConfig
+from cxr.qc import BLOCKING
 from cxr.scores_table import SCHEMA, SCORED_STATUSES, read_scores, rows_for
 
 IMAGES = ("heatmap_png", "covid_heatmap_png", "lung_mask_png")     # read only for the rows shown
@@ -117,7 +118,7 @@ def legend_png(page_scale: float) -> str:
 
 
 def _screen_result(row) -> str:
-    if row["status"] == "flagged" and pd.isna(row["screen_positive"]):
+    if row["qc_flags"] is not None and set(row["qc_flags"]) & BLOCKING:
         return "not screened: not a frontal adult chest film"
     if pd.isna(row["covid_threshold"]) or pd.isna(row["screen_positive"]):
         return "no threshold"

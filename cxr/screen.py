@@ -164,7 +164,7 @@ def screen_label_index(probs: np.ndarray, covid: int | None, threshold: float | 
     positive), otherwise the most probable of the other classes; without an operating point,
     the most probable class. So a row's label and its screen result never disagree; the raw
     most probable class is kept as ``argmax_label``. ``probs``: (B, C) calibrated."""
-    probs = np.asarray(probs, np.float64)
+    probs = np.asarray(probs)      # compared in its own dtype (float32 in serving), as the card's threshold was set
     if covid is None or threshold is None or not probs.size:
         return probs.argmax(axis=1) if probs.size else np.zeros(len(probs), int)
     others = probs.copy()
@@ -291,6 +291,8 @@ class Screen:
         # A film flagged as not a frontal chest film (cxr.qc.BLOCKING) is not screened and gets
         # no label; other flags mark the row for review and keep both.
         screened = ok & np.array([not set(f) & BLOCKING for f in flags], bool)
+        if self.covid is not None:
+            screened &= np.isfinite(probs[:, self.covid])       # no probability, no answer
         chosen = screen_label_index(np.nan_to_num(probs, nan=0.0), self.covid, self.threshold)
         return {
             "uri": list(uris), "sha256": list(sha256), "status": status, "error": list(errors), "skip_reason": skipped,
@@ -301,7 +303,8 @@ class Screen:
             "covid_probability": [float(probs[i, self.covid]) if ok[i] and self.covid is not None else None
                                   for i in range(n)],
             "covid_threshold": [self.threshold] * n,
-            "screen_positive": [bool(probs[i, self.covid] >= self.threshold)
+            # The same comparison as the label's, so the two cannot disagree.
+            "screen_positive": [bool(chosen[i] == self.covid)
                                 if screened[i] and self.threshold is not None else None for i in range(n)],
             "heatmap_png": pngs["heatmap_png"], "heatmap_size": [heatmap_size or None] * n,
             # Which class the stored heatmap explains (the label rule's), and the COVID map.
@@ -349,7 +352,7 @@ class Screen:
         DICOM PatientAge or None) of one input: a DICOM that is not a frontal chest radiograph is routed out by its header
         (``cxr.data.dicom_header``), as the nightly job does. Whatever goes wrong with one input
         is its error, with a reason a person understands."""
-        from cxr.data.dicom_header import read_header, skip_reason
+        from cxr.data.dicom_header import header_text, read_header, skip_reason
 
         if isinstance(item, str):
             uri = item
@@ -363,7 +366,7 @@ class Screen:
             data = read_bytes(item, storage, limits.max_bytes) if isinstance(item, str) else item
             header = read_header(data, uri)
             reason = skip_reason(header)
-            age = str(header.get("PatientAge", "") or "") or None if header is not None else None
+            age = header_text(header, "PatientAge") if header is not None else None
             if reason:
                 return uri, data, None, None, reason, age
             return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits)), None, age

@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                         "views": len(views), "synthetic": len(shipped_inputs["synthetic"]),
                         "thresholds": {"out_of_distribution": shipped.ood_threshold,
                                        "not_a_chest_xray_distance": shipped.not_cxr_threshold,
-                                       "pediatric": shipped.pediatric_threshold, **shipped.view_thresholds}},
+                                       "pediatric": shipped.pediatric_threshold,
+                                       "non_radiograph_detector": shipped.not_cxr_probability_threshold,
+                                       **shipped.view_thresholds}},
     }
     shipped.info = {"fitted_on": figures["shipped_fit"], "date": figures["date"],
                     "figures": "docs/results/qc.json of cxr (jobs/fit_qc.py)"}

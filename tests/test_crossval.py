@@ -246,6 +246,10 @@ def test_the_transfer_rules_pool_adult_negatives_and_a_small_archive_does_not_se
     without = transfer_threshold("pooled adult negatives", negatives.loc[negatives["archive"] != "covid/eurorad", "p_covid"],
                                  negatives.loc[negatives["archive"] != "covid/eurorad", "archive"], 0.90)
     assert eurorad["threshold_without_it"] == without and eurorad["n_covid"] == 30 and eurorad["n_adult_other"] == 30
+    films = rows[rows["archive"] == "covid/eurorad"]
+    assert eurorad["sensitivity"]["value"] == (films.loc[films["is_covid"], "p_covid"] >= without).mean()
+    assert eurorad["specificity"]["value"] == (films.loc[~films["is_covid"], "p_covid"] < without).mean()
+    assert without < pooled["threshold"]     # judged without its own negatives: another point than the global one
     # Archive-balanced: each archive weighs the same, so Eurorad's high negatives pull it up.
     balanced = report["rules"]["archive-balanced pool"]["threshold"]
     assert balanced > pooled["threshold"]
@@ -278,3 +282,14 @@ def test_the_markdown_card_shows_the_transfer_rule_and_its_figures():
     text = model_markdown(card)
     assert f"(rule: {op['rule']})" in text and "| archive-balanced pool |" in text
     assert "| covid/sirm | 50 / 0 |" in text and "nan" not in text.lower()
+
+
+def test_the_rules_stand_without_negatives_or_covid_films():
+    from cxr.crossval import transfer_report
+
+    rows = _held_out_predictions()
+    only_one = rows[(rows["archive"] == "tbx11k") | rows["is_covid"]]        # every negative in one archive
+    report = transfer_report(only_one, 0.90, n_boot=20)
+    assert report["rules"]["archive-balanced pool"]["per_archive"]["tbx11k"]["threshold_without_it"] == 0.5
+    no_covid = transfer_report(rows[~rows["is_covid"]], 0.90, n_boot=20)
+    assert no_covid["chosen"] in no_covid["rules"] and no_covid["n_covid"] == 0

@@ -4,6 +4,7 @@ scores and thresholds, and only flags that say "not a frontal chest film" stop t
 
 from __future__ import annotations
 
+import io
 import re
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_quality_control_learns_views_and_keeps_frontal_films_with_scores_and_th
     assessed = qc.assess(lateral[30:])
     assert all(a[0]["score"] > a[0]["threshold"] for a in assessed)
     assert {f for a in qc.assess(frontal[250:]) for f in (x["flag"] for x in a)} <= {"pediatric", "out_of_distribution"}
-    assert VIEW_CLASSES[0] == "frontal" and BLOCKING == {"not_a_chest_xray", "ct_slice", "lateral", "pediatric"}
+    assert VIEW_CLASSES[0] == "frontal" and {"lateral", "ct_slice", "not_a_chest_xray"} <= BLOCKING
 
 
 def test_quality_control_saves_and_loads_its_view_detector(tmp_path):
@@ -153,3 +154,54 @@ def test_a_stated_dicom_age_decides_pediatric():
     lateral = [{"flag": "lateral", "score": 0.9, "threshold": 0.6}]
     assert with_age(lateral, "004Y") == lateral                      # not screened anyway
     assert with_age([{"flag": "out_of_distribution", "score": 3.0, "threshold": 2.0}], "004Y")[-1]["flag"] == "pediatric"
+
+
+def test_a_child_s_dicom_is_not_screened_and_an_adult_s_overrides_the_detector(tiny_models):
+    """Through ``predict``: the PatientAge of a DICOM's header decides ``pediatric``."""
+    import pydicom
+
+    import cxr
+    from tests.inputs import real_gray, tagged_dicom
+
+    def dicom(age: str) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(tagged_dicom(real_gray())))
+        ds.PatientAge = age
+        out = io.BytesIO()
+        ds.save_as(out)
+        return out.getvalue()
+
+    screen = cxr.load(tiny_models["classifier_nomask"])
+
+    class Child:                 # a detector that calls every film a child's
+        def assess(self, features):
+            return [[{"flag": "pediatric", "score": 0.99, "threshold": 0.9}] for _ in range(len(features))]
+
+    screen.qc = Child()
+    rows = screen.predict([dicom("006Y"), dicom("054Y"), dicom("²Y")], heatmap_size=None)
+    assert rows["status"].tolist() == ["flagged", "ok", "flagged"]
+    assert rows["qc_scores"][0] == [{"flag": "pediatric", "score": 6.0, "threshold": 18.0}]
+    assert rows["screen_positive"][0] is None and rows["screen_positive"][1] is not None
+    assert rows["qc_scores"][2][0]["score"] == 0.99          # an unreadable age: the detector decides
+    assert_one_answer(rows)
+
+
+def test_a_quality_control_file_from_before_the_view_detector_still_loads(tmp_path):
+    """qc.json / qc.safetensors as cxr wrote them before schema 6 (no view detector, no
+    standardisation): the PCA distance and the pediatric regression on the projection."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    train = _clusters(rng, 0, 60, d=12)
+    old = fit_quality_model(train, train[:20], None, None, components=4)
+    tensors = {"mean": old.mean, "components": old.components, "variance": old.variance,
+               "pediatric_coef": np.ones(4)}
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp_path / "qc.safetensors"))
+    (tmp_path / "qc.json").write_text(json.dumps({
+        "noise_variance": old.noise_variance, "ood_threshold": old.ood_threshold, "not_cxr_threshold": old.not_cxr_threshold,
+        "pediatric_intercept": -100.0, "not_cxr_intercept": 0.0, "not_cxr_probability_threshold": 1.0, "info": {}}))
+    back = QualityModel.load(tmp_path)
+    assert back.view_coef is None and back.feature_scale is None and back.pediatric_threshold == 0.5
+    flags = back.flags(np.vstack([train[:5], train[:1] * 50]))
+    assert flags[:5] == [[]] * 5 and flags[5] == ["not_a_chest_xray"]

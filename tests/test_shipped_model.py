@@ -36,10 +36,11 @@ def test_bootstrap_imports_the_shipped_screen_as_champion_once_and_it_screens_a_
     control, and SRs that read back with the scored images' UIDs."""
     import pandas as pd
 
-    from cxr.config import ExportSRConfig, ScoreConfig
+    from cxr.config import ExportSRConfig, ReportConfig, ScoreConfig
     from cxr.dicom_sr import read_back
     from cxr.scores_table import read_scores
-    from jobs import export_sr, score
+    from jobs import export_sr, report, score
+    from tests.test_one_answer import assert_one_answer
     from tests.inputs import real_gray
     from tests.test_dicom_routing import write_archive
 
@@ -66,10 +67,14 @@ def test_bootstrap_imports_the_shipped_screen_as_champion_once_and_it_screens_a_
         assert rows.loc[["photo.jpg", "noise.png"], "screen_positive"].isna().all()
         assert rows.loc["pa.dcm", "patient_id"].startswith("pseudo-") and rows.loc["ap", "modality"] == "DX"
         assert export_sr.main(ExportSRConfig(scores=out, out=str(tmp_path / "sr"))) == 0
+        assert report.main(ReportConfig(scores=out, out=str(tmp_path / "report.html"))) == 0
     scored_dicoms = rows[rows["sop_instance_uid"].notna() & rows["status"].isin(["ok", "flagged"])]
     back = [b for p in (tmp_path / "sr").glob("*.dcm") for b in read_back(p)]
     assert sorted(b["sop_instance_uid"] for b in back) == sorted(scored_dicoms["sop_instance_uid"])
     assert pd.read_csv(tmp_path / "sr" / "errors.csv").empty
+    # One answer per film: the rows, the review page, the worklist and the SRs agree.
+    assert_one_answer(read_scores(out).to_pandas(), (tmp_path / "report.html").read_text(),
+                      pd.read_csv(tmp_path / "sr" / "worklist.csv"), back)
 
 
 def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
@@ -82,11 +87,12 @@ def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
 
 
 def test_the_shipped_screen_flags_a_photo_and_noise_and_keeps_adult_films(sample_root):
-    """Its quality control (cxr.qc, fitted by jobs/fit_qc.py): a photo and noise are flagged,
-    so never screen-positive; adult chest films of the sample are not."""
+    """Its quality control (cxr.qc, fitted by jobs/fit_qc.py): a photo and noise are flagged as
+    not frontal chest films, so not screened; adult chest films of the sample are not flagged."""
     import matplotlib
     import numpy as np
 
+    from cxr.qc import BLOCKING
     from cxr.screen import Screen
     from tests.inputs import png_bytes
 
@@ -97,6 +103,6 @@ def test_the_shipped_screen_flags_a_photo_and_noise_and_keeps_adult_films(sample
     assert screen.qc is not None
     rows = screen.predict([photo, noise, *map(str, adults)], heatmap_size=None)
     assert list(rows["status"][:2]) == ["flagged", "flagged"]
-    assert all(set(f) & {"not_a_chest_xray", "out_of_distribution"} for f in rows["qc_flags"][:2])
-    assert rows["screen_positive"][:2].isna().all()                # flagged: not screened without review
+    assert all(set(f) & BLOCKING for f in rows["qc_flags"][:2])    # not a frontal chest film, whichever detector
+    assert rows["screen_positive"][:2].isna().all() and rows["predicted_label"][:2].isna().all()   # not screened
     assert (rows["status"][2:] == "ok").mean() >= 0.8, rows[["uri", "qc_flags"]]

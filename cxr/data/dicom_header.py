@@ -104,7 +104,7 @@ def read_header(data: bytes, uri: str = "") -> pydicom.Dataset | None:
         return None
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+def header_text(ds: pydicom.Dataset, keyword: str) -> str | None:
     """A tag's value as text (a multi-valued tag's values joined by a backslash, as DICOM
     writes them), or None where it is absent or empty."""
     try:
@@ -123,7 +123,7 @@ def identity(ds: pydicom.Dataset | None, pseudonymise: Pseudonymiser) -> dict[st
     """The identity columns of one input (all null without a header)."""
     if ds is None:
         return dict.fromkeys(IDENTITY_COLUMNS)
-    row = {column: _text(ds, keyword) for column, keyword in IDENTITY_COLUMNS.items()}
+    row = {column: header_text(ds, keyword) for column, keyword in IDENTITY_COLUMNS.items()}
     for column in PATIENT_IDENTIFIERS:
         row[column] = pseudonymise(row[column])
     return row
@@ -133,13 +133,13 @@ def skip_reason(ds: pydicom.Dataset | None) -> str | None:
     """Why this DICOM is not for the model (a person's reading), or None to screen it."""
     if ds is None:
         return None
-    modality = (_text(ds, "Modality") or "").upper()
+    modality = (header_text(ds, "Modality") or "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         return f"not a radiograph: Modality {modality} (screened: {', '.join(sorted(RADIOGRAPH_MODALITIES))})"
-    body_part = _text(ds, "BodyPartExamined") or ""
+    body_part = header_text(ds, "BodyPartExamined") or ""
     if body_part and not _words(body_part) & CHEST_WORDS:
         return f"not a chest film: BodyPartExamined {body_part}"
-    view = _text(ds, "ViewPosition") or ""
+    view = header_text(ds, "ViewPosition") or ""
     if _words(view) & LATERAL_WORDS:
         return f"lateral view (ViewPosition {view}): the model reads frontal films only"
     if _words(view) & OBLIQUE_WORDS:
@@ -154,6 +154,7 @@ def age_years(patient_age: str | None) -> float | None:
     """A DICOM Age String (``054Y``, ``006M``, ``002W``, ``010D``) in years; None where it is
     absent or not one (free text, an empty tag)."""
     text = (patient_age or "").strip().upper()
-    if len(text) < 2 or text[-1] not in _AGE_UNITS or not text[:-1].isdigit():
+    # ASCII digits only: str.isdigit() also takes "²" or "٥", which int() refuses or misreads.
+    if not re.fullmatch(r"[0-9]{1,3}[DWMY]", text, flags=re.ASCII):
         return None
     return int(text[:-1]) * _AGE_UNITS[text[-1]]
