@@ -7,16 +7,22 @@ It works from the features ``cxr crossval`` saved for each fold (``<fold>-featur
 fold classifier's features of its training and validation films, of the films it reports on,
 of the lateral films and CT slices of ``external/views``, and of synthetic non-radiographs):
 
-- **False flags on archives never trained on**: for each fold, quality control fitted on that
-  fold's films alone (views: their train and val split), judged on its held-out archive (the
-  fold holding none out: TBX11K). Adult films, with and without COVID-19.
-- **What blocking would cost**: the share of those COVID-19 films each flag would stop.
+- **Thresholds chosen on archives never trained on**, like the screen's operating point: each
+  learnt flag (lateral, CT slice, the view detector's and the non-radiograph detector's
+  not-a-chest-X-ray, pediatric) flags its budget's share (``--view-false-flags``,
+  ``--pediatric-false-flags``, ``--non-radiograph-false-flags``) of the adult films of every
+  held-out archive, pooled, each scored by quality control fitted on its fold's films alone
+  (views: their train and val split).
+- **False flags on archives never trained on**: each held-out archive (the fold holding none
+  out: TBX11K) at the thresholds chosen without it. Adult films, with and without COVID-19.
+- **What blocking would cost**: the share of those COVID-19 films each flag stops.
 - **Lateral films and CT slices**: the views' test split (patients no fit saw), by the fold
   holding none out. **Children**: Kermany's test split by the same fold (films it did not
   train on). **Non-radiographs**: files installed packages ship (photos, an MRI slice, maps,
   rendered text, noise, flat fields), through the bundle's classifier.
-- **The shipped fit**: the fold holding none out (the bundle's classifier, checked below) on
-  its training films, views train and val, and synthetic non-radiographs.
+- **The shipped fit**: the bundle's own classifier (int8 where it is, as serving reads it; it
+  must be the fold holding none out) on its training films, views train and val, and synthetic
+  non-radiographs, with the chosen thresholds.
 
 Writes ``qc.safetensors`` and ``qc.json`` into the bundle's ``classifier/`` and its checksums.
 """
