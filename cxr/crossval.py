@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from cxr.metrics import ABOVE_ONE, auroc_interval, float32_above, mean_interval, screening_metrics
+from cxr.metrics import ABOVE_ONE, auroc_interval, float32_above, screening_metrics, share_interval
 
 LABELS_4 = ("covid", "normal", "bacterial", "viral")
 
@@ -277,13 +277,6 @@ def transfer_threshold(rule: str, scores: np.ndarray, archives: np.ndarray,
     raise ValueError(f"unknown rule {rule!r}; choices: {list(TRANSFER_RULES)}")
 
 
-def _rate(hits: np.ndarray, n_boot: int, seed: int) -> dict | None:
-    if not len(hits):
-        return None
-    low, high = mean_interval(hits.astype(float), n_boot, seed)
-    return {"value": float(hits.mean()), "low": low, "high": high, "n": int(len(hits))}
-
-
 def transfer_report(predictions: pd.DataFrame, specificity: float = TRANSFER_SPECIFICITY, n_boot: int = 1000,
                     seed: int = 0) -> dict:
     """Each rule of ``TRANSFER_RULES`` on the folds' out-of-archive predictions (columns uri,
@@ -308,15 +301,15 @@ def transfer_report(predictions: pd.DataFrame, specificity: float = TRANSFER_SPE
             per_archive[str(a)] = {"threshold_without_it": t, "n_covid": int((mine & covid).sum()),
                                    "n_other": int((mine & ~covid).sum()),
                                    "n_adult_other": int((mine & negative).sum()),
-                                   "sensitivity": _rate(decided[mine & covid], n_boot, seed),
-                                   "specificity": _rate(~decided[mine & ~covid], n_boot, seed)}
+                                   "sensitivity": share_interval(decided[mine & covid], n_boot, seed),
+                                   "specificity": share_interval(~decided[mine & ~covid], n_boot, seed)}
         threshold = transfer_threshold(rule, score[negative], archive[negative], specificity)
         rules[rule] = {
             "threshold": threshold, "per_archive": per_archive,
-            "pooled_unseen": {"specificity_adult_negatives": _rate(~decided[negative], n_boot, seed),
-                              "sensitivity_covid": _rate(decided[covid], n_boot, seed)},
-            "pooled_at_threshold": {"specificity_adult_negatives": _rate(score[negative] < threshold, n_boot, seed),
-                                    "sensitivity_covid": _rate(score[covid] >= threshold, n_boot, seed)}}
+            "pooled_unseen": {"specificity_adult_negatives": share_interval(~decided[negative], n_boot, seed),
+                              "sensitivity_covid": share_interval(decided[covid], n_boot, seed)},
+            "pooled_at_threshold": {"specificity_adult_negatives": share_interval(score[negative] < threshold, n_boot, seed),
+                                    "sensitivity_covid": share_interval(score[covid] >= threshold, n_boot, seed)}}
     def value(rule: str, metric: str) -> float:        # a rate with no films behind it counts as 0
         rated = rules[rule]["pooled_unseen"][metric]
         return rated["value"] if rated else 0.0

@@ -35,6 +35,16 @@ def mean_interval(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tupl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def share_interval(hits, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """The share of true ``hits`` with its 95% bootstrap interval and count: {"value", "low",
+    "high", "n"}; None where there are no hits to count."""
+    hits = np.asarray(hits, float)
+    if not len(hits):
+        return None
+    low, high = mean_interval(hits, n_boot, seed)
+    return {"value": float(hits.mean()), "low": low, "high": high, "n": int(len(hits))}
+
+
 def dice_report(per_image: pd.DataFrame) -> dict[str, dict[str, float]]:
     """``per_image`` has columns dice and source: summaries overall and per source."""
     report = {"all": dice_summary(per_image["dice"])}

@@ -243,8 +243,6 @@ def fit_quality_model(train: np.ndarray, val: np.ndarray, train_is_child: np.nda
         parts += [(np.asarray(views, np.float64)[view_kinds == k], name) for k, name in kinds.items()]
     if non_radiographs is not None and len(non_radiographs):
         parts.append((np.asarray(non_radiographs, np.float64), "not_a_chest_xray"))
-    parts = [(x, name) for x, name in parts if len(x)]
-    if non_radiographs is not None and len(non_radiographs):
         # Chest films against synthetic non-radiographs in the PCA projection and the distance
         # (what leaves the subspace chest films span): documents, noise and flat fields, which
         # the view detector on the standardised features misses.
@@ -254,6 +252,7 @@ def fit_quality_model(train: np.ndarray, val: np.ndarray, train_is_child: np.nda
         model.not_cxr_coef, model.not_cxr_intercept = lr.coef_[0], float(lr.intercept_[0])
         model.not_cxr_probability_threshold = max(0.5, float(np.quantile(
             model.not_cxr_probability(reference_films), false_flag_quantile)))
+    parts = [(x, name) for x, name in parts if len(x)]
     model.feature_mean = train.mean(axis=0)
     model.feature_scale = np.maximum(train.std(axis=0), 1e-6 * max(float(train.std()), 1e-12))
     if len(parts) > 1:

@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from cxr.crossval import specificity_threshold
-from cxr.metrics import mean_interval
+from cxr.crossval import LABELS_4, specificity_threshold
+from cxr.metrics import share_interval
+from cxr.train.classifier_data import task_rows
 from cxr.config import load_platform
 from cxr.data.decode import decode_image
 from cxr.data.storage import read_bytes
@@ -96,13 +97,9 @@ def not_chest_xrays(seed: int = 0) -> dict[str, list[np.ndarray]]:
             "map or graphic": maps + graphics, "text page": pages, "noise": noise, "flat or gradient": flat}
 
 
-def rate(hits, n_boot: int = 1000) -> dict:
-    """A share with its 95% bootstrap interval and count."""
-    hits = np.asarray(hits, float)
-    if not len(hits):
-        return {"value": None, "n": 0}
-    low, high = mean_interval(hits, n_boot, 0)
-    return {"value": float(hits.mean()), "low": low, "high": high, "n": int(len(hits))}
+def rate(hits) -> dict:
+    """A share with its 95% bootstrap interval and count (value None where there is nothing)."""
+    return share_interval(hits) or {"value": None, "n": 0}
 
 
 def rates(flags: list[list[str]]) -> dict:
@@ -116,18 +113,16 @@ def fold_inputs(folder: Path, name: str) -> dict:
     """A fold's saved features, its predictions (rows of ``evaluation``) and the age groups of
     its validation films (rebuilt from its training manifest as ``task_rows`` orders them)."""
     f = dict(np.load(folder / f"{name}-features.npz"))
-    rows = pd.read_parquet(folder / f"{name}-train.parquet")
-    rows = rows[rows["split"].isin(["train", "val"]) & rows["label"].notna()]
+    rows = task_rows(pd.read_parquet(folder / f"{name}-train.parquet"), LABELS_4)
     f["val_age_group"] = rows.loc[rows["split"] == "val", "age_group"].fillna("unknown").to_numpy(str)
     assert len(f["val_age_group"]) == len(f["val"]), "validation rows do not match the saved features"
     f["predictions"] = pd.read_parquet(folder / f"{name}.parquet")
     return f
 
 
-def fit_fold(f: dict, ood_quantile: float = 0.99, false_flag_quantile: float = 0.995, **_) -> QualityModel:
+def fit_fold(f: dict, **knobs) -> QualityModel:
     """Quality control from one fold's own films: training/validation films, the views' train
-    and val split, synthetic non-radiographs."""
-    knobs = {"ood_quantile": ood_quantile, "false_flag_quantile": false_flag_quantile}
+    and val split, synthetic non-radiographs; ``knobs`` go to ``fit_quality_model``."""
     fit_views = f["views_split"] != "test" if "views" in f else None
     ages = f["train_age_group"]
     return fit_quality_model(f["train"], f["val"], ages == "pediatric", np.isin(ages, ["pediatric", "adult"]),
@@ -230,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # The shipped fit reads the bundle's own classifier (int8 where it is), as serving will.
     screen = Screen(read_screen(Path(args.bundle))[0], None, "cpu")
     storage = load_platform().storage
-    train_rows = pd.read_parquet(folder / "all-train.parquet")
-    train_rows = train_rows[train_rows["split"].isin(["train", "val"]) & train_rows["label"].notna()]
+    train_rows = task_rows(pd.read_parquet(folder / "all-train.parquet"), LABELS_4)
     views = pd.read_parquet(Path(args.manifests) / "views.parquet")
     views = views[views["split"] != "test"]
     print(f"fit_qc: the bundle's features of {len(train_rows)} training films and {len(views)} views", flush=True)

@@ -32,6 +32,17 @@ def fold_name(held_out: str) -> str:
     return "all" if held_out == ALL else held_out.replace("/", "-")
 
 
+def ray_run_name(run_id: str) -> str:
+    """The Ray Train run (under the storage path) that trains the fold of MLflow run ``run_id``."""
+    return f"crossval-{run_id[:8]}"
+
+
+def recipe_predictions(predictions: list[pd.DataFrame], recipe: str) -> pd.DataFrame | None:
+    """The per-image predictions of ``recipe``'s folds so far, in one frame (None if none)."""
+    mine = [p for p in predictions if len(p) and (p["recipe"] == recipe).all()]
+    return pd.concat(mine, ignore_index=True) if mine else None
+
+
 def log_probs(model, images: np.ndarray) -> np.ndarray:
     return log_probabilities(predict(model, images)[0])
 
@@ -77,7 +88,7 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
         fold = load_task(fcfg, platform)
         init_state, init_origin = initial_state(fcfg, platform)
         log_task(platform, run_id, fcfg, fold, init_origin)
-        result, minutes, _ = fit(fcfg, platform, put_task(fcfg, fold, init_state), run_id, f"crossval-{run_id[:8]}")
+        result, minutes, _ = fit(fcfg, platform, put_task(fcfg, fold, init_state), run_id, ray_run_name(run_id))
         with result.get_best_checkpoint("val_loss", "min").as_directory() as ckpt:
             model, meta = load_checkpoint(ckpt, inference_device())
 
@@ -144,7 +155,7 @@ def fold_model(folder: Path, name: str, storage_path: str = "out/ray"):
     """A finished fold's best checkpoint (Ray Train keeps the best one under ``storage_path``),
     loaded on the CPU: (model, meta)."""
     run_id = json.loads((Path(folder) / f"{name}.json").read_text())["run_id"]
-    found = sorted(p for p in (Path(storage_path) / f"crossval-{run_id[:8]}").glob("checkpoint_*") if p.is_dir())
+    found = sorted(p for p in (Path(storage_path) / ray_run_name(run_id)).glob("checkpoint_*") if p.is_dir())
     if not found:
         raise FileNotFoundError(f"no checkpoint of fold {name} (run {run_id}) under {storage_path}")
     return load_checkpoint(found[-1], "cpu")
@@ -183,8 +194,7 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
                       if register else None)
             fold = json.loads(done.read_text()) if done.exists() else None
             if fold is None or (register and "version" not in fold):       # to do, or to register
-                mine = [p for p in predictions if len(p) and (p["recipe"] == recipe).all()]
-                earlier = pd.concat(mine, ignore_index=True) if register and mine else None
+                earlier = recipe_predictions(predictions, recipe) if register else None
                 fold = run_fold(cfg, platform, recipe, held_out, task, universe, folder, others, views, earlier)
             log.info("%s, held out %s: threshold %.3f, %s", recipe, held_out, fold["threshold"],
                      {a: {k: round(v["value"], 3) for k, v in r.items() if isinstance(v, dict)}
@@ -208,10 +218,9 @@ def run_crossval(cfg: CrossvalConfig, platform: PlatformConfig) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     transfer = {}
     for recipe in cfg.recipes:
-        mine = [p for p in predictions if len(p) and (p["recipe"] == recipe).all()]
-        if mine:
-            transfer[recipe] = transfer_report(pd.concat(mine, ignore_index=True), cfg.transfer_specificity,
-                                               cfg.n_boot, cfg.seed)
+        mine = recipe_predictions(predictions, recipe)
+        if mine is not None:
+            transfer[recipe] = transfer_report(mine, cfg.transfer_specificity, cfg.n_boot, cfg.seed)
     (out / "operating_points.json").write_text(json.dumps(transfer, indent=2))
     text = "\n\n".join([recipe_summary(results)] + [
         f"Operating point that transfers, recipe {recipe} (threshold chosen on out-of-archive predictions):\n\n"
