@@ -118,12 +118,35 @@ class OperatingPoint:
 
 @dataclass(frozen=True)
 class DatasetDigest:
-    """A manifest a model was trained on: where it was and the digest of its rows."""
+    """A manifest a model was trained on: where it was and the digest of its rows; and what it
+    learnt from (its train and validation rows), so a gate set can be checked against it:
+    rows per ``archives``, the ``images``' sha256 and the ``patients``' ids as sha256 (the
+    first 16 hex digits: no patient id leaves the training data in the clear)."""
 
     name: str
     uri: str
     sha256: str
     rows: int | None = None
+    archives: dict | None = None
+    images: tuple[str, ...] = ()
+    patients: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, uri: str, sha256: str, rows: int, used) -> "DatasetDigest":
+        """The digest of a manifest of ``rows`` rows; what it learnt from is the train and val
+        rows of ``used`` (the rows the model was given)."""
+        learnt = used[used["split"].isin(["train", "val"])] if "split" in used else used
+        archives = ({str(k): int(v) for k, v in learnt["archive"].value_counts().sort_index().items()}
+                    if "archive" in learnt else None)
+        images = tuple(sorted(set(learnt["sha256"].dropna()))) if "sha256" in learnt else ()
+        patients = tuple(sorted({patient_digest(p) for p in learnt["patient_id"].dropna()})) \
+            if "patient_id" in learnt else ()
+        return cls(name, uri, sha256, int(rows), archives, images, patients)
+
+
+def patient_digest(patient_id: str) -> str:
+    """How a card names a patient: not the id, the first 16 hex digits of its sha256."""
+    return hashlib.sha256(str(patient_id).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -291,6 +314,14 @@ def _build(cls: type, raw: Any, path: str):
             if not _is_number(value):
                 raise _fail(f"{path}.{name}", f"expected a number, got {value!r}")
             value = float(value)
+        elif name == "archives" and value is not None:
+            if not isinstance(value, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in value.items()):
+                raise _fail(f"{path}.{name}", "expected an object of archive: rows")
+            value = {k: int(v) for k, v in value.items()}
+        elif name in ("images", "patients"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _fail(f"{path}.{name}", "expected a list of strings")
+            value = tuple(value)
         elif name == "lung_mask":
             if not isinstance(value, bool):
                 raise _fail(f"{path}.{name}", f"expected true or false, got {value!r}")

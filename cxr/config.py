@@ -9,6 +9,7 @@ what gets saved and logged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -223,8 +224,10 @@ class ScoreConfig:
     output: str = option("out/scores", "output folder or s3:// prefix (Parquet, partitioned by scored_date)")
     segmenter: str | None = option(
         "models:/cxr-segmenter@champion", "segmenter for the lung-area quality signal of a classifier trained "
-        "without lung masks (none: no quality signal); a lung-masked classifier always uses the segmenter its card pins")
-    classifier: str = option("models:/cxr-classifier@champion", "registered classifier (models:/NAME@ALIAS or /VERSION)")
+        "without lung masks (none: no quality signal); a lung-masked classifier always uses the segmenter its card "
+        "pins, and a screen the one it was built with")
+    classifier: str = option("models:/cxr-screen@champion", "registered screen (its classifier and segmenter, as "
+                                                               "promoted) or classifier (models:/NAME@ALIAS or /VERSION)")
     batch_size: int = option(32, "images per model batch")
     actors: int = option(1, "model actors")
     use_gpu: bool = option(False, "run the models on GPUs (bf16)")
@@ -374,13 +377,20 @@ class TrainBenchmarkConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    """``cxr promote``: gated, audited, reversible promotion of a registered version to
-    ``champion`` (gates and the frozen evaluation set in mlflow.yaml); or ``--rollback``."""
+    """``cxr promote``: gated, audited, reversible promotion of a registered screen version to
+    ``champion`` (a classifier version is promoted as its screen; gates and gate set in
+    mlflow.yaml, see cxr/gates.py); or ``--rollback`` to the recorded state before the last
+    promotion; or ``--unlock``. Exit codes: 0 promoted, rolled back, unlocked or nothing to
+    do; 1 refused or aborted, nothing changed (lock held, nothing to roll back to, a registry
+    call failed); 2 bad options; 3 the candidate failed its gates, nothing changed."""
 
     NAME: ClassVar[str] = "promote"
-    model: str = option("cxr-classifier", "registered model name (cxr-classifier or cxr-segmenter)")
+    model: str = option("cxr-screen", "registered model: cxr-screen, cxr-segmenter, or cxr-classifier (its version's "
+                                      "screen is promoted)")
     version: str | None = option(None, "the candidate version (default: the one the challenger alias points to)")
-    rollback: bool = option(False, "move champion back to previous-champion instead (no evaluation)")
+    rollback: bool = option(False, "restore the champion recorded before the last promotion not yet rolled back "
+                                   "(no evaluation); again, to go further back")
+    unlock: bool = option(False, "remove the promotion lock a crashed promotion left (audited)")
     reason: str = option("", "why, for the audit record")
     user: str | None = option(None, "who, for the audit record (default: the login name)")
 
@@ -399,6 +409,8 @@ class ExportModelConfig:
                                    "the segmenter of the quality signal (a lung-masked one brings its own)")
     part_mb: float | None = option(None, "cut a .tar bundle larger than this into NAME.tar.000, .001, ... (e.g. 16 "
                                          "for a transfer of at most 16 MiB per file); import-model takes NAME.tar.000")
+    sign_key: str | None = option(None, "sign the bundle (HMAC-SHA256 of its checksums) with the key in this file "
+                                        "(at least 32 bytes, e.g. openssl rand -out KEY 32)")
 
 
 @dataclass(frozen=True)
@@ -409,6 +421,8 @@ class ImportModelConfig:
     NAME: ClassVar[str] = "import_model"
     bundle: str = option("out/bundle", "bundle folder or .tar from cxr export-model")
     alias: str | None = option(None, "point this alias of all three registered models at the imported versions")
+    verify_key: str | None = option(None, "verify the bundle's signature with the key in this file")
+    require_signature: bool = option(False, "refuse a bundle that is unsigned or does not verify (needs --verify-key)")
 
 
 @dataclass(frozen=True)
@@ -531,8 +545,45 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+# The ranges of the numeric options, by name (the same name means the same thing in every job):
+# (lowest, highest), either None for no bound. Checked wherever a config is resolved, so a bad
+# value is a one-line error before any work starts, never a traceback half-way.
+AT_LEAST_ONE = ("batch_size", "epochs", "threads", "load_threads", "num_workers", "n_boot", "actors", "rows_per_file",
+                "target_rows", "images", "steps", "num_samples", "max_concurrent", "limit", "top", "max_flagged",
+                "segmenter_epochs", "object_store_mb", "max_train_images", "lr_step_epochs", "decode_tasks",
+                "torch_threads", "min_archive_images")
+AT_LEAST_ZERO = ("seed", "stage1_epochs", "stage2_epochs", "loader_workers", "weight_decay", "warmup_steps",
+                 "grace_epochs", "naive_images", "lease_wait_s", "dilation_px", "cam_examples", "heatmap_size")
+SHARES = ("val_fraction", "test_fraction", "source_val_fraction", "specificity", "min_specificity",
+          "screening_specificity", "transfer_specificity", "max_unreadable_share", "min_lung_fraction",
+          "max_lung_fraction", "no_lung_fraction", "dropout", "lr_gamma")
+POSITIVE = ("lr", "stage1_lr", "stage2_lr", "time_limit_s", "lease_ttl_s", "part_mb", "max_file_mb", "gpus_per_actor",
+            "cpus_per_actor")
+RANGES = {**{n: (1, None) for n in AT_LEAST_ONE}, **{n: (0, None) for n in AT_LEAST_ZERO},
+          **{n: (0, 1) for n in SHARES}, "image_size": (8, 4096), "segmenter_size": (8, 4096),
+          "classifier_size": (8, 4096)}
+
+
+def check_ranges(values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` (one line, naming the option) for a numeric option out of its range."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        if name in POSITIVE and value <= 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+        low, high = RANGES.get(name, (None, None))
+        if low is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"{flag} must be <= {high}, got {value}")
+
+
 def load_config(cls: type[T], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Resolve a job config. Unknown keys fail and list the valid ones."""
+    """Resolve a job config. Unknown keys fail and list the valid ones; numeric options out of
+    range (``RANGES``) fail and name the option."""
     values: dict[str, Any] = {}
     if config_file:
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -545,7 +596,9 @@ def load_config(cls: type[T], config_file: str | None = None, overrides: dict[st
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {cls.NAME}; valid: {sorted(valid)}")
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+    coerced = {k: _coerce(v, hints[k], k) for k, v in values.items()}
+    check_ranges(coerced)
+    return cls(**coerced)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -60,11 +60,24 @@ def image_group(source: pydicom.Dataset, covid_probability: float, screen_positi
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
+def algorithm(name: str, version: str, weights_sha256: str | None, threshold: float | None,
+              software: str) -> hd.sr.AlgorithmIdentification:
+    """The algorithm a measurement names: cxr's software version as the version (the registry's
+    version number differs between registries holding the same weights), and as parameters the
+    model's content digest, the screening threshold and the registry entry."""
+    return hd.sr.AlgorithmIdentification(
+        name=f"cxr {name}", version=software,
+        parameters=[f"weights sha256 {weights_sha256 or 'not recorded'}",
+                    f"covid threshold {threshold:.6g}" if threshold is not None else "covid threshold none",
+                    f"registry {name} v{version}"])
+
+
 def study_report(sources: Sequence[pydicom.Dataset], results: Sequence[tuple[float, bool | None, str, str]],
-                 instance_number: int = 1) -> hd.sr.Comprehensive3DSR:
+                 instance_number: int = 1, algorithms: dict | None = None) -> hd.sr.Comprehensive3DSR:
     """The SR of one study: ``sources`` (its scored images' headers, one study) and their
     ``results`` (COVID probability, screen-positive or None when not screened, and the name and
-    version of the classifier that scored that image), in order."""
+    version of the classifier that scored that image), in order. ``algorithms``: (name,
+    version) -> its ``AlgorithmIdentification`` (default: name and version alone)."""
     sources = [as_evidence(s) for s in sources]
     studies = {s.StudyInstanceUID for s in sources}
     if len(studies) != 1:
@@ -74,7 +87,9 @@ def study_report(sources: Sequence[pydicom.Dataset], results: Sequence[tuple[flo
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=hd.UID(), name="cxr", model_name="; ".join(versions)))
-    groups = [image_group(s, p, positive, hd.sr.AlgorithmIdentification(name=name, version=version))
+    algorithms = algorithms or {}
+    groups = [image_group(s, p, positive, algorithms.get((name, version))
+                          or hd.sr.AlgorithmIdentification(name=name, version=version))
               for s, (p, positive, name, version) in zip(sources, results)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),

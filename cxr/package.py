@@ -9,6 +9,11 @@ A screen folder (a registered ``cxr-screen`` version, and an exported bundle, ar
     MODEL_CARD.md             the card for people
     MLmodel, *.yaml, *.txt    MLflow's python_function flavor (loader_module cxr.pyfunc)
     checksums.sha256          sha256 of every other file (sha256sum's format)
+    signature.json            optional: HMAC-SHA256 of checksums.sha256 with a site's key
+
+Checksums catch corruption; only a signature catches an edit (anyone can recompute checksums).
+``cxr export-model --sign-key FILE`` signs, ``cxr import-model --require-signature --verify-key
+FILE`` refuses an unsigned bundle or one whose files changed after signing.
 
 Every reader refuses a folder holding any file outside ``SAFE_NAMES``: nothing in it is ever
 unpickled or executed; the code is the installed ``cxr`` package.
@@ -17,6 +22,7 @@ unpickled or executed; the code is the installed ``cxr`` package.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass
@@ -33,10 +39,10 @@ if TYPE_CHECKING:        # torch and the model code load where weights are read 
     from cxr.qc import QualityModel
 
 WEIGHTS, CARD, LEGACY_META = "model.safetensors", "card.json", "meta.json"
-SCREEN, CHECKSUMS, MARKDOWN = "screen.json", "checksums.sha256", "MODEL_CARD.md"
+SCREEN, CHECKSUMS, MARKDOWN, SIGNATURE = "screen.json", "checksums.sha256", "MODEL_CARD.md", "signature.json"
 SCREEN_FORMAT, SCREEN_FORMAT_VERSION = "cxr-screen", 1
 # Data and text only: weights, JSON, YAML, text and MLflow's metadata files.
-SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, "qc.safetensors", "qc.json",
+SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, SIGNATURE, "qc.safetensors", "qc.json",
               "MLmodel", "registered_model_meta",
               "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
               "serving_input_example.json"}
@@ -182,7 +188,7 @@ def _digest(path: Path) -> str:
 
 def write_checksums(folder: Path) -> Path:
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, SIGNATURE))
     lines = [f"{_digest(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
     return folder / CHECKSUMS
@@ -202,7 +208,7 @@ def verify_checksums(folder: Path) -> int:
             raise PackageError(f"{folder}/{CHECKSUMS} line {number} is not 'SHA256  NAME'")
         listed[parts[1].strip().removeprefix("*")] = parts[0].lower()     # "*": sha256sum -b
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-               if p.is_file() and p.name not in (CHECKSUMS, "registered_model_meta")}
+               if p.is_file() and p.name not in (CHECKSUMS, SIGNATURE, "registered_model_meta")}
     if present - set(listed):
         raise PackageError(f"{folder}: files not in {CHECKSUMS}: {sorted(present - set(listed))}")
     if set(listed) - present:
@@ -215,3 +221,53 @@ def verify_checksums(folder: Path) -> int:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --- signatures ----------------------------------------------------------------------------------
+# HMAC-SHA256 (the standard library's hmac): a site signs and verifies with one secret key of its
+# own; the signed message is checksums.sha256, which names every file with its sha256.
+
+def read_key(path: str | Path) -> bytes:
+    """A signing key: the bytes of a file (at least 32 of them, e.g. ``openssl rand -out KEY 32``)."""
+    key = Path(path).read_bytes().strip()
+    if len(key) < 32:
+        raise PackageError(f"{path}: a signing key needs at least 32 bytes, got {len(key)}")
+    return key
+
+
+def key_id(key: bytes) -> str:
+    """Which key signed, without revealing it: the first 12 hex digits of its sha256."""
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def sign_bundle(folder: Path, key: bytes) -> Path:
+    """Sign a sealed bundle folder (its checksums written): writes ``signature.json``."""
+    folder = Path(folder)
+    message = (folder / CHECKSUMS).read_bytes()
+    (folder / SIGNATURE).write_text(json.dumps({
+        "algorithm": "hmac-sha256", "key_id": key_id(key), "signed": CHECKSUMS,
+        "signature": hmac.new(key, message, hashlib.sha256).hexdigest(),
+        "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2))
+    return folder / SIGNATURE
+
+
+def verify_signature(folder: Path, key: bytes) -> dict:
+    """Refuse a bundle that is unsigned, signed with another key, or changed after signing
+    (its files are then checked against the signed checksums by ``verify_checksums``)."""
+    folder = Path(folder)
+    if not (folder / SIGNATURE).is_file():
+        raise PackageError(f"{folder.name} is not signed (no {SIGNATURE}), and a signature is required")
+    try:
+        signed = json.loads((folder / SIGNATURE).read_text())
+        algorithm, claimed = signed["algorithm"], str(signed["signature"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackageError(f"{folder.name}/{SIGNATURE} is not a readable signature") from e
+    if algorithm != "hmac-sha256":
+        raise PackageError(f"{folder.name}: signature algorithm {algorithm!r}; this cxr verifies hmac-sha256")
+    if signed.get("key_id") != key_id(key):
+        raise PackageError(f"{folder.name} was signed with key {signed.get('key_id')}, not this key ({key_id(key)})")
+    expected = hmac.new(key, (folder / CHECKSUMS).read_bytes(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, claimed):
+        raise PackageError(f"{folder.name}: its signature does not match its contents (edited after signing)")
+    verify_checksums(folder)
+    return signed

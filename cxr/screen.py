@@ -354,6 +354,8 @@ class Screen:
         is its error, with a reason a person understands."""
         from cxr.data.dicom_header import header_text, read_header, skip_reason
 
+        if isinstance(item, ValueError):         # an input contract broken by this row (_as_items)
+            return f"<input #{i}>", None, str(item), None, None, None
         if isinstance(item, str):
             uri = item
         elif isinstance(item, bytes):
@@ -382,13 +384,16 @@ def _ref(c: Component) -> str:
 
 def _as_items(inputs) -> list:
     """One item per input: a str (path or URI), bytes, or anything else (then an error row).
-    A DataFrame gives its ``image`` column where a row has bytes, else its ``path``."""
+    A DataFrame row gives its ``image`` bytes or its ``path``; a row with both is an error row
+    (which one was meant cannot be told), never a silent choice."""
     if isinstance(inputs, pd.DataFrame):
         if "image" not in inputs and "path" not in inputs:
             raise ValueError(f"a DataFrame input needs a 'path' or an 'image' column, got {list(inputs.columns)}")
         images = inputs["image"] if "image" in inputs else pd.Series([None] * len(inputs), index=inputs.index)
         paths = inputs["path"] if "path" in inputs else pd.Series([None] * len(inputs), index=inputs.index)
-        return [_one(image) if _present(image) else _one(path) for image, path in zip(images, paths)]
+        return [ValueError("both a path and image bytes were given: pass one of them")
+                if _present(image) and _present(path) else _one(image) if _present(image) else _one(path)
+                for image, path in zip(images, paths)]
     if isinstance(inputs, (str, bytes, bytearray, memoryview, Path)) or \
             (isinstance(inputs, np.ndarray) and inputs.dtype == np.uint8 and inputs.ndim == 1):
         inputs = [inputs]        # one image, not a sequence of inputs (an encoded buffer is one image)

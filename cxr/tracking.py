@@ -10,6 +10,7 @@ never unpickles code.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -201,6 +202,9 @@ def _register_folder(c: MlflowClient, name: str, run_id: str, folder: Path, desc
     if c.list_artifacts(run_id, "model"):
         raise ValueError(f"run {run_id} already holds a model; register each model from its own run")
     c.log_artifacts(run_id, str(folder), "model")
+    weights = Path(folder) / ("classifier/model.safetensors" if (Path(folder) / "classifier").is_dir() else "model.safetensors")
+    if weights.is_file():        # what a report names as the model: its weights' content, not a version number
+        tags = {**tags, "cxr.weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     _create_registered_model(c, name, f"cxr model. {INTENDED_USE}.")
     version = c.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
                                      description=description)

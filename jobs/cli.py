@@ -104,7 +104,9 @@ def mlflow_fail_fast() -> None:
     """An unreachable tracking server fails a job in about 20 s, not MLflow's default 4 minutes
     (7 retries, backoff factor 2, 120 s timeout). The environment still wins."""
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                        # A job's last line is its outcome: MLflow's "View run at ..." lines are noise there.
+                        ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
         os.environ.setdefault(name, value)
 
 

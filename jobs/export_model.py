@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from cxr.config import ExportModelConfig, load_platform
-from cxr.package import PackageError, folder_bytes
+from cxr.package import PackageError, folder_bytes, key_id, read_key
 from cxr.weights import DTYPES
 from cxr.workflows.screen import export_model
 
@@ -17,13 +17,15 @@ def main(cfg: ExportModelConfig) -> int:
         print(f"cxr export-model: unknown --dtype {cfg.dtype!r}; choices: {list(DTYPES)}", file=sys.stderr)
         return 2
     try:
-        written = export_model(load_platform(), cfg.model, cfg.out, cfg.dtype, cfg.segmenter, cfg.part_mb)
-    except (PackageError, FileExistsError, ValueError) as e:
+        key = read_key(cfg.sign_key) if cfg.sign_key else None
+        written = export_model(load_platform(), cfg.model, cfg.out, cfg.dtype, cfg.segmenter, cfg.part_mb, key)
+    except (PackageError, FileExistsError, ValueError, OSError) as e:
         print(f"cxr export-model: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size if p.is_file() else folder_bytes(p) for p in written)
     where = str(written[0]) if len(written) == 1 else f"{len(written)} parts {written[0]} .. {written[-1].name}"
-    print(f"export-model: {cfg.model} -> {where} ({size / 2**20:.1f} MiB, weights {cfg.dtype})")
+    signed = f", signed with key {key_id(key)}" if key else ""
+    print(f"export-model: {cfg.model} -> {where} ({size / 2**20:.1f} MiB, weights {cfg.dtype}{signed})")
     return 0
 
 

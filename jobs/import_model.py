@@ -1,6 +1,7 @@
 """``cxr import-model``: verify a bundle and register its segmenter, classifier and screen in
 this registry (``cxr.workflows.screen.import_model``). Exit 2 if the bundle fails its
-checksums or cards (nothing is registered), 0 with the new versions."""
+checksums, cards or (with ``--require-signature``) signature: nothing is registered; 0 with the
+new versions."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import sys
 
 from cxr.card import CardError
 from cxr.config import ImportModelConfig, load_platform
-from cxr.package import PackageError
+from cxr.package import PackageError, read_key
 from cxr.workflows.screen import import_model
 
 
 def main(cfg: ImportModelConfig) -> int:
     platform = load_platform()
     try:
-        versions = import_model(platform, cfg.bundle, cfg.alias)
+        key = read_key(cfg.verify_key) if cfg.verify_key else None
+        versions = import_model(platform, cfg.bundle, cfg.alias, key, cfg.require_signature)
     except (PackageError, CardError, FileNotFoundError) as e:
         print(f"cxr import-model: {cfg.bundle}: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""An HTTP proxy in front of the loopback S3 server that fails every Nth request with a 503
+"""An HTTP proxy in front of the loopback S3 (or MLflow) server that fails every Nth request with a 503
 SlowDown, as an overloaded object store does (the client's own retries must absorb it), and
 answers 403 AccessDenied for the keys in ``forbidden``, as a store does for an object the job
 may not read, and 503 for every request to the keys in ``down``, as a failing store does."""
@@ -19,10 +19,13 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDeni
 
 class FlakyProxy:
     def __init__(self, upstream: str, fail_every: int = 3, forbidden: set[str] = frozenset(),
-                 down: set[str] = frozenset()):
+                 down: set[str] = frozenset(), fail_write: int | None = None):
+        """``fail_write``: answer the Nth write (a POST, PUT, PATCH or DELETE that is not a
+        search) with a 500, as a failing MLflow server does; ``writes`` counts them."""
         target = urlparse(upstream)
         counter = itertools.count(1)
         self.failed = 0
+        self.writes: list[tuple[str, str]] = []
         self.requests: list[tuple[str, str]] = []     # (method, path with query) of every request
         proxy = self
 
@@ -59,6 +62,17 @@ class FlakyProxy:
                     return self._error(403, ACCESS_DENIED)
                 if urlparse(self.path).path.lstrip("/") in down:       # a store failing for these, always
                     return self._error(503, SLOW_DOWN)
+                if self.command in ("POST", "PUT", "PATCH", "DELETE") and "/search" not in self.path:
+                    proxy.writes.append((self.command, self.path))
+                    if len(proxy.writes) == fail_write:
+                        proxy.failed += 1
+                        body = b'{"error_code": "INTERNAL_ERROR", "message": "injected failure"}'
+                        self.send_response(500)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
                 if next(counter) % fail_every == 0:
                     proxy.failed += 1
                     return self._error(503, SLOW_DOWN)
@@ -83,7 +97,7 @@ class FlakyProxy:
                     self.wfile.write(data)
                 conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -8,7 +8,7 @@ import uuid
 import torch
 
 from cxr import tracking
-from cxr.card import ModelCard, OperatingPoint, Preprocessing
+from cxr.card import DatasetDigest, ModelCard, OperatingPoint, Preprocessing
 from cxr.models import build_model
 
 LABELS = ("covid", "normal", "bacterial", "viral")
@@ -30,12 +30,28 @@ def register_segmenter(tracking_uri: str, name: str, seed: int = 0) -> str:
     return f"models:/{name}/{version}"
 
 
+# What the rigged classifiers say they learnt from: an archive and an image the sample does not hold.
+ELSEWHERE = DatasetDigest("rigged", "rigged.parquet", "0" * 64, 1, {"elsewhere": 1}, ("0" * 64,), ("0" * 16,))
+
+
+def transfer_claim(threshold: float, specificity: float = 0.95, sensitivity: float = 0.9) -> dict:
+    """The card metrics ``cxr crossval --register`` writes for a threshold chosen out of archive."""
+    def share(v):
+        return {"value": v, "low": v - 0.02, "high": min(1.0, v + 0.02), "n": 500}
+    rule = "pooled adult negatives"
+    return {"operating_point": {"rule": rule, "threshold": threshold, "rules": {rule: {
+        "threshold": threshold, "pooled_unseen": {"specificity_adult_negatives": share(specificity),
+                                                  "sensitivity_covid": share(sensitivity)}}}}}
+
+
 def register_classifier(tracking_uri: str, name: str, segmenter_uri: str | None, seed: int = 0,
-                        always: str | None = None, threshold: float | None = 0.25, temperature: float = 1.0) -> str:
+                        always: str | None = None, threshold: float | None = 0.25, temperature: float = 1.0,
+                        learnt: DatasetDigest | None = ELSEWHERE, metrics: dict | None = None) -> str:
     """An untrained resnet18-tiny at 64 px, lung-masked by ``segmenter_uri`` (None: whole
     images), with a COVID operating point at ``threshold`` on probabilities calibrated with
     ``temperature``; with ``always``, a head that always
-    answers that label (a model of known quality). Returns models:/NAME/VERSION."""
+    answers that label (a model of known quality). Its card says it learnt from ``learnt``
+    and holds ``metrics``. Returns models:/NAME/VERSION."""
     torch.manual_seed(seed)
     model = build_model("resnet18-tiny", **KWARGS)
     if always:
@@ -51,7 +67,8 @@ def register_classifier(tracking_uri: str, name: str, segmenter_uri: str | None,
                      output="one logit per label", preprocessing=prep, model_kwargs=KWARGS,
                      operating_point=(OperatingPoint(threshold, 0.85, "validation, all images (n=6)",
                                                      temperature=temperature)
-                                      if threshold is not None else None))
+                                      if threshold is not None else None),
+                     training_data=(learnt,) if learnt else (), metrics=metrics or {})
     with tracking.tracked_run(tracking_uri, "cxr-test-fixtures", f"tiny-classifier-{name}") as run_id:
         version = tracking.register_model(tracking_uri, name, run_id, model, card)
     return f"models:/{name}/{version}"

@@ -170,7 +170,8 @@ def classifier_card(cfg: ClassifierTrainConfig, task: Task, meta: dict, init_ori
         output="one logit per label; softmax gives the class probabilities",
         preprocessing=task.preprocessing, model_kwargs=dict(meta["model_kwargs"]),
         operating_point=OperatingPoint(**screening) if screening else None,
-        training_data=(DatasetDigest(Path(cfg.manifest).stem, cfg.manifest, task.digest, len(task.manifest)),),
+        training_data=(DatasetDigest.of(Path(cfg.manifest).stem, cfg.manifest, task.digest, len(task.manifest),
+                                                     task.rows),),
         metrics={"test": report, "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]},
         init=init_origin).validate()
 

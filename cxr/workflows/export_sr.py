@@ -55,7 +55,28 @@ def worklist(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def export_sr(scores: str, job: str | None, out: str, storage: StorageConfig | None = None) -> dict:
+def algorithms(rows: pd.DataFrame, tracking_uri: str | None) -> dict:
+    """(classifier name, version) -> the SR's algorithm identification: cxr's version, the
+    weights' sha256 (the registry's ``cxr.weights_sha256`` tag) and the threshold it ran at."""
+    from cxr.dicom_sr import algorithm
+    from cxr.tracking import client, cxr_version
+
+    out = {}
+    for (name, version), group in rows.groupby(["classifier_name", "classifier_version"]):
+        digest = None
+        if tracking_uri:
+            try:
+                digest = client(tracking_uri).get_model_version(str(name), str(version)).tags.get("cxr.weights_sha256")
+            except Exception as e:  # noqa: BLE001 - the report still names the registry entry
+                log.warning("no weights digest of %s v%s: %s", name, version, str(e).splitlines()[0] if str(e) else e)
+        thresholds = group["covid_threshold"].dropna().unique() if "covid_threshold" in group else []
+        out[(str(name), str(version))] = algorithm(str(name), str(version), digest,
+                                                   float(thresholds[0]) if len(thresholds) == 1 else None, cxr_version())
+    return out
+
+
+def export_sr(scores: str, job: str | None, out: str, storage: StorageConfig | None = None,
+              tracking_uri: str | None = None) -> dict:
     """Write the reports and the worklist of ``job``'s rows (default: the latest night) under
     ``out``; returns the counts and the errors."""
     rows = job_rows(scores, job, storage)
@@ -68,13 +89,14 @@ def export_sr(scores: str, job: str | None, out: str, storage: StorageConfig | N
     # One measurement per image: two copies of a file are one SOP instance (the newest row counts).
     dicom = dicom.sort_values("scored_at").drop_duplicates("sop_instance_uid", keep="last")
     written, errors = [], []
+    named = algorithms(dicom, tracking_uri) if not dicom.empty else {}
     for study, group in dicom.groupby("study_instance_uid", sort=True):
         try:
             group = group.sort_values("sop_instance_uid")
             headers = [source_header(r.uri, r.sha256, study, r.sop_instance_uid, storage) for r in group.itertuples()]
             results = [(float(r.covid_probability), None if pd.isna(r.screen_positive) else bool(r.screen_positive),
                         str(r.classifier_name), str(r.classifier_version)) for r in group.itertuples()]
-            report = study_report(headers, results)
+            report = study_report(headers, results, algorithms=named)
             path = folder / f"{study}.dcm"
             report.save_as(path)
             back = read_back(path)          # what a PACS reads: the same images, in order

@@ -1,10 +1,13 @@
 """Retraining workflow: prepare-data -> (segmenter) -> (pretrain) -> finetune -> challenger ->
-gated promotion, as one job, idempotent per data snapshot (the digest of the manifests it reads)."""
+gated promotion, as one job, idempotent per snapshot (the digest of the manifests it reads and
+of its training settings)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,19 +15,26 @@ from cxr import tracking
 from cxr.config import (FinetuneConfig, PlatformConfig, PrepareDataConfig, PretrainConfig, PromoteConfig,
                         RetrainConfig, SegmenterTrainConfig, config_to_dict, load_config)
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.promotion import PromotionError, promote
+from cxr.promotion import EXIT_FAILED, EXIT_PROMOTED, Outcome, PromotionError, promote
 from cxr.workflows.classifier import finetune, pretrain
 from cxr.workflows.data import prepare_manifests
 from cxr.workflows.segmenter import train_segmenter
+
+
+log = logging.getLogger(__name__)
+DEFAULT_TUNED = RetrainConfig.__dataclass_fields__["finetune_config"].default
 
 
 class RetrainError(RuntimeError):
     """The retraining cannot start (its data cannot be prepared)."""
 
 
-def snapshot_digest(paths: list[Path]) -> str:
-    """One digest of the manifests a retraining reads (content, not location)."""
+def snapshot_digest(paths: list[Path], recipe: dict | None = None) -> str:
+    """One digest of what a retraining reads: the manifests (content, not location) and the
+    recipe (every training setting), so a changed config is new work, as new data is."""
     parts = [f"{p.name}:{manifest_digest(read_manifest(str(p)))}" for p in paths]
+    if recipe:
+        parts.append("recipe:" + json.dumps(recipe, sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -37,12 +47,12 @@ def earlier_run(tracking_uri: str, experiment: str, snapshot: str) -> str | None
     return runs[0].info.run_id if runs else None
 
 
-def _promote(platform: PlatformConfig, model: str, version: str, snapshot: str) -> tuple[bool, str]:
-    """The gated promotion; a refusal (lock held, frozen set changed) is an outcome, not a crash."""
+def _promote(platform: PlatformConfig, model: str, version: str, snapshot: str) -> Outcome:
+    """The gated promotion; a refusal (lock held, gates failed) is an outcome, not a crash."""
     try:
         return promote(PromoteConfig(model=model, version=version, reason=f"retrain {snapshot[:12]}"), platform)
     except PromotionError as e:
-        return False, f"refused: {e}"
+        return Outcome(EXIT_FAILED, f"refused: {e}")
 
 
 def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[], None]) -> dict:
@@ -57,14 +67,24 @@ def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[]
         raise RetrainError(f"prepare-data failed: {e}") from e
     if any(s["patient_leaks"] for s in summary.values()):
         raise RetrainError(f"prepare-data found a patient in two splits of {manifests}")
-    finetune_cfg = load_config(FinetuneConfig, cfg.finetune_config if cfg.finetune_config and
-                               Path(cfg.finetune_config).exists() else None)
+    tuned = cfg.finetune_config
+    if tuned and not Path(tuned).exists():
+        if tuned != DEFAULT_TUNED:
+            raise RetrainError(f"--finetune-config {tuned}: no such file")
+        log.warning("no tuned config at %s (cxr tune writes it): fine-tuning with the finetune defaults", tuned)
+        tuned = None
+    finetune_cfg = load_config(FinetuneConfig, tuned)
     # The task of the finetune config (e.g. dataset2-4class), from this run's fresh manifests.
     finetune_manifest = manifests / "tasks" / Path(finetune_cfg.manifest).name
     finetune_cfg = dataclasses.replace(finetune_cfg, manifest=str(finetune_manifest))
     inputs = [finetune_manifest] + ([manifests / "lungseg.parquet"] if cfg.train_segmenter else []) + \
         ([manifests / "tasks" / "source.parquet"] if cfg.pretrain else [])
-    snapshot = snapshot_digest(inputs)
+    segmenter_cfg = load_config(SegmenterTrainConfig, cfg.segmenter_config) if cfg.train_segmenter else None
+    pretrain_cfg = load_config(PretrainConfig, cfg.pretrain_config) if cfg.pretrain else None
+    recipe = {"finetune": config_to_dict(dataclasses.replace(finetune_cfg, manifest=finetune_manifest.name)),
+              "segmenter": config_to_dict(segmenter_cfg) if segmenter_cfg else None,
+              "pretrain": config_to_dict(pretrain_cfg) if pretrain_cfg else None, "promote": cfg.promote}
+    snapshot = snapshot_digest(inputs, recipe)
     done = earlier_run(uri, platform.experiments["retrain"], snapshot)
     if done and not cfg.force:
         return {"snapshot": snapshot, "done_by": done}
@@ -84,9 +104,10 @@ def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[]
             segmenter_uri = f"models:/{names['segmenter']}/{seg['version']}"
             steps["segmenter"] = {"version": seg["version"], "test_dice_mean": seg["report"]["all"]["mean"]}
             if cfg.promote:
-                ok_seg, line = _promote(platform, names["segmenter"], seg["version"], snapshot)
-                steps["segmenter"]["promotion"] = line
-                if ok_seg:
+                outcome = _promote(platform, names["segmenter"], seg["version"], snapshot)
+                steps["segmenter"]["promotion"] = outcome.line
+                steps["segmenter"]["promotion_code"] = outcome.code
+                if outcome.code == EXIT_PROMOTED:
                     segmenter_uri = f"models:/{names['segmenter']}@{aliases['champion']}"
         pretrain_run = finetune_cfg.pretrain_run
         if cfg.pretrain:
@@ -100,7 +121,8 @@ def retrain(cfg: RetrainConfig, platform: PlatformConfig, start_ray: Callable[[]
         tracking.set_alias(uri, names["classifier"], aliases["challenger"], cls["version"])
         steps["classifier"] = {"version": cls["version"], "test_accuracy": cls["report"]["metrics"]["accuracy"]["value"]}
         if cfg.promote:
-            _, line = _promote(platform, names["classifier"], cls["version"], snapshot)
-            steps["classifier"]["promotion"] = line
+            outcome = _promote(platform, names["classifier"], cls["version"], snapshot)
+            steps["classifier"]["promotion"] = outcome.line
+            steps["classifier"]["promotion_code"] = outcome.code
         tracking.log_dict(uri, run_id, steps, "steps.json")
     return {"snapshot": snapshot, "steps": steps, "run_id": run_id}

@@ -45,7 +45,12 @@ def resolve(tracking_uri: str, model_uri: str) -> ModelRef:
 def resolve_models(tracking_uri: str, classifier_uri: str,
                    segmenter_uri: str | None) -> tuple[ModelRef, ModelCard, ModelRef | None, ModelCard | None]:
     """The classifier, and the segmenter its card pins if it was trained on lungs (else
-    ``segmenter_uri``, for the lung-area quality signal only, or none)."""
+    ``segmenter_uri``, for the lung-area quality signal only, or none). A screen
+    (``models:/cxr-screen@champion``) stands for the classifier and segmenter it was built
+    from, so the night runs exactly what was promoted."""
+    screen = _screen_parts(tracking_uri, classifier_uri)
+    if screen is not None:
+        classifier_uri, segmenter_uri = screen
     classifier = resolve(tracking_uri, classifier_uri)
     try:
         # The architecture is checked where the model is built (the actors): the driver imports no torch.
@@ -62,6 +67,21 @@ def resolve_models(tracking_uri: str, classifier_uri: str,
         segmenter = resolve(tracking_uri, segmenter_uri) if segmenter_uri else None
     seg_card = tracking.load_card(tracking_uri, segmenter.pinned_uri, check_architecture=False) if segmenter else None
     return classifier, card, segmenter, seg_card
+
+
+def _screen_parts(tracking_uri: str, model_uri: str) -> tuple[str, str | None] | None:
+    """(classifier URI, segmenter URI or None) of a registered screen; None for a classifier."""
+    try:
+        version = tracking.resolve_version(tracking_uri, model_uri)
+    except Exception as e:  # MLflow raises its own types for a missing alias, model or server
+        raise SystemicFailure(f"cannot resolve {model_uri}: {str(e).splitlines()[0]}") from e
+    if version.tags.get("cxr.task") != "screen":
+        return None
+    if not version.tags.get("cxr.classifier"):
+        raise SystemicFailure(f"{model_uri} (screen v{version.version}) names no registered classifier")
+    segmenter = version.tags.get("cxr.segmenter")
+    log.info("%s is screen v%s: %s + %s", model_uri, version.version, version.tags["cxr.classifier"], segmenter or "no segmenter")
+    return f"models:/{version.tags['cxr.classifier']}", f"models:/{segmenter}" if segmenter else None
 
 
 def check_output_outside_input(output: str, source: str) -> None:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from cxr import tracking
 from cxr.config import PlatformConfig
-from cxr.package import SCREEN, Component, PackageError, read_screen, write_screen
+from cxr.package import (SCREEN, Component, PackageError, read_screen, sign_bundle, verify_signature,
+                         write_screen)
 from cxr.screen import Screen
 
 log = logging.getLogger(__name__)
@@ -83,37 +84,38 @@ def register_screen(platform: PlatformConfig, classifier_uri: str, segmenter_uri
     return version
 
 
-def screen_for_classifier(platform: PlatformConfig, classifier_version: str, alias: str) -> str:
-    """Point ``cxr-screen@alias`` at the screen of ``cxr-classifier`` version ``classifier_version``,
-    registering it first if none exists: what promotion does when the classifier's alias moves."""
+def screen_of_classifier(platform: PlatformConfig, classifier_version: str) -> str:
+    """The ``cxr-screen`` version of ``cxr-classifier`` version ``classifier_version`` (the
+    newest float32 one), registered first if there is none: what promoting a classifier promotes."""
     uri, name = platform.tracking_uri, platform.registered_models["classifier"]
     wanted = f"{name}/{classifier_version}"
-    c = tracking.client(uri)
-    found = [v for v in c.search_model_versions(f"name='{screen_name(platform)}'")
+    found = [v for v in tracking.client(uri).search_model_versions(f"name='{screen_name(platform)}'")
              if v.tags.get("cxr.classifier") == wanted and v.tags.get("cxr.weights_dtype") == "float32"]
     if found:
-        version = str(max(int(v.version) for v in found))
-        tracking.set_alias(uri, screen_name(platform), alias, version)
-        return version
-    return register_screen(platform, f"models:/{wanted}", f"models:/{platform.registered_models['segmenter']}@{alias}",
-                           alias)
+        return str(max(int(v.version) for v in found))
+    return register_screen(platform, f"models:/{wanted}",
+                           f"models:/{platform.registered_models['segmenter']}@{platform.aliases['champion']}")
 
 
 # --- bundles ----------------------------------------------------------------------------------------
 
 def export_model(platform: PlatformConfig, model_uri: str, out: str | Path, dtype: str = "float32",
-                 segmenter_uri: str | None = None, part_mb: float | None = None) -> list[Path]:
+                 segmenter_uri: str | None = None, part_mb: float | None = None,
+                 sign_key: bytes | None = None) -> list[Path]:
     """A self-contained bundle of a registered screen or classifier: a folder (or, for a name
     ending in .tar, one tar file) that ``import_model`` and ``cxr.load`` read. Weights as
     ``dtype`` (float32, bfloat16 or int8, see ``cxr.weights``). With ``part_mb``, a tar larger
     than that is cut into ``NAME.tar.000``, ``.001``, ... (a transfer limited per file, like
-    the GPU machine's 16 MiB). Returns the files or the folder written."""
+    the GPU machine's 16 MiB). With ``sign_key``, the bundle is signed (``cxr.package.sign_bundle``).
+    Returns the files or the folder written."""
     out = Path(out)
     classifier, segmenter = components(platform.tracking_uri, model_uri, segmenter_uri)
     version = tracking.resolve_version(platform.tracking_uri, model_uri)
     source = f"{platform.tracking_uri} {model_uri} (= {version.name}/{version.version})"
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_screen(Path(tmp) / "bundle", classifier, segmenter, dtype, source)
+        if sign_key is not None:
+            sign_bundle(folder, sign_key)
         if out.suffix == ".tar":
             out.parent.mkdir(parents=True, exist_ok=True)
             with tarfile.open(out, "w") as tar:     # uncompressed: weights barely compress
@@ -182,14 +184,20 @@ def unpack_bundle(bundle: str | Path, dst: Path) -> Path:
     return folders[0]
 
 
-def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None = None) -> dict[str, str]:
-    """Verify a bundle (checksums, cards) and register it in this registry: its segmenter as a
+def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None = None,
+                 verify_key: bytes | None = None, require_signature: bool = False) -> dict[str, str]:
+    """Verify a bundle (checksums, cards; its signature with ``verify_key``, which
+    ``require_signature`` demands) and register it in this registry: its segmenter as a
     new ``cxr-segmenter`` version, its classifier as a new ``cxr-classifier`` version (its card
     now pinning that segmenter version) and the screen as a new ``cxr-screen`` version. With
     ``alias``, all three point there. Returns {kind: version}."""
     uri, names = platform.tracking_uri, platform.registered_models
     with tempfile.TemporaryDirectory() as tmp:
         folder = unpack_bundle(bundle, Path(tmp))
+        if require_signature and verify_key is None:
+            raise PackageError("a signature is required but no --verify-key was given")
+        if verify_key is not None:
+            verify_signature(folder, verify_key)
         classifier, segmenter, info = read_screen(folder)      # links, files, checksums, cards, weights
         provenance = {"bundle": Path(bundle).name, "source": info.get("source"), "weights_dtype": info["weights_dtype"]}
         versions: dict[str, str] = {}
