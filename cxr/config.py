@@ -381,8 +381,9 @@ class PromoteConfig:
     ``champion`` (a classifier version is promoted as its screen; gates and gate set in
     mlflow.yaml, see cxr/gates.py); or ``--rollback`` to the recorded state before the last
     promotion; or ``--unlock``. Exit codes: 0 promoted, rolled back, unlocked or nothing to
-    do; 1 refused or aborted, nothing changed (lock held, nothing to roll back to, a registry
-    call failed); 2 bad options; 3 the candidate failed its gates, nothing changed."""
+    do; 1 refused or aborted, nothing changed (lock held, nothing to roll back to, an unknown
+    model or version, a registry call failed); 2 a bad option value; 3 the candidate failed its
+    gates, nothing changed."""
 
     NAME: ClassVar[str] = "promote"
     model: str = option("cxr-screen", "registered model: cxr-screen, cxr-segmenter, or cxr-classifier (its version's "
@@ -553,11 +554,12 @@ AT_LEAST_ONE = ("batch_size", "epochs", "threads", "load_threads", "num_workers"
                 "segmenter_epochs", "object_store_mb", "max_train_images", "lr_step_epochs", "decode_tasks",
                 "torch_threads", "min_archive_images")
 AT_LEAST_ZERO = ("seed", "stage1_epochs", "stage2_epochs", "loader_workers", "weight_decay", "warmup_steps",
-                 "grace_epochs", "naive_images", "lease_wait_s", "dilation_px", "cam_examples", "heatmap_size")
+                 "grace_epochs", "naive_images", "lease_wait_s", "dilation_px", "cam_examples", "heatmap_size",
+                 "time_limit_s")
 SHARES = ("val_fraction", "test_fraction", "source_val_fraction", "specificity", "min_specificity",
           "screening_specificity", "transfer_specificity", "max_unreadable_share", "min_lung_fraction",
           "max_lung_fraction", "no_lung_fraction", "dropout", "lr_gamma")
-POSITIVE = ("lr", "stage1_lr", "stage2_lr", "time_limit_s", "lease_ttl_s", "part_mb", "max_file_mb", "gpus_per_actor",
+POSITIVE = ("lr", "stage1_lr", "stage2_lr", "lease_ttl_s", "part_mb", "max_file_mb", "gpus_per_actor",
             "cpus_per_actor")
 RANGES = {**{n: (1, None) for n in AT_LEAST_ONE}, **{n: (0, None) for n in AT_LEAST_ZERO},
           **{n: (0, 1) for n in SHARES}, "image_size": (8, 4096), "segmenter_size": (8, 4096),

@@ -37,6 +37,10 @@ class GateSetError(ValueError):
     """No gate set can be built for this candidate (its training data unknown, no films left)."""
 
 
+class GateScoringError(RuntimeError):
+    """A gate film could not be scored: the gate set or its storage is broken, not the candidate."""
+
+
 @dataclass(frozen=True)
 class TrainingSet:
     """What a model learnt from, from its card."""
@@ -47,20 +51,29 @@ class TrainingSet:
 
     @classmethod
     def of(cls, card: ModelCard) -> "TrainingSet":
-        data = [d for d in card.training_data if d.archives is not None and d.images]
-        if not data:
-            raise GateSetError("its card does not record what it learnt from (archives, images, patients): it cannot "
-                               "be checked against the gate set; re-register it from a training run of this cxr")
+        data = list(card.training_data)
+        unrecorded = [d.name for d in data if d.archives is None or not d.images]
+        if not data or unrecorded:
+            raise GateSetError(f"its card does not record what it learnt from ({', '.join(unrecorded) or 'no data'}: "
+                               "archives, images, patients): it cannot be checked against the gate set; "
+                               "re-register it from a training run of this cxr")
         return cls(frozenset(a for d in data for a in d.archives), frozenset(i for d in data for i in d.images),
                    frozenset(p for d in data for p in d.patients))
 
 
+def learnt_from(rows: pd.DataFrame, trained: TrainingSet) -> pd.Series:
+    """Which rows' image or patient ``trained`` learnt from."""
+    return rows["sha256"].isin(trained.images) | rows["patient_id"].map(patient_digest).isin(trained.patients)
+
+
 def gate_rows(archives: pd.DataFrame, trained: TrainingSet) -> tuple[pd.DataFrame, dict]:
     """(the gate films, what was left out and why) for a candidate that learnt from ``trained``.
-    Columns added: ``is_covid`` and ``unseen_archive`` (an archive it never trained on)."""
+    Columns added: ``is_covid`` and ``unseen_archive`` (an archive it never trained on). A film
+    of unknown age counts as an adult's (the Hannover films of the COVID collection carry none;
+    every child here is Kermany's, whose age group is known)."""
     rows = archives[archives["label"].isin(["covid", "other"]) & (archives["age_group"] != "pediatric")].copy()
     rows["unseen_archive"] = ~rows["archive"].isin(trained.archives)
-    learnt = rows["sha256"].isin(trained.images) | rows["patient_id"].map(patient_digest).isin(trained.patients)
+    learnt = learnt_from(rows, trained)
     gate = rows[~learnt].assign(is_covid=lambda f: f["label"] == "covid").reset_index(drop=True)
     summary = {
         "films": int(len(gate)), "covid": int(gate["is_covid"].sum()), "other": int((~gate["is_covid"]).sum()),
@@ -81,9 +94,9 @@ def screen_outcomes(screen, gate: pd.DataFrame, storage=None, batch_size: int = 
     scores = screen.predict(gate["uri"].tolist(), batch_size=batch_size, heatmap_size=0, storage=storage)
     if (scores["status"] == "error").any():
         bad = scores[scores["status"] == "error"].iloc[0]
-        raise GateSetError(f"{int((scores['status'] == 'error').sum())} gate films could not be scored "
+        raise GateScoringError(f"{int((scores['status'] == 'error').sum())} gate films could not be scored "
                            f"(first: {bad['uri']}: {bad['error']})")
-    return gate[["uri", "archive", "is_covid", "unseen_archive"]].assign(
+    return gate[["uri", "sha256", "patient_id", "archive", "is_covid", "unseen_archive"]].assign(
         flagged=scores["screen_positive"].eq(True).to_numpy(),
         screened=scores["screen_positive"].notna().to_numpy(),
         covid_probability=scores["covid_probability"].to_numpy(dtype=float))

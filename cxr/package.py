@@ -47,6 +47,9 @@ SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, SIGNATURE
               "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
               "serving_input_example.json"}
 COMPONENTS = ("classifier", "segmenter")
+# The files the checksums do not list: themselves, the signature of them, and the file MLflow
+# adds to a registered model's folder; only at the top: one of these names anywhere else is listed.
+UNLISTED = {CHECKSUMS, SIGNATURE, "registered_model_meta"}
 
 
 class PackageError(ValueError):
@@ -188,7 +191,7 @@ def _digest(path: Path) -> str:
 
 def write_checksums(folder: Path) -> Path:
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, SIGNATURE))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in UNLISTED)
     lines = [f"{_digest(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
     return folder / CHECKSUMS
@@ -207,8 +210,7 @@ def verify_checksums(folder: Path) -> int:
         if len(parts) != 2 or len(parts[0]) != 64:
             raise PackageError(f"{folder}/{CHECKSUMS} line {number} is not 'SHA256  NAME'")
         listed[parts[1].strip().removeprefix("*")] = parts[0].lower()     # "*": sha256sum -b
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-               if p.is_file() and p.name not in (CHECKSUMS, SIGNATURE, "registered_model_meta")}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - UNLISTED
     if present - set(listed):
         raise PackageError(f"{folder}: files not in {CHECKSUMS}: {sorted(present - set(listed))}")
     if set(listed) - present:
@@ -229,7 +231,7 @@ def folder_bytes(folder: Path) -> int:
 
 def read_key(path: str | Path) -> bytes:
     """A signing key: the bytes of a file (at least 32 of them, e.g. ``openssl rand -out KEY 32``)."""
-    key = Path(path).read_bytes().strip()
+    key = Path(path).read_bytes()          # as it is: a random key's first or last byte may be whitespace
     if len(key) < 32:
         raise PackageError(f"{path}: a signing key needs at least 32 bytes, got {len(key)}")
     return key

@@ -158,6 +158,14 @@ class PromotionLock:
     def _record(self) -> str:
         return json.dumps({"owner": self.owner, "token": self.token, "heartbeat": time.time()})
 
+    def _held(self) -> dict | None:
+        return lock_holder(self.uri, self.name.removesuffix(LOCK_SUFFIX))
+
+    def ours(self) -> bool:
+        """Whether the lock is still this promotion's (not broken as stale, nor --unlock'ed)."""
+        held = self._held()
+        return bool(held) and held.get("token") == self.token
+
     def __enter__(self) -> "PromotionLock":
         from mlflow.exceptions import MlflowException
 
@@ -169,7 +177,9 @@ class PromotionLock:
             except MlflowException as e:
                 if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                     raise PromotionError(f"could not take the promotion lock ({_first_line(e)}); nothing changed") from e
-                held = lock_holder(self.uri, self.name.removesuffix(LOCK_SUFFIX)) or {}
+                held = self._held() or {}
+                if held.get("token") == self.token:     # our create went through; its reply was lost
+                    break
                 age = time.time() - float(held.get("heartbeat", held.get("since", 0)))
                 if attempt == 0 and age > self.ttl_s:
                     log.warning("breaking a stale promotion lock of %s (no heartbeat for %.0f s)", held.get("owner"), age)
@@ -177,7 +187,8 @@ class PromotionLock:
                         c.delete_registered_model(self.name)
                     except MlflowException as gone:       # another promotion broke it first
                         if "RESOURCE_DOES_NOT_EXIST" not in str(gone.error_code):
-                            raise
+                            raise PromotionError(f"could not break the stale promotion lock ({_first_line(gone)}); "
+                                                 "nothing changed") from gone
                     continue
                 raise PromotionError(f"another promotion of {self.name.removesuffix(LOCK_SUFFIX)} is in progress "
                                      f"(lock held by {held.get('owner')}, last heartbeat {age:.0f} s ago; it expires "
@@ -186,27 +197,36 @@ class PromotionLock:
         self._thread.start()
         return self
 
+    def check(self) -> None:
+        """Before changing the registry: refuse if the lock is no longer ours."""
+        if not self.ours():
+            raise PromotionError(f"the promotion lock was taken over ({self._held()}); nothing changed")
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
+                if not self.ours():         # broken as stale, or --unlock'ed: never rewrite another's lock
+                    log.error("the promotion lock %s is no longer this promotion's", self.name)
+                    return
                 tracking.client(self.uri).update_registered_model(self.name, description=self._record())
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lock expires if all fail
-                log.warning("promotion lock heartbeat failed: %s", str(e).splitlines()[0] if str(e) else e)
+                log.warning("promotion lock heartbeat failed: %s", _first_line(e))
 
     def __exit__(self, *exc) -> None:
-        """Released on every exit path; a lock that cannot be deleted expires ``ttl_s`` after
-        its last heartbeat."""
+        """Released on every exit path (only if still ours); a lock that cannot be deleted
+        expires ``ttl_s`` after its last heartbeat."""
         self._stop.set()
         if self._thread:
             self._thread.join()
         for attempt in range(3):
             try:
-                tracking.client(self.uri).delete_registered_model(self.name)
+                if self.ours():
+                    tracking.client(self.uri).delete_registered_model(self.name)
                 return
             except Exception as e:  # noqa: BLE001 - never hides why the promotion ended
                 if attempt == 2:
                     log.warning("could not release the promotion lock %s (it expires in %.0f s): %s", self.name,
-                                self.ttl_s, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                                self.ttl_s, _first_line(e))
                 else:
                     time.sleep(0.5)
 
@@ -283,6 +303,13 @@ def audit_record(action: str, model: str, decision: Decision | dict | None, befo
             "decision": asdict(decision) if isinstance(decision, Decision) else decision}
 
 
+def audit_summary(record: dict) -> dict:
+    """What the ``cxr.audit`` tag holds (history and rollback read it): always valid JSON within
+    MLflow's tag limit; the whole record, decision included, is the run's ``audit.json``."""
+    keep = {k: record.get(k) for k in ("time", "user", "action", "model", "before", "after")}
+    return {**keep, "reason": str(record.get("reason", ""))[:1000]}
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
@@ -295,19 +322,21 @@ def commit(platform: PlatformConfig, record: dict) -> str:
     raises ``PromotionAborted``. Returns the audit run id."""
     uri, aliases, model = platform.tracking_uri, platform.aliases, record["model"]
     c = tracking.client(uri)
-    summary = {k: v for k, v in record.items() if k != "decision"}
+    summary = audit_summary(record)
     try:
         run_id = tracking.start_run(uri, platform.experiments["promotion"], f"{record['action']}-{model}",
                                     tags={"cxr.model": model, "cxr.action": record["action"], "cxr.outcome": "pending",
-                                          "cxr.audit": json.dumps(summary)[:5000]})
+                                          "cxr.audit": json.dumps(summary)})
     except Exception as e:  # noqa: BLE001 - nothing was changed yet
         raise PromotionAborted(f"could not open the audit run ({_first_line(e)}); nothing changed") from e
     undo: list = []
 
     def step(do, undo_step=None) -> None:
-        do()
+        # The undo is recorded first: a call that reached the server but lost its reply is undone too
+        # (every undo sets a value back, so undoing what did not happen is harmless).
         if undo_step is not None:
             undo.append(undo_step)
+        do()
 
     def set_alias(alias: str, version: str | None) -> None:
         _set_alias(c, uri, model, alias, version)
@@ -359,6 +388,39 @@ def _set_alias(c, uri: str, model: str, alias: str, version: str | None) -> None
         c.delete_registered_model_alias(model, alias)
 
 
+def recover_pending(platform: PlatformConfig, model: str) -> str:
+    """A promotion killed in its transaction (kill -9, a lost pod) leaves its audit run
+    ``pending``: under the lock, put the aliases back to that run's ``before`` and mark it
+    aborted, so the next promotion starts from a recorded state. Returns a note, or ""."""
+    uri, aliases = platform.tracking_uri, platform.aliases
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(platform.experiments["promotion"])
+    if exp is None:
+        return ""
+    pending = c.search_runs([exp.experiment_id], f"tags.`cxr.model` = '{model}' and tags.`cxr.outcome` = 'pending'")
+    notes = []
+    for run in pending:
+        record = json.loads(run.data.tags["cxr.audit"])
+        for key in ("previous_champion", "champion"):
+            _set_alias(c, uri, model, aliases[key], record["before"][key])
+            if model == platform.registered_models.get("screen", "cxr-screen"):
+                _set_alias(c, uri, platform.registered_models["classifier"], aliases[key],
+                           classifier_of(platform, model, record["before"][key]))
+        c.set_tag(run.info.run_id, "cxr.outcome", "aborted")
+        c.set_tag(run.info.run_id, "cxr.abort_reason", "interrupted; undone by the next promotion")
+        c.set_terminated(run.info.run_id, "KILLED")
+        notes.append(run.info.run_id)
+    return f"undid the interrupted {', '.join(notes)}; " if notes else ""
+
+
+def classifier_of(platform: PlatformConfig, screen: str, version: str | None) -> str | None:
+    """The ``cxr-classifier`` version a screen version was built from (None: none, or not ours)."""
+    if not version:
+        return None
+    tag = tracking.client(platform.tracking_uri).get_model_version(screen, version).tags.get("cxr.classifier")
+    return tag.rsplit("/", 1)[1] if tag and tag.rsplit("/", 1)[0] == platform.registered_models["classifier"] else None
+
+
 def mirrored(platform: PlatformConfig, record: dict) -> list[tuple[str, str, str | None, str | None]]:
     """(classifier model, alias key, version before, version after) for each alias of a screen
     that moves: ``cxr-classifier@champion`` names the classifier of ``cxr-screen@champion``
@@ -366,15 +428,11 @@ def mirrored(platform: PlatformConfig, record: dict) -> list[tuple[str, str, str
     names = platform.registered_models
     if record["model"] != names.get("screen", "cxr-screen"):
         return []
-    c = tracking.client(platform.tracking_uri)
-
-    def classifier_of(version: str | None) -> str | None:
-        tag = c.get_model_version(record["model"], version).tags.get("cxr.classifier") if version else None
-        return tag.rsplit("/", 1)[1] if tag and tag.rsplit("/", 1)[0] == names["classifier"] else None
-
     moves = []
     for key in ("previous_champion", "champion"):
-        was, now = classifier_of(record["before"][key]), classifier_of(record["after"][key])
+        # The undo restores what the alias is now (it may differ from the old screen's classifier).
+        was = alias_version(platform.tracking_uri, names["classifier"], platform.aliases[key])
+        now = classifier_of(platform, record["model"], record["after"][key])
         if was != now:
             moves.append((names["classifier"], key, was, now))
     return moves
@@ -387,8 +445,7 @@ def record_refusal(platform: PlatformConfig, record: dict) -> str | None:
         with tracking.tracked_run(uri, platform.experiments["promotion"], f"{record['action']}-{record['model']}",
                                   tags={"cxr.model": record["model"], "cxr.action": record["action"],
                                         "cxr.outcome": record["outcome"],
-                                        "cxr.audit": json.dumps({k: v for k, v in record.items()
-                                                                 if k != "decision"})[:5000]}) as run_id:
+                                        "cxr.audit": json.dumps(audit_summary(record))}) as run_id:
             tracking.log_dict(uri, run_id, record, "audit.json")
         return run_id
     except Exception as e:  # noqa: BLE001 - the refusal stands; its record is best effort
@@ -408,7 +465,7 @@ def screen_rules(platform: PlatformConfig) -> dict:
 def judge_screen(platform: PlatformConfig, candidate_uri: str, champion_uri: str | None) -> tuple[Decision, dict]:
     """The candidate screen on its gate set (and the champion on the same films)."""
     from cxr.data.manifest import read_manifest
-    from cxr.gates import GateSetError, assess, judge, paired_difference
+    from cxr.gates import GateScoringError, GateSetError, TrainingSet, assess, judge, learnt_from, paired_difference
     from cxr.workflows.screen import load
 
     rules = screen_rules(platform)
@@ -424,12 +481,29 @@ def judge_screen(platform: PlatformConfig, candidate_uri: str, champion_uri: str
     except GateSetError as e:
         decision = Decision(False, f"{candidate_uri}: {e}", {}, None, [], None)
         return decision, {}
+    except GateScoringError as e:
+        raise PromotionError(f"the gate set could not be scored ({e}); nothing changed") from e
     difference, champion_figures = None, None
-    if champion_uri:
+    if champion_uri:      # (with no film neither learnt from, there is nothing to compare on)
+        champion_screen = load(champion_uri, platform.tracking_uri, "cpu", storage=platform.storage)
         gate = candidate.outcomes.drop(columns=["flagged", "screened", "covid_probability"])
-        champion = assess(load(champion_uri, platform.tracking_uri, "cpu", storage=platform.storage), archives, rules,
-                          platform.storage, gate=gate)
-        difference = paired_difference(candidate.outcomes, champion.outcomes, rules["n_boot"], rules["seed"])
+        try:
+            # Compared on the films neither learnt from, so the champion is not judged on its training data.
+            neither = ~learnt_from(gate, TrainingSet.of(champion_screen.classifier.card)).to_numpy()
+        except GateSetError:
+            neither = np.ones(len(gate), bool)
+            log.warning("%s does not record what it learnt from: compared on the candidate's gate set", champion_uri)
+        if not neither.any():
+            log.warning("%s learnt from every film of the gate set: no comparison with it", champion_uri)
+            neither = None
+    if champion_uri and neither is not None:
+        try:
+            champion = assess(champion_screen, archives, rules, platform.storage, gate=gate[neither].reset_index(drop=True))
+        except GateScoringError as e:
+            raise PromotionError(f"the gate set could not be scored by the champion ({e}); nothing changed") from e
+        difference = paired_difference(candidate.outcomes[neither].reset_index(drop=True), champion.outcomes,
+                                       rules["n_boot"], rules["seed"])
+        difference["n"] = int(neither.sum())
         champion_figures = champion.figures
     gates, failures = judge(candidate.figures, candidate.evidence, rules, difference)
     g = candidate.gate_set
@@ -489,16 +563,18 @@ def promote(cfg: PromoteConfig, platform: PlatformConfig) -> Outcome:
             from cxr.workflows.screen import screen_of_classifier
 
             version, model = screen_of_classifier(platform, version), screen_model
-    with PromotionLock(uri, model, float(platform.promotion.get("lock_ttl_s", 120)), cfg.user or getpass.getuser()):
+    with PromotionLock(uri, model, float(platform.promotion.get("lock_ttl_s", 120)),
+                       cfg.user or getpass.getuser()) as lock:
+        recovered = recover_pending(platform, model)
         before = aliases_now(uri, model, aliases)
         if cfg.rollback:
-            return rollback(platform, model, before, cfg)
+            return rollback(platform, model, before, cfg, lock)
         version = version or alias_version(uri, model, aliases["challenger"])
         if not version:
             raise PromotionError(f"no --version given and no {aliases['challenger']} alias on {model}")
         _check_version(uri, model, version)
         if version == before["champion"]:
-            return Outcome(EXIT_PROMOTED, f"v{version} is already {aliases['champion']}; nothing to do")
+            return Outcome(EXIT_PROMOTED, f"{recovered}v{version} is already {aliases['champion']}; nothing to do")
         if model == screen_model:
             decision, _ = judge_screen(platform, f"models:/{model}/{version}",
                                        f"models:/{model}/{before['champion']}" if before["champion"] else None)
@@ -511,9 +587,11 @@ def promote(cfg: PromoteConfig, platform: PlatformConfig) -> Outcome:
             record["outcome"] = "rejected"
             run_id = record_refusal(platform, record)
             return Outcome(EXIT_REJECTED, f"{model} v{version} rejected, nothing changed: {reason} (audit run {run_id})")
+        lock.check()
         run_id = commit(platform, record)
     was = f"was v{before['champion']}" if before["champion"] else "first champion"
-    return Outcome(EXIT_PROMOTED, f"{model} v{version} is now {aliases['champion']} ({was}): {reason} (audit run {run_id})")
+    return Outcome(EXIT_PROMOTED, f"{recovered}{model} v{version} is now {aliases['champion']} ({was}): {reason} "
+                                  f"(audit run {run_id})")
 
 
 def _check_version(uri: str, model: str, version: str) -> None:
@@ -529,7 +607,7 @@ def _check_version(uri: str, model: str, version: str) -> None:
         raise
 
 
-def rollback(platform: PlatformConfig, model: str, before: dict, cfg: PromoteConfig) -> Outcome:
+def rollback(platform: PlatformConfig, model: str, before: dict, cfg: PromoteConfig, lock: PromotionLock) -> Outcome:
     """Restore the state recorded before the last promotion not yet rolled back."""
     uri = platform.tracking_uri
     records = history(uri, platform.experiments["promotion"], model)
@@ -546,6 +624,7 @@ def rollback(platform: PlatformConfig, model: str, before: dict, cfg: PromoteCon
     after = {"champion": target["champion"], "previous_champion": stack[-1]["champion"] if stack else None}
     record = audit_record("rollback", model, None, before, after, cfg.reason or "rollback", cfg.user)
     record["outcome"] = "promoted"
+    lock.check()
     run_id = commit(platform, record)
     return Outcome(EXIT_PROMOTED, f"{model} rolled back: champion v{before['champion']} -> v{after['champion']} "
                                   f"(the recorded state before v{before['champion']}; previous-champion now "

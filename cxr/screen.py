@@ -401,7 +401,8 @@ def _as_items(inputs) -> list:
 
 
 def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value))
+    """A value, not a missing one (None, NaN, pd.NA, NaT: whatever the column's dtype)."""
+    return not (value is None or (np.ndim(value) == 0 and not isinstance(value, (bytes, str)) and pd.isna(value)))
 
 
 def _one(value):

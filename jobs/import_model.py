@@ -18,7 +18,7 @@ def main(cfg: ImportModelConfig) -> int:
     try:
         key = read_key(cfg.verify_key) if cfg.verify_key else None
         versions = import_model(platform, cfg.bundle, cfg.alias, key, cfg.require_signature)
-    except (PackageError, CardError, FileNotFoundError) as e:
+    except (PackageError, CardError, OSError) as e:
         print(f"cxr import-model: {cfg.bundle}: {e}", file=sys.stderr)
         return 2
     names = {**platform.registered_models}

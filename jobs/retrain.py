@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from cxr.config import RetrainConfig, load_platform
-from cxr.promotion import EXIT_PROMOTED
+from cxr.promotion import EXIT_FAILED, EXIT_PROMOTED, EXIT_REJECTED
 from cxr.workflows.retrain import RetrainError, retrain
 from jobs.runtime import init_ray
 
@@ -29,7 +29,8 @@ def main(cfg: RetrainConfig) -> int:
         f"{k}: {({n: v for n, v in step.items() if n != 'promotion_code'})}" for k, step in r["steps"].items())
           + f"; run {r['run_id']}")
     codes = [step["promotion_code"] for step in r["steps"].values() if "promotion_code" in step]
-    return max(codes, default=EXIT_PROMOTED)
+    # A refusal (lock held, registry error) outranks a rejection: it needs a person, a rejection a better model.
+    return EXIT_FAILED if EXIT_FAILED in codes else EXIT_REJECTED if EXIT_REJECTED in codes else EXIT_PROMOTED
 
 
 if __name__ == "__main__":

@@ -44,3 +44,15 @@ def test_bad_value_type_is_reported(capsys):
 def test_missing_data_root_exits_2(tmp_path, capsys):
     assert main(["prepare-data", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "has no kermany/ folder" in capsys.readouterr().err
+
+
+def test_a_numeric_option_out_of_range_is_one_line(capsys):
+    for argv, flag in ((["score", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                       (["score", "--limit", "-1"], "--limit must be >= 1, got -1"),
+                       (["crossval", "--transfer-specificity", "1.5"], "--transfer-specificity must be <= 1")):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and "\n" not in err, err

@@ -124,6 +124,21 @@ def test_promotion_lifecycle_and_rollback(capsys, tmp_path):
     assert len(client.search_model_versions(f"name='{SCREEN}'")) == screens
     assert [r["action"] for r in history(uri, "cxr-promotion", SCREEN)][-2:] == ["rollback", "rollback"]
 
+    # A promotion killed inside its transaction (aliases moved, audit run still pending) is undone
+    # by the next promotion, under the lock.
+    interrupted = {"time": "t", "user": "killed", "action": "promote", "model": SCREEN, "reason": "",
+                   "before": {"champion": sa, "previous_champion": None},
+                   "after": {"champion": sb, "previous_champion": sa}}
+    run_id = tracking.start_run(uri, "cxr-promotion", "promote-killed", tags={
+        "cxr.model": SCREEN, "cxr.action": "promote", "cxr.outcome": "pending", "cxr.audit": json.dumps(interrupted)})
+    for alias, version in (("previous-champion", sa), ("champion", sb)):
+        client.set_registered_model_alias(SCREEN, alias, version)
+    client.set_registered_model_alias(CLASSIFIER, "champion", b)
+    code, line = _promote(capsys, version=sa)
+    assert code == EXIT_PROMOTED and f"undid the interrupted {run_id}" in line and line.endswith("nothing to do")
+    assert _state() == (sa, None, a, None)
+    assert client.get_run(run_id).data.tags["cxr.outcome"] == "aborted"
+
     # A version that does not exist, and the champion itself: one line each.
     code, line = _promote(capsys, version="999")
     assert code == EXIT_FAILED and "has no version 999" in line

@@ -1,12 +1,16 @@
 """``cxr retrain`` end to end on tiny twins on CPU: prepare-data -> train-segmenter -> pretrain
--> finetune -> challenger -> gated promotion; a rerun of the same data snapshot does nothing."""
+-> finetune -> challenger -> gated promotion; a rerun of the same snapshot (data and recipe)
+does nothing. A fine-tuned classifier's threshold was chosen in distribution, never shown to
+transfer to an unseen archive, so the screen gates refuse it: exit 3, champion unchanged."""
+
+import dataclasses
 
 import yaml
 from mlflow import MlflowClient
 
 from cxr.config import REPO_ROOT, PrepareDataConfig, RetrainConfig, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.promotion import alias_version
+from cxr.promotion import EXIT_REJECTED, alias_version
 from cxr.tracking import load_card
 from jobs import prepare_data, retrain
 from tests.conftest import unique_models
@@ -33,6 +37,8 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
         "non_inferiority": {"metric": "dice_mean", "margin": 0.05}}, classifier={
         "evaluation_manifest": str(task), "evaluation_split": "test", "evaluation_sha256": frozen(task),
         "gates": {"accuracy": 0.0}, "non_inferiority": {"metric": "accuracy", "margin": 0.05}})
+    raw["promotion"]["screen"].update(gate_manifest=str(manifests / "tasks" / "archives.parquet"),
+                                      gates={"specificity": 0.0})
     (tmp_path / "mlflow.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("CXR_PLATFORM_CONFIG", str(tmp_path / "mlflow.yaml"))
     configs = {
@@ -49,12 +55,13 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
     cfg = RetrainConfig(data_root=str(sample_root), manifests=str(manifests), train_segmenter=True, pretrain=True,
                         segmenter_config=str(tmp_path / "segmenter.yaml"), pretrain_config=str(tmp_path / "pretrain.yaml"),
                         finetune_config=str(tmp_path / "finetune.yaml"))
-    assert retrain.main(cfg) == 0
+    assert retrain.main(cfg) == EXIT_REJECTED
     out = capsys.readouterr().out
     uri = load_platform().tracking_uri
-    # Both new models are challengers, and the gated promotion made them champions.
-    for model in (names["segmenter"], names["classifier"]):
-        assert alias_version(uri, model, "challenger") == alias_version(uri, model, "champion") == "1", out
+    # Both new models are challengers; the segmenter passed its gate, the classifier's screen not.
+    assert alias_version(uri, names["segmenter"], "challenger") == alias_version(uri, names["segmenter"], "champion")
+    assert alias_version(uri, names["classifier"], "challenger") == "1"
+    assert "never shown to transfer" in out and alias_version(uri, names["screen"], "champion") is None, out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(load_platform().experiments["retrain"])
     (run,) = client.search_runs([exp.experiment_id])
@@ -63,8 +70,7 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
     card = load_card(uri, f"models:/{names['classifier']}/1")
     assert not card.preprocessing.lung_mask and card.training_data[0].name == "screen-4class"
     assert card.operating_point.temperature > 0
-    # The promoted classifier's screen is the screen champion, with segmenter v1 for the lung-area QC.
-    assert alias_version(uri, names["screen"], "champion") == "1"
+    # The classifier's screen was registered to be judged, with segmenter v1 for the lung-area QC.
     screen = client.get_model_version(names["screen"], "1")
     assert screen.tags["cxr.segmenter"] == f"{names['segmenter']}/1"
 
@@ -72,3 +78,17 @@ def test_retrain_runs_the_chain_once_per_snapshot(local_stack, ray_local, sample
     assert retrain.main(cfg) == 0
     assert "nothing new" in capsys.readouterr().out
     assert len(client.search_model_versions(f"name='{names['classifier']}'")) == 1
+    # A finetune config that does not exist is an error, never the defaults.
+    assert retrain.main(dataclasses.replace(cfg, finetune_config=str(tmp_path / "missing.yaml"))) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_the_snapshot_covers_the_recipe(sample_manifests):
+    """Changed training settings are new work, as new data is."""
+    from cxr.workflows.retrain import snapshot_digest
+
+    inputs = [sample_manifests / "tasks" / "screen-4class.parquet"]
+    base = snapshot_digest(inputs, {"finetune": {"stage1_lr": 0.001}})
+    assert base == snapshot_digest(inputs, {"finetune": {"stage1_lr": 0.001}})
+    assert base != snapshot_digest(inputs, {"finetune": {"stage1_lr": 0.002}})
+    assert base != snapshot_digest([sample_manifests / "lungseg.parquet"], {"finetune": {"stage1_lr": 0.001}})

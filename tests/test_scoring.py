@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -533,9 +534,16 @@ def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_loca
     assert len(worklist) == int(rows["screen_positive"].fillna(False).astype(bool).sum())
     assert list(worklist["covid_probability"]) == sorted(worklist["covid_probability"], reverse=True)
     assert pd.read_csv(sr_out / "errors.csv").empty
+    # The algorithm is named by what it is (cxr's version, the weights' digest, the threshold),
+    # not by a registry's version number.
+    from cxr.tracking import cxr_version
+
+    texts = [str(e.value) for e in pydicom.dcmread(reports[0]).iterall() if e.keyword == "TextValue"]
+    assert cxr_version() in texts and any(t.startswith("covid threshold 0.") for t in texts)
+    assert any(len(t) == len("weights sha256 ") + 64 and t.startswith("weights sha256 ") for t in texts), texts
     # A file replaced after scoring (another image, other UIDs) is refused, never reported as scored.
     (tmp_path / "archive" / "pa.dcm").write_bytes(tagged_dicom(real_gray()[::-1], "CR", "PA", patient_id="P1"))
-    assert export_sr.main(ExportSRConfig(scores=out, out=str(tmp_path / "sr2"))) == 0
+    assert export_sr.main(ExportSRConfig(scores=out, out=str(tmp_path / "sr2"))) == export_sr.EXIT_STUDIES_FAILED
     refused = pd.read_csv(tmp_path / "sr2" / "errors.csv")
     assert list(refused["study_instance_uid"]) == [rows.loc["pa.dcm", "study_instance_uid"]]
     assert "changed since it was scored" in refused["error"][0]

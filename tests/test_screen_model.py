@@ -54,6 +54,11 @@ def test_mlflow_pyfunc_and_cxr_load_give_the_same_rows(screen_uri, tiny_models, 
         np.testing.assert_allclose(np.stack(frame["probabilities"]), np.stack(api["probabilities"]), atol=1e-6)
         assert list(frame["heatmap_png"]) == list(api["heatmap_png"])
     assert list(by_path["sha256"]) == list(by_bytes["sha256"]) == list(api["sha256"])
+    # A row with both a path and image bytes is an error row (which was meant?), the others scored.
+    both = cxr.load(screen_uri).predict(pd.DataFrame({"path": [images[0], None],
+                                                      "image": [open(images[1], "rb").read()] * 2}))
+    assert both["status"][0] == "error" and both["status"][1] in ("ok", "flagged")
+    assert "both a path and image bytes" in both["error"][0] and pd.isna(both["error"][1])
     # The fields of a scores row, with the card's operating point applied.
     row = api.iloc[0]
     assert row["labels"] == ["covid", "normal", "bacterial", "viral"] and row["covid_threshold"] == 0.25
