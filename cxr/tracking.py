@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
@@ -74,6 +75,43 @@ def tracked_run(tracking_uri: str, experiment: str, run_name: str | None = None,
         ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
+
+
+def resume_key(job: str, config: dict, data_digest: str) -> str:
+    """What makes two training runs the same run: the job, every setting, the data's digest."""
+    text = json.dumps({"job": job, "config": config, "data": data_digest}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextmanager
+def resumable_run(tracking_uri: str, experiment: str, run_name: str | None, key: str, tags: dict | None = None,
+                  artifact_location: str | None = None) -> Iterator[tuple[str, bool]]:
+    """As ``tracked_run``, but the same command run again after a kill continues its unfinished
+    run (tag ``cxr.resume_key`` = ``key``, not FINISHED): yields (run id, resumed). The run's
+    Ray Train results are named after its id, so Ray hands the loop its latest checkpoint."""
+    c = client(tracking_uri)
+    exp = experiment_id(tracking_uri, experiment, artifact_location)
+    earlier = [r for r in c.search_runs([exp], f"tags.`cxr.resume_key` = '{key}'", order_by=["attributes.start_time DESC"],
+                                        max_results=20) if r.info.status != "FINISHED"]
+    if earlier:
+        run_id, resumed = earlier[0].info.run_id, True
+        c.update_run(run_id, status="RUNNING")
+        c.set_tag(run_id, "cxr.resumed", str(int(earlier[0].data.tags.get("cxr.resumed", "0")) + 1))
+        log.info("resuming MLflow run %s (%s, left %s)", run_id, run_name, earlier[0].info.status)
+    else:
+        run_id, resumed = start_run(tracking_uri, experiment, run_name, {**(tags or {}), "cxr.resume_key": key},
+                                    artifact_location), False
+    ok = False
+    try:
+        yield run_id, resumed
+        ok = True
+    finally:
+        end_run(tracking_uri, run_id, ok)
+
+
+def logged_steps(tracking_uri: str, run_id: str | None, key: str) -> set[int]:
+    """The steps of ``key`` a run has logged (a resumed loop logs each epoch once)."""
+    return {m.step for m in client(tracking_uri).get_metric_history(run_id, key)} if run_id else set()
 
 
 def readable(value: Any) -> str:

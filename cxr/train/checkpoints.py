@@ -11,7 +11,7 @@ from torch import nn
 
 from cxr.models import build_model
 
-WEIGHTS, META = "model.safetensors", "meta.json"
+WEIGHTS, META, RESUME = "model.safetensors", "meta.json", "resume.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -38,3 +38,22 @@ def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu") -> t
     model = build_model(meta["model"], **meta.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(folder / WEIGHTS)))   # copies into the module's own (CPU) tensors
     return model.to(map_location).eval(), meta
+
+
+def save_resume(folder: Path, state: dict) -> None:
+    """What a loop needs to continue after this epoch (optimiser, scheduler, RNG states): tensors
+    and plain values only, so ``load_resume`` reads it with ``weights_only`` (no code unpickled)."""
+    torch.save(state, Path(folder) / RESUME)
+
+
+def load_resume(checkpoint) -> dict | None:
+    """The resume state of a Ray checkpoint, with its ``weights`` (a state_dict); None for none
+    or for a checkpoint written before checkpoints carried one."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / RESUME).exists():
+            return None
+        state = torch.load(Path(folder) / RESUME, map_location="cpu", weights_only=True)
+        state["weights"] = load_file(str(Path(folder) / WEIGHTS))
+    return state

@@ -3,7 +3,9 @@
 Training runs in stages (``ClassifierTrainConfig.stages``): each sets which top-level modules
 train, a fresh Adam optimiser and a step decay. Images arrive as uint8 tensors from the object
 store; augmentation and normalisation run batch-wise on the training device, so the CPU side
-only slices tensors. The checkpoint with the lowest validation loss is kept.
+only slices tensors. Every epoch reports a checkpoint with what it takes to resume (optimiser,
+scheduler, RNG states); Ray keeps the one with the lowest validation loss and the latest, and
+hands the latest back to a rerun or a retried worker (``ray.train.get_checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from cxr import tracking
 from cxr.config import ClassifierTrainConfig, PlatformConfig, config_fields
@@ -27,8 +29,8 @@ from cxr.data.augment import classifier_augment_batch, photometric_augment_batch
 from cxr.models import build_model
 from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
 from cxr.preprocess import classifier_input
-from cxr.train.checkpoints import unwrap
-from cxr.train.common import all_reduce_sum, autocast, report
+from cxr.train.checkpoints import load_resume, unwrap
+from cxr.train.common import all_reduce_sum, autocast, report, shard_loader
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,16 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int, shuffle: bool,
-                pin: bool) -> DataLoader:
-    # Pinned host memory lets Ray Train's loader copy the next batch to the GPU on its own
-    # stream while the current one trains.
+                pin: bool, seed: int = 0):
+    """(loader, sampler) of this worker's shard (``ShardBatches``: every image once an epoch
+    across workers). Pinned host memory lets Ray Train's loader copy the next batch to the GPU
+    on its own stream while the current one trains."""
     with warnings.catch_warnings():
         # The arrays are zero-copy views of Ray's object store, hence read-only; batches are
         # gathered into new tensors and nothing writes to these, so no copy is needed.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
         dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(weights))
-    return ray.train.torch.prepare_data_loader(
-        DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size,
-                   pin_memory=pin))
+    return shard_loader(dataset, batch_size, shuffle, seed, pin)
 
 
 def weighted_loss(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
@@ -112,30 +113,44 @@ def train_loop_per_worker(config: dict) -> None:
     platform: PlatformConfig = config["platform"]
     run_id: str | None = config.get("run_id")
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)   # augmentation draws on the device
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda       # fixed input size: let cuDNN pick its fastest kernels
     data = ray.get(config["data"])
-    train_loader = make_loader(*data["train"], cfg.batch_size, shuffle=True, pin=cuda)
-    val_loader = make_loader(*data["val"], cfg.batch_size, shuffle=False, pin=cuda)
+    train_loader, train_order = make_loader(*data["train"], cfg.batch_size, shuffle=True, pin=cuda, seed=cfg.seed)
+    val_loader, _ = make_loader(*data["val"], cfg.batch_size, shuffle=False, pin=cuda)
 
     model = build_model(cfg.model, num_classes=len(cfg.classes), dropout=cfg.dropout)
-    if config.get("init_state") is not None:
+    resume = load_resume(ray.train.get_checkpoint())
+    if resume is not None:      # a rerun after a kill, or a worker retried: the last epoch's state
+        model.load_state_dict(resume.pop("weights"))
+        torch.set_rng_state(resume["torch_rng"])
+        generator.set_state(resume["generator"])
+        if rank == 0:
+            log.info("resuming at epoch %d (stage %d)", resume["next_epoch"], resume["stage"] + 1)
+    elif config.get("init_state") is not None:
         load_matching(model, ray.get(config["init_state"]), "initial weights")
+    start_epoch = resume["next_epoch"] if resume else 0
+    # Epochs a killed attempt logged after its last checkpoint that Ray kept: redone, not logged twice.
+    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_loss") if resume and rank == 0 else set()
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     weights = class_weights(data["train"][1], len(cfg.classes)) if cfg.class_weighted else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, reduction="none")
     meta = model_meta(cfg)
-    best_val_loss, epoch, out_of_time = float("inf"), 0, False
+    best_val_loss = resume["best_val_loss"] if resume else float("inf")
+    epoch, out_of_time = 0, False
     loop_started = time.perf_counter()
 
     for stage_index, stage in enumerate(stages(cfg)):
         if out_of_time:
             break
+        if epoch + stage.epochs <= start_epoch:         # a stage finished before the interruption
+            epoch += stage.epochs
+            continue
         bare = unwrap(model)
         set_trainable(bare, stage.trainable)
         # A fresh DDP wrapper per stage: DDP fixes the set of trained parameters when it is built.
@@ -143,12 +158,18 @@ def train_loop_per_worker(config: dict) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+        if resume is not None and resume["stage"] == stage_index and start_epoch > epoch:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
         for _ in range(stage.epochs):
             if out_of_time:
                 break
+            if epoch < start_epoch:
+                epoch += 1
+                continue
             started = time.perf_counter()
-            if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
+            train_order.set_epoch(epoch)
+            lr = scheduler.get_last_lr()[0]             # the rate this epoch trains at
             model.train()
             freeze_batchnorm(model)
             # Sums stay on the device: a .item() per step would stall the GPU once a step.
@@ -163,30 +184,38 @@ def train_loop_per_worker(config: dict) -> None:
             train_seconds = time.perf_counter() - started
 
             model.eval()
-            val_loss_sum, correct, n_val = torch.zeros((), device=device), torch.zeros((), device=device), 0
+            # The split's weighted mean loss, sum(w c l) / sum(w c) over all its images: one figure
+            # whatever the batches or the number of workers (a mean of batch means is not).
+            val_num, val_den = torch.zeros((), device=device), torch.zeros((), device=device)
+            correct, n_val = torch.zeros((), device=device), 0
             with torch.no_grad():
                 for images, labels, image_weights in val_loader:
                     x = classifier_input(images).contiguous(memory_format=memory_format)
                     with autocast(device):
-                        logits = model(x).float()
-                    val_loss_sum += weighted_loss(criterion, logits, labels, image_weights) * len(labels)
+                        logits = unwrap(model)(x).float()     # no DDP: the shards differ in size
+                    class_w = criterion.weight[labels] if criterion.weight is not None else torch.ones_like(image_weights)
+                    val_num += (criterion(logits, labels) * image_weights).sum()
+                    val_den += (class_w * image_weights).sum()
                     correct += (logits.argmax(1) == labels).sum()
                     n_val += len(labels)
-            val_loss_sum, correct = val_loss_sum.item(), correct.item()
-            loss_sum, n_seen, val_loss_sum, correct, n_val = all_reduce_sum(
-                [loss_sum, n_seen, val_loss_sum, correct, n_val], device)
+            val_num, val_den, correct = val_num.item(), val_den.item(), correct.item()
+            loss_sum, n_seen, val_num, val_den, correct, n_val = all_reduce_sum(
+                [loss_sum, n_seen, val_num, val_den, correct, n_val], device)
             metrics = {"epoch": epoch, "stage": stage_index + 1, "train_loss": loss_sum / n_seen,
-                       "val_loss": val_loss_sum / n_val, "val_accuracy": correct / n_val,
-                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started,
+                       "val_loss": val_num / val_den, "val_accuracy": correct / n_val,
+                       "n_train": n_seen, "n_val": n_val, "lr": lr, "epoch_seconds": time.perf_counter() - started,
                        "train_images_per_s": n_seen / train_seconds}
-            improved = metrics["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, metrics["val_loss"])
-            if rank == 0:
-                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-                if run_id:
-                    tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
+            # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_loss and the latest).
+            state = {"next_epoch": epoch + 1, "stage": stage_index, "best_val_loss": best_val_loss,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "generator": generator.get_state()}
             report(metrics, model, {**meta, "epoch": epoch, "val_loss": metrics["val_loss"],
-                                    "val_accuracy": metrics["val_accuracy"]}, save=improved)
+                                    "val_accuracy": metrics["val_accuracy"]}, save=True, resume=state)
+            if rank == 0:       # after the checkpoint, and each epoch once in a resumed run
+                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+                if run_id and epoch not in logged:
+                    tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
             epoch += 1
             if cfg.time_limit_s is not None:
                 # Every worker must stop after the same epoch: any worker past the limit stops all.

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cxr.data.storage import StorageConfig
-from cxr.train.checkpoints import save_checkpoint
+from cxr.train.checkpoints import save_checkpoint, save_resume
+
+
+# A failed worker (a lost node, a spot instance taken back) restarts the loop from the latest
+# checkpoint this many times before the run fails (Ray Train's FailureConfig).
+WORKER_RETRIES = 2
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -30,11 +37,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def report(metrics: dict, model: nn.Module, meta: dict, save: bool) -> None:
-    """``ray.train.report`` from every worker; rank 0 attaches a checkpoint when ``save``."""
+def report(metrics: dict, model: nn.Module, meta: dict, save: bool, resume: dict | None = None) -> None:
+    """``ray.train.report`` from every worker; rank 0 attaches a checkpoint when ``save`` (with
+    ``resume``, the state to continue from: ``cxr.train.checkpoints.save_resume``)."""
     if save and ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(model, Path(tmp), meta)
+            if resume is not None:
+                save_resume(Path(tmp), resume)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
@@ -48,3 +58,44 @@ def ray_storage(path: str, storage: StorageConfig) -> dict:
         fs, inner = filesystem_for(path, storage)
         return {"storage_path": inner, "storage_filesystem": fs}
     return {"storage_path": str(Path(path).resolve())}
+
+
+class ShardBatches(torch.utils.data.Sampler):
+    """The batches of one worker's shard of a split: across the workers every image exactly once
+    an epoch (no padding, no dropped tail: a figure over the split is over exactly the split),
+    the same number of batches on every worker (DDP steps together), and the order fixed by
+    ``seed`` and the epoch whatever the number of workers. Batches are as even as they can be,
+    so none is much smaller than ``batch_size``. Hand-written: torch's DistributedSampler pads
+    a shard by repeating images, or drops them."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, shuffle: bool, seed: int = 0):
+        if n < world:
+            raise ValueError(f"{n} images for {world} workers: every worker needs one")
+        self.n, self.batch_size, self.rank, self.world, self.shuffle, self.seed = n, batch_size, rank, world, shuffle, seed
+        self.epoch = 0
+        self.batches = max(1, math.ceil(math.ceil(n / world) / batch_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        mine = order[self.rank::self.world].numpy()
+        for chunk in np.array_split(mine, self.batches):
+            yield chunk.tolist()
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+def shard_loader(dataset, batch_size: int, shuffle: bool, seed: int, pin: bool = False,
+                 **loader_kwargs) -> tuple[torch.utils.data.DataLoader, ShardBatches]:
+    """A DataLoader over this worker's ``ShardBatches`` (moved to the device by Ray Train), and
+    the sampler (``set_epoch`` it every epoch)."""
+    ctx = ray.train.get_context()
+    sampler = ShardBatches(len(dataset), batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=pin, **loader_kwargs)
+    return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), sampler

@@ -13,14 +13,14 @@ import ray.train.torch
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cxr import tracking
 from cxr.config import PlatformConfig, SegmenterTrainConfig
 from cxr.data.manifest import read_manifest
 from cxr.metrics import dice_per_image
 from cxr.models import build_model
-from cxr.train.common import all_reduce_sum, autocast, report
+from cxr.train.checkpoints import load_resume, unwrap
+from cxr.train.common import all_reduce_sum, autocast, report, shard_loader
 from cxr.train.segmentation_data import SegmentationDataset
 
 log = logging.getLogger(__name__)
@@ -46,21 +46,30 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_ds = SegmentationDataset(split_rows(cfg, platform, "train"), cfg.image_size, augment=True, storage=platform.storage)
     val_ds = SegmentationDataset(split_rows(cfg, platform, "val"), cfg.image_size, augment=False, storage=platform.storage)
-    train_loader = ray.train.torch.prepare_data_loader(DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-        num_workers=cfg.loader_workers, persistent_workers=cfg.loader_workers > 0))
-    val_loader = ray.train.torch.prepare_data_loader(DataLoader(val_ds, batch_size=cfg.batch_size))
+    train_loader, train_order = shard_loader(train_ds, cfg.batch_size, True, cfg.seed, num_workers=cfg.loader_workers,
+                                             persistent_workers=cfg.loader_workers > 0)
+    val_loader, _ = shard_loader(val_ds, cfg.batch_size, False, cfg.seed)
 
-    model = ray.train.torch.prepare_model(build_model(cfg.model))
+    bare = build_model(cfg.model)
+    resume = load_resume(ray.train.get_checkpoint())       # a rerun after a kill, or a retried worker
+    if resume is not None:
+        bare.load_state_dict(resume.pop("weights"))
+        torch.set_rng_state(resume["torch_rng"])
+    model = ray.train.torch.prepare_model(bare)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
     dice_loss, bce = smp.losses.DiceLoss("binary", from_logits=True), nn.BCEWithLogitsLoss()
-    best_dice = -1.0
+    best_dice = resume["best_dice"] if resume else -1.0
+    # Epochs a killed attempt logged after its last checkpoint that Ray kept: redone, not logged twice.
+    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_dice") if resume and rank == 0 else set()
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(resume["next_epoch"] if resume else 0, cfg.epochs):
         started = time.perf_counter()
-        if ctx.get_world_size() > 1 and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        train_order.set_epoch(epoch)
+        lr = scheduler.get_last_lr()[0]                 # the rate this epoch trains at
         model.train()
         # Sums stay on the device (as in the classifier loop): a .item() per step would stall the GPU.
         loss_sum, n_seen = torch.zeros((), device=device), 0
@@ -80,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             for images, masks in val_loader:
                 with autocast(device):
-                    logits = model(images)
+                    logits = unwrap(model)(images)      # no DDP: the shards differ in size
                 val_loss_sum += (dice_loss(logits.float(), masks) + bce(logits.float(), masks)) * len(images)
                 dice_sum += dice_per_image((logits.float() > 0).float(), masks).sum()
                 n_val += len(images)
@@ -89,13 +98,15 @@ def train_loop_per_worker(config: dict) -> None:
             [loss_sum, n_seen, val_loss_sum, dice_sum, n_val], device)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch, "train_loss": loss_sum / n_seen, "val_loss": val_loss_sum / n_val,
-                   "val_dice": dice_sum / n_val, "lr": scheduler.get_last_lr()[0],
+                   "val_dice": dice_sum / n_val, "n_train": n_seen, "n_val": n_val, "lr": lr,
                    "epoch_seconds": seconds, "train_images_per_s": n_seen / seconds}
-        improved = metrics["val_dice"] > best_dice
         best_dice = max(best_dice, metrics["val_dice"])
-        if rank == 0:
-            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-            if run_id:
-                tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
+        # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_dice and the latest).
         report(metrics, model, {"model": cfg.model, "image_size": cfg.image_size, "epoch": epoch,
-                                "val_dice": metrics["val_dice"]}, save=improved)
+                                "val_dice": metrics["val_dice"]}, save=True,
+               resume={"next_epoch": epoch + 1, "best_dice": best_dice, "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()})
+        if rank == 0:       # after the checkpoint, and each epoch once in a resumed run
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            if run_id and epoch not in logged:
+                tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)

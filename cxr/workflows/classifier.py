@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from ray.train import CheckpointConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
@@ -32,7 +32,7 @@ from cxr.screen import Preprocess
 from cxr.train.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import archive_weights, by_split, task_rows
-from cxr.train.common import ray_storage
+from cxr.train.common import WORKER_RETRIES, ray_storage
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def make_trainer(cfg: ClassifierTrainConfig, platform: PlatformConfig, refs: tup
                            "data": data_ref, "init_state": init_ref},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=name, callbacks=callbacks, **ray_storage(cfg.storage_path, platform.storage),
+                             failure_config=FailureConfig(max_failures=WORKER_RETRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
                                                                 checkpoint_score_order="min")))
 
@@ -120,6 +121,11 @@ def fit(cfg: ClassifierTrainConfig, platform: PlatformConfig, refs: tuple, run_i
     history = tracking.metric_history(platform.tracking_uri, run_id,
                                       ["train_loss", "val_loss", "val_accuracy", "train_images_per_s"])
     return result, minutes, history
+
+
+def run_key(job: str, cfg: ClassifierTrainConfig, platform: PlatformConfig) -> str:
+    """The key a rerun of the same command finds its unfinished run by (``tracking.resumable_run``)."""
+    return tracking.resume_key(job, config_to_dict(cfg), manifest_digest(read_manifest(cfg.manifest, platform.storage)))
 
 
 def log_task(platform: PlatformConfig, run_id: str, cfg: ClassifierTrainConfig, task: Task, init_origin: str) -> None:
@@ -141,11 +147,13 @@ def pretrain(cfg: PretrainConfig, platform: PlatformConfig) -> dict:
     fewer than configured where ``time_limit_s`` stopped it)."""
     check_classifier(cfg)
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
-    with tracking.tracked_run(platform.tracking_uri, platform.experiments["pretrain"], cfg.run_name,
-                              tags={"cxr.job": "pretrain"}, artifact_location=platform.artifact_location) as run_id:
+    with tracking.resumable_run(platform.tracking_uri, platform.experiments["pretrain"], cfg.run_name,
+                                run_key("pretrain", cfg, platform), tags={"cxr.job": "pretrain"},
+                                artifact_location=platform.artifact_location) as (run_id, resumed):
         task = load_task(cfg, platform)
         init_state, init_origin = initial_state(cfg, platform)
-        log_task(platform, run_id, cfg, task, init_origin)
+        if not resumed:
+            log_task(platform, run_id, cfg, task, init_origin)
         result, minutes, history = fit(cfg, platform, put_task(cfg, task, init_state), run_id, f"pretrain-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
             tracking.log_checkpoint(platform.tracking_uri, run_id, folder)
@@ -197,13 +205,15 @@ def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
     uri, name = platform.tracking_uri, platform.registered_models["classifier"]
     version = None
-    with tracking.tracked_run(uri, platform.experiments["finetune"], cfg.run_name, tags={"cxr.job": "finetune"},
-                              artifact_location=platform.artifact_location) as run_id:
+    with tracking.resumable_run(uri, platform.experiments["finetune"], cfg.run_name, run_key("finetune", cfg, platform),
+                                tags={"cxr.job": "finetune"},
+                                artifact_location=platform.artifact_location) as (run_id, resumed):
         task = load_task(cfg, platform)
         if not (task.rows["split"] == "test").any():
             raise ValueError(f"{cfg.manifest}: no test rows to evaluate")
         init_state, init_origin = initial_state(cfg, platform)
-        log_task(platform, run_id, cfg, task, init_origin)
+        if not resumed:
+            log_task(platform, run_id, cfg, task, init_origin)
         result, minutes, history = fit(cfg, platform, put_task(cfg, task, init_state), run_id, f"finetune-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
             model, meta = load_checkpoint(folder, inference_device())

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
@@ -21,7 +21,7 @@ from cxr.models import model_spec
 from cxr.plots import loss_curves, mask_overlays
 from cxr.segmentation import evaluate_segmenter
 from cxr.train.checkpoints import load_checkpoint
-from cxr.train.common import ray_storage
+from cxr.train.common import WORKER_RETRIES, ray_storage
 from cxr.train.segmenter import train_loop_per_worker
 
 
@@ -47,17 +47,21 @@ def train_segmenter(cfg: SegmenterTrainConfig, platform: PlatformConfig) -> dict
     digest = manifest_digest(manifest)
     uri, name = platform.tracking_uri, platform.registered_models["segmenter"]
     version = None
-    with tracking.tracked_run(uri, platform.experiments["segmenter"], cfg.run_name, tags={"cxr.job": "train-segmenter"},
-                              artifact_location=platform.artifact_location) as run_id:
-        tracking.log_params(uri, run_id, {**config_to_dict(cfg), "manifest_sha256": digest})
-        tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
-        tracking.log_dataset(uri, run_id, manifest, cfg.manifest, Path(cfg.manifest).stem, digest)
+    key = tracking.resume_key("train-segmenter", config_to_dict(cfg), digest)
+    with tracking.resumable_run(uri, platform.experiments["segmenter"], cfg.run_name, key,
+                                tags={"cxr.job": "train-segmenter"},
+                                artifact_location=platform.artifact_location) as (run_id, resumed):
+        if not resumed:
+            tracking.log_params(uri, run_id, {**config_to_dict(cfg), "manifest_sha256": digest})
+            tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
+            tracking.log_dataset(uri, run_id, manifest, cfg.manifest, Path(cfg.manifest).stem, digest)
         started = time.perf_counter()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "platform": platform, "run_id": run_id},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
             run_config=RunConfig(name=f"segmenter-{run_id[:8]}", **ray_storage(cfg.storage_path, platform.storage),
+                                 failure_config=FailureConfig(max_failures=WORKER_RETRIES),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_dice",
                                                                     checkpoint_score_order="max")))
         result = trainer.fit()
