@@ -168,6 +168,8 @@ class FinetuneConfig(ClassifierTrainConfig):
                                   "lateral films and CT slices (cxr prepare-data's views.parquet: its train and val "
                                   "rows) that the registered quality control learns its lateral and ct_slice flags "
                                   "from; none, or a missing file, leaves those flags out")
+    tuned_by: str | None = option(None, "the tuning study and trial these settings come from (cxr tune writes it "
+                                        "into the config it chooses; the card and run name it)")
 
 
 @dataclass(frozen=True)
@@ -605,6 +607,12 @@ def load_config(cls: type[T], config_file: str | None = None, overrides: dict[st
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in config_fields(type(cfg))}
+
+
+def config_to_plain(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON values (tuples as lists): a run's logged ``config.yaml``
+    that ``--config`` reads back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config_to_dict(cfg).items()}
 
 
 # --- platform (mlflow.yaml) ------------------------------------------------------------------

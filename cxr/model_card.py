@@ -52,11 +52,16 @@ Finds the lungs on chest X-rays (one probability per pixel; >= 0.5 is lung).
 {% endif %}
 {% if card.init %}| initialised from | {{ card.init }} |
 {% endif %}
+{% if card.provenance.get("tuned_by") %}| settings tuned by | {{ card.provenance.tuned_by }} |
+{% endif %}
+{% if card.provenance.get("code") %}| code | cxr {{ card.provenance.code.cxr }}, commit `{{ (card.provenance.code.commit or "unknown")[:12] }}`{% if card.provenance.code.dirty %} with uncommitted changes{% endif %} |
+{% endif %}
 
 {% if card.training_data %}
 ## Data
 {% for d in card.training_data %}
-- {{ d.name }}: `{{ d.uri }}`{% if d.rows %}, {{ d.rows }} rows{% endif %}, sha256 `{{ d.sha256[:16] }}`
+- {{ d.name }}: `{{ d.uri }}`{% if d.rows %}, {{ d.rows }} rows{% endif %}, sha256 `{{ d.sha256[:16] }}`{% if d.images %}; learnt from {{ d.images | length }} images{% if d.archives %} of {{ d.archives | length }} archives{% endif %}{% endif %}
+
 {% endfor %}
 {% endif %}
 

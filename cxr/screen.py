@@ -92,17 +92,32 @@ class Preprocess:
         return classifier_input(x), fraction
 
     def prepare(self, uris: Sequence[str], storage: StorageConfig | None = None, threads: int = 8,
-                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+                batch_size: int = 32, bad: list | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """A labeled set's images as the model sees them before normalisation, (N, 1, S, S)
         uint8, and their lung fractions: what training augments and evaluation predicts on.
-        For manifests that prepare-data checked: a bad image raises ``BadImageError``."""
+        A bad image raises ``BadImageError``; with a ``bad`` list, it is skipped and (index, uri,
+        reason) appended there instead, and the arrays hold only the others."""
         limits = DecodeLimits()
 
-        def one(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-            return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits))
+        def one(item: tuple[int, str]):
+            i, uri = item
+            try:
+                return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits))
+            except BadImageError as e:
+                if bad is None:
+                    raise
+                bad.append((i, uri, e.reason))
+                return None
+            except OSError as e:            # a file gone since the manifest was written
+                if bad is None:
+                    raise
+                bad.append((i, uri, describe(e)))
+                return None
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            boxed = list(pool.map(one, list(uris)))
+            boxed = [b for b in pool.map(one, list(enumerate(uris))) if b is not None]
+        if bad:
+            bad.sort()
         if not boxed:
             return np.zeros((0, 1, self.size, self.size), np.uint8), None
         images = np.stack([b[0] for b in boxed])[:, None]

@@ -179,6 +179,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def code_state() -> dict:
+    """The code a model was trained with: the commit, whether the tree had changes not in it,
+    and the installed cxr's version."""
+    try:
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                 check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = bool(changes)
+    except (OSError, subprocess.CalledProcessError):
+        dirty = None
+    return {"commit": git_commit(), "dirty": dirty, "cxr": cxr_version()}
+
+
 def _tensor_signature(card: ModelCard) -> ModelSignature:
     f32 = np.dtype(np.float32)
     c, h, w = card.input_shape
@@ -198,9 +210,23 @@ def _save_pyfunc(folder: Path, signature: ModelSignature, input_example: Any, fl
         mlmodel.add_flavor("cxr", **flavor)
         # The environment is this cxr: the loader module is its code, nothing else is shipped.
         mlflow.pyfunc.save_model(str(staged), loader_module="cxr.pyfunc", mlflow_model=mlmodel, signature=signature,
-                                 input_example=input_example, pip_requirements=[f"cxr=={cxr_version()}"])
+                                 input_example=input_example, pip_requirements=pinned_requirements())
         for p in staged.iterdir():
             shutil.copy2(p, Path(folder) / p.name)
+
+
+def pinned_requirements() -> list[str]:
+    """A served model's environment: this cxr and the torch it ran with (torch is installed
+    first and alone, so cxr's own requirements do not pin it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = [f"cxr=={cxr_version()}"]
+    for name in ("torch", "torchvision"):
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    return pins
 
 
 def cxr_version() -> str:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import sys
 
+from ray.train import TrainingFailedError
+
 from cxr.config import PretrainConfig, load_platform
+from cxr.train.contract import DataContractError, training_failure
 from cxr.workflows.classifier import check_classifier, pretrain
 from jobs.runtime import init_ray
 
@@ -18,7 +21,14 @@ def main(cfg: PretrainConfig) -> int:
         print(f"cxr pretrain: {e}", file=sys.stderr)
         return 2
     init_ray()
-    r = pretrain(cfg, load_platform())
+    try:
+        r = pretrain(cfg, load_platform())
+    except DataContractError as e:           # the data, in one line
+        print(f"cxr pretrain: refused: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailedError as e:         # Ray gave up after retrying the workers
+        print(f"cxr pretrain: {training_failure(e)}", file=sys.stderr)
+        return 1
     meta = r["meta"]
     print(f"pretrain: best epoch {meta['epoch']} val loss {meta['val_loss']:.4f} val accuracy "
           f"{meta['val_accuracy']:.4f}; {r['images_per_s']:.1f} train images/s; "

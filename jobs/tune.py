@@ -7,16 +7,22 @@ from __future__ import annotations
 import sys
 
 from cxr.config import TuneJobConfig, load_platform
-from cxr.tune import METRIC
+from cxr.tune import METRIC, StudyMismatch
 from cxr.workflows.tune import run_study
 from jobs.runtime import init_ray
 
 
 def main(cfg: TuneJobConfig) -> int:
     init_ray()
-    best = run_study(cfg, load_platform())
-    print(f"tune: {best['trials']} trials in study {cfg.study_name!r}; best {METRIC} {best['value']:.4f} with "
-          f"{best['params']}; wrote {best['out']}; run {best['run_id']}")
+    try:
+        best = run_study(cfg, load_platform())
+    except StudyMismatch as e:
+        print(f"cxr tune: refused: {e}", file=sys.stderr)
+        return 2
+    print(f"tune: study {cfg.study_name!r}: {best['finished_before']} trials finished before, "
+          f"{best['interrupted']} interrupted (marked failed, run again), {best['added']} added (sampler seed "
+          f"{best['seed']}); best {METRIC} {best['value']:.4f} of {best['trials']} with {best['params']}; "
+          f"wrote {best['out']}; run {best['run_id']}")
     return 0
 
 

@@ -18,6 +18,56 @@ SHARED_DATA = Path(os.environ.get("CXR_DATA") or REPO_ROOT / ".." / "shared" / "
 
 
 INTEGRATION_FIXTURES = {"local_stack", "ray_local"}
+# What a Ray process's command line holds: its workers and actors, and a local cluster's services.
+RAY_PROCESSES = ("ray::", "/ray/core/src/ray/raylet/raylet", "/ray/core/src/ray/gcs/gcs_server",
+                 "ray/dashboard/dashboard.py", "ray/_private/log_monitor.py", "ray/autoscaler/_private/monitor.py",
+                 "ray/_private/workers/default_worker.py", "ray/dashboard/agent.py")
+
+
+def ray_processes() -> dict[int, str]:
+    """Ray processes on this machine that belong to this user: {pid: command line}."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline", "username"]):
+        try:
+            line = " ".join(p.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if any(k in line for k in RAY_PROCESSES) and p.info["username"] == psutil.Process().username():
+            found[p.info["pid"]] = line[:160]
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[RAY_BEFORE] = set(ray_processes())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No Ray process this suite started may outlive it: after the session's own shutdown has
+    had time, any left is killed and the suite fails, naming them."""
+    import time
+
+    import psutil
+
+    before = session.config.stash.get(RAY_BEFORE, set())
+    deadline = time.monotonic() + 60
+    while (left := {pid: line for pid, line in ray_processes().items() if pid not in before}) and \
+            time.monotonic() < deadline:
+        time.sleep(2)
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"{len(left)} Ray processes outlived the tests (killed now): "
+                            + "; ".join(f"{pid} {line}" for pid, line in list(left.items())[:5]), red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+RAY_BEFORE = pytest.StashKey[set]()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

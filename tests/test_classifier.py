@@ -291,7 +291,7 @@ def test_evaluate_writes_metrics_with_intervals_and_plots(finetuned, sample_mani
 
 
 def test_tune_runs_nested_trials_writes_a_finetune_yaml_and_resumes(pretrained, tiny_segmenter, sample_manifests,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(dict(
         TINY, manifest=str(sample_manifests / "tasks" / "dataset2-3class.parquet"),
@@ -310,11 +310,31 @@ def test_tune_runs_nested_trials_writes_a_finetune_yaml_and_resumes(pretrained, 
     assert len(trials) == 2 and {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
     assert all(t.data.tags["cxr.stopped_by"] == "scheduler" for t in trials if t.info.status == "KILLED")
     assert all(t.data.metrics["epoch"] >= 0 for t in trials)          # each logged its epochs
-    # The study persisted: asking for 3 samples again runs only the one missing trial.
+    assert best.tuned_by.startswith("study tiny-study (key ") and " trial " in best.tuned_by
+    # A session killed mid-trial leaves its Optuna trial and its MLflow run RUNNING; simulated here.
     import optuna
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    killed = optuna.load_study(study_name="tiny-study", storage=storage).ask()
+    killed_run = client.create_run(exp.experiment_id, run_name="killed-trial",
+                                   tags={"cxr.study": "tiny-study", "cxr.job": "tune-trial"}).info.run_id
+    # The study persisted: asking for 3 samples again marks the killed trial failed and runs the
+    # one missing trial, at parameters no trial had.
+    capsys.readouterr()
     assert tune.main(dataclasses.replace(cfg, num_samples=3)) == 0
-    study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path}/optuna.db")
-    assert len(study.trials) == 3
+    assert "2 trials finished before, 1 interrupted" in capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny-study", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and study.trials[killed.number].state.name == "FAIL"
+    done = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
+    assert len(done) == 3 and len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
+    assert client.get_run(killed_run).info.status == "FAILED"
+    assert len(study.user_attrs["cxr_sampler_seeds"]) == 2 and len(set(study.user_attrs["cxr_sampler_seeds"])) == 2
+    # Another base (other data or settings) under the same study name: refused, no trial shared.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(base.read_text()), "stage1_epochs": 2}))
+    assert tune.main(dataclasses.replace(cfg, finetune_config=str(other), num_samples=4)) == 2
+    assert "was run on another base config or data" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="tiny-study", storage=storage).trials) == 4
 
 
 def test_crossval_trains_a_fold_without_its_archive_and_reports_on_it(pretrained, sample_manifests, tmp_path):

@@ -129,7 +129,8 @@ def test_bundle_round_trip_between_two_registries(screen_uri, names, sample_root
             # The imported classifier pins the imported segmenter, and says where it came from.
             card = tracking.load_card(other.tracking_uri, f"models:/{names['classifier']}@champion")
             assert card.preprocessing.segmenter_uri == f"models:/{names['segmenter']}/1"
-            assert card.provenance["bundle"] == "bundle.tar.000" and card.provenance["source_version"]
+            imported = card.provenance["import"]
+            assert imported["bundle"] == "bundle.tar.000" and imported["source_version"]
         np.testing.assert_array_equal(np.stack(again["probabilities"]), np.stack(expected["probabilities"]))
         np.testing.assert_array_equal(np.stack(by_pyfunc["probabilities"]), np.stack(expected["probabilities"]))
         assert list(again["heatmap_png"]) == list(expected["heatmap_png"])

@@ -206,6 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "n_train": n_seen, "n_val": n_val, "lr": lr, "epoch_seconds": time.perf_counter() - started,
                        "train_images_per_s": n_seen / train_seconds}
             best_val_loss = min(best_val_loss, metrics["val_loss"])
+            metrics["best_val_loss"] = best_val_loss      # what a fine-tune keeps, and what a tuning trial is judged by
             # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_loss and the latest).
             state = {"next_epoch": epoch + 1, "stage": stage_index, "best_val_loss": best_val_loss,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

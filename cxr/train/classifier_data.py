@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from cxr.train.contract import DataContractError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -25,7 +27,7 @@ def task_rows(manifest: pd.DataFrame, classes: Sequence[str], max_train_images: 
     rows = manifest[manifest["split"].isin(SPLITS) & manifest["label"].notna()].copy()
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:
-        raise ValueError(f"labels {unknown} in the manifest are not among classes {list(classes)}")
+        raise DataContractError(f"labels {unknown} in the manifest are not among classes {list(classes)}")
     rows["target"] = rows["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     if max_train_images:
         train = rows[rows["split"] == "train"]

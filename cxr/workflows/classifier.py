@@ -20,7 +20,8 @@ from ray.train.torch import TorchTrainer
 from cxr import tracking
 from cxr.card import DatasetDigest, ModelCard, OperatingPoint, Preprocessing
 from cxr.classification import inference_device
-from cxr.config import ClassifierTrainConfig, FinetuneConfig, PlatformConfig, PretrainConfig, config_to_dict
+from cxr.config import (ClassifierTrainConfig, FinetuneConfig, PlatformConfig, PretrainConfig, config_to_dict,
+                        config_to_plain)
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
 from cxr.evaluation import evaluate_classifier, flat_metrics, screening_threshold
@@ -33,6 +34,7 @@ from cxr.train.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import archive_weights, by_split, task_rows
 from cxr.train.common import WORKER_RETRIES, ray_storage
+from cxr.train.contract import DataCounts, check_manifest, check_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class Task:
     manifest: pd.DataFrame
     digest: str
     preprocess: Preprocess | None = None     # how ``images`` were made: for more images made the same way
+    counts: DataCounts | None = None         # what the manifest held and what was dropped
 
 
 def check_classifier(cfg: ClassifierTrainConfig) -> None:
@@ -59,6 +62,7 @@ def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> Task:
     registered segmenter for a finetune config that names one, whose version the
     preprocessing then pins for the model card."""
     manifest = read_manifest(cfg.manifest, platform.storage)
+    counts = check_manifest(manifest, cfg.manifest)
     rows = task_rows(manifest, cfg.classes, cfg.max_train_images, cfg.seed)
     segmenter_uri = getattr(cfg, "segmenter", None)
     segmenter = None
@@ -69,10 +73,15 @@ def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> Task:
     else:
         prep = Preprocessing.for_classifier(cfg.image_size)
     preprocess = Preprocess(prep, segmenter)
-    images, fraction = preprocess.prepare(rows["uri"].tolist(), platform.storage, cfg.load_threads)
+    bad: list = []
+    images, fraction = preprocess.prepare(rows["uri"].tolist(), platform.storage, cfg.load_threads, bad=bad)
+    check_unreadable(counts, [(uri, reason) for _, uri, reason in bad], len(rows), cfg.manifest)
+    if bad:
+        log.warning("%s: skipped %d unreadable images (first: %s)", cfg.manifest, len(bad), counts.unreadable_examples[0])
+        rows = rows.drop(index=[i for i, _, _ in bad]).reset_index(drop=True)
     if segmenter is not None:
         rows["lung_fraction"] = fraction
-    return Task(rows, images, prep, manifest, manifest_digest(manifest), preprocess)
+    return Task(rows, images, prep, manifest, manifest_digest(manifest), preprocess, counts)
 
 
 def initial_state(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple[dict | None, str]:
@@ -134,8 +143,13 @@ def log_task(platform: PlatformConfig, run_id: str, cfg: ClassifierTrainConfig, 
     counts = {f"n_{s}": int((task.rows["split"] == s).sum()) for s in ("train", "val", "test")}
     tracking.log_params(uri, run_id, {**config_to_dict(cfg), "init": init_origin, "manifest_sha256": task.digest,
                                       "lung_mask": task.preprocessing.lung_mask,
-                                      "segmenter": task.preprocessing.segmenter_uri, **counts})
-    tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
+                                      "segmenter": task.preprocessing.segmenter_uri, **counts,
+                                      **(task.counts.params() if task.counts else {})})
+    if task.counts and task.counts.unreadable:
+        tracking.log_dict(uri, run_id, {"unreadable": task.counts.unreadable_examples}, "data/unreadable.json")
+    tracking.log_dict(uri, run_id, config_to_plain(cfg), "config.yaml")
+    if getattr(cfg, "tuned_by", None):
+        tracking.client(uri).set_tag(run_id, "cxr.tuned_by", cfg.tuned_by)
     tracking.log_dataset(uri, run_id, task.manifest, cfg.manifest, Path(cfg.manifest).stem, task.digest)
 
 
@@ -181,7 +195,10 @@ def classifier_card(cfg: ClassifierTrainConfig, task: Task, meta: dict, init_ori
         training_data=(DatasetDigest.of(Path(cfg.manifest).stem, cfg.manifest, task.digest, len(task.manifest),
                                                      task.rows),),
         metrics={"test": report, "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]},
-        init=init_origin).validate()
+        init=init_origin,
+        provenance={"settings": config_to_plain(cfg), "tuned_by": getattr(cfg, "tuned_by", None),
+                    "pretrain_run": getattr(cfg, "pretrain_run", None), "code": tracking.code_state(),
+                    "data_counts": task.counts.params() if task.counts else None}).validate()
 
 
 def qc_views(cfg: FinetuneConfig, task: Task, platform: PlatformConfig) -> tuple[np.ndarray | None, list | None]:

@@ -205,7 +205,8 @@ def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None
         with tracking.tracked_run(uri, experiment, "import-model", tags={"cxr.job": "import-model"},
                                   artifact_location=platform.artifact_location) as parent:
             if segmenter is not None:
-                card = dataclasses.replace(segmenter.card, provenance={**provenance, **_origin(info, "segmenter")})
+                card = dataclasses.replace(segmenter.card, provenance={
+                    **segmenter.card.provenance, "import": {**provenance, **_origin(info, "segmenter")}})
                 with tracking.tracked_run(uri, experiment, "import-segmenter", parent_run_id=parent,
                                           artifact_location=platform.artifact_location) as run_id:
                     versions["segmenter"] = tracking.register_model(uri, names["segmenter"], run_id, segmenter.model, card)
@@ -215,7 +216,9 @@ def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None
                 # The classifier was trained on this segmenter's masks: pin its version here.
                 card = dataclasses.replace(card, preprocessing=dataclasses.replace(
                     card.preprocessing, segmenter_name=names["segmenter"], segmenter_version=versions["segmenter"]))
-            card = dataclasses.replace(card, provenance={**provenance, **_origin(info, "classifier")})
+            # What training recorded stays; the import is added beside it.
+            card = dataclasses.replace(card, provenance={**card.provenance,
+                                                         "import": {**provenance, **_origin(info, "classifier")}})
             with tracking.tracked_run(uri, experiment, "import-classifier", parent_run_id=parent,
                                       artifact_location=platform.artifact_location) as run_id:
                 versions["classifier"] = tracking.register_model(uri, names["classifier"], run_id, classifier.model, card,

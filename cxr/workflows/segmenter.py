@@ -13,7 +13,7 @@ from ray.train.torch import TorchTrainer
 
 from cxr import tracking
 from cxr.card import DatasetDigest, ModelCard, Preprocessing
-from cxr.config import PlatformConfig, SegmenterTrainConfig, config_to_dict
+from cxr.config import PlatformConfig, SegmenterTrainConfig, config_to_dict, config_to_plain
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
 from cxr.metrics import dice_report
@@ -21,6 +21,7 @@ from cxr.models import model_spec
 from cxr.plots import loss_curves, mask_overlays
 from cxr.segmentation import evaluate_segmenter
 from cxr.train.checkpoints import load_checkpoint
+from cxr.train.contract import check_manifest
 from cxr.train.common import WORKER_RETRIES, ray_storage
 from cxr.train.segmenter import train_loop_per_worker
 
@@ -44,6 +45,7 @@ def train_segmenter(cfg: SegmenterTrainConfig, platform: PlatformConfig) -> dict
     check_segmenter(cfg)
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
     manifest = read_manifest(cfg.manifest, platform.storage)
+    counts = check_manifest(manifest, cfg.manifest, label_column="mask_uri")
     digest = manifest_digest(manifest)
     uri, name = platform.tracking_uri, platform.registered_models["segmenter"]
     version = None
@@ -52,8 +54,8 @@ def train_segmenter(cfg: SegmenterTrainConfig, platform: PlatformConfig) -> dict
                                 tags={"cxr.job": "train-segmenter"},
                                 artifact_location=platform.artifact_location) as (run_id, resumed):
         if not resumed:
-            tracking.log_params(uri, run_id, {**config_to_dict(cfg), "manifest_sha256": digest})
-            tracking.log_dict(uri, run_id, config_to_dict(cfg), "config.yaml")
+            tracking.log_params(uri, run_id, {**config_to_dict(cfg), "manifest_sha256": digest, **counts.params()})
+            tracking.log_dict(uri, run_id, config_to_plain(cfg), "config.yaml")
             tracking.log_dataset(uri, run_id, manifest, cfg.manifest, Path(cfg.manifest).stem, digest)
         started = time.perf_counter()
         trainer = TorchTrainer(

@@ -11,10 +11,11 @@ from pathlib import Path
 import yaml
 
 from cxr import tracking
-from cxr.config import FinetuneConfig, PlatformConfig, TuneJobConfig, config_to_dict, load_config
+from cxr.config import FinetuneConfig, PlatformConfig, TuneJobConfig, config_to_dict, config_to_plain, load_config
 from cxr.data.storage import absolute_uri
 from cxr.train.common import ray_storage
-from cxr.tune import METRIC, MODE, finished_trials, scheduler, search_space, searcher, study_storage
+from cxr.data.manifest import manifest_digest, read_manifest
+from cxr.tune import METRIC, MODE, open_study, scheduler, search_space, searcher, study_key, study_storage
 from cxr.workflows.classifier import initial_state, load_task, make_trainer, put_task
 
 
@@ -31,13 +32,17 @@ def run_study(cfg: TuneJobConfig, platform: PlatformConfig) -> dict:
                                else cfg.storage_path)
     if cfg.study_storage.startswith("sqlite:///"):
         Path(cfg.study_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    done = finished_trials(cfg)
-    remaining = cfg.num_samples - done
+    key = study_key(config_to_dict(base), manifest_digest(read_manifest(base.manifest, platform.storage)))
+    opened = open_study(cfg, key)           # refuses another base; marks a killed session's trials failed
+    interrupted_runs = close_interrupted_runs(uri, platform.experiments["tune"], cfg.study_name)
+    remaining = cfg.num_samples - opened["finished"]
     with tracking.tracked_run(uri, platform.experiments["tune"], cfg.run_name or cfg.study_name,
-                              tags={"cxr.job": "tune", "cxr.study": cfg.study_name},
+                              tags={"cxr.job": "tune", "cxr.study": cfg.study_name, "cxr.study_key": key},
                               artifact_location=platform.artifact_location) as study_run:
         tracking.log_params(uri, study_run, {**config_to_dict(cfg), "finetune_base": config_to_dict(base),
-                                             "resumed_finished_trials": done})
+                                             "study_key": key, "sampler_seed": opened["seed"],
+                                             "resumed_finished_trials": opened["finished"],
+                                             "interrupted_trials": opened["interrupted"]})
         task = load_task(base, platform)
         init_state, _ = initial_state(base, platform)
         refs = put_task(base, task, init_state)
@@ -64,21 +69,40 @@ def run_study(cfg: TuneJobConfig, platform: PlatformConfig) -> dict:
                 # Ray's logical memory instead.
                 tune.with_resources(trial, {"memory": 2**20}),
                 param_space=search_space(cfg),
-                tune_config=tune.TuneConfig(search_alg=searcher(cfg), scheduler=scheduler(cfg, max_epochs),
+                tune_config=tune.TuneConfig(search_alg=searcher(cfg, opened["seed"]), scheduler=scheduler(cfg, max_epochs),
                                             num_samples=remaining, max_concurrent_trials=cfg.max_concurrent),
                 run_config=tune.RunConfig(name=f"tune-{study_run[:8]}", **ray_storage(cfg.storage_path, platform.storage)))
             _close_trial_runs(uri, platform.experiments["tune"], study_run, tuner.fit(), max_epochs)
         best = _best_params(cfg)
-        best_cfg = dataclasses.replace(base, **best["params"], register=True)
+        best_cfg = dataclasses.replace(base, **best["params"], register=True,
+                                       tuned_by=f"study {cfg.study_name} (key {key[:12]}) trial {best['number']}, "
+                                                f"MLflow run {study_run}")
         out = Path(cfg.best_config_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("# written by cxr tune: the best trial of study "
                        f"{cfg.study_name!r} ({METRIC} {best['value']:.4f}); use: cxr finetune --config {out}\n"
-                       + yaml.safe_dump(_yaml_ready(config_to_dict(best_cfg)), sort_keys=False))
+                       + yaml.safe_dump(config_to_plain(best_cfg), sort_keys=False))
         tracking.log_params(uri, study_run, {f"best_{k}": v for k, v in best["params"].items()})
         tracking.log_metrics(uri, study_run, {f"best_{METRIC}": best["value"], "trials": best["trials"]})
         tracking.log_artifact(uri, study_run, out, "best")
-    return {**best, "out": str(out), "run_id": study_run}
+    return {**best, "out": str(out), "run_id": study_run, "finished_before": opened["finished"],
+            "interrupted": opened["interrupted"], "closed_runs": interrupted_runs, "added": max(remaining, 0),
+            "seed": opened["seed"]}
+
+
+def close_interrupted_runs(tracking_uri: str, experiment: str, study: str) -> int:
+    """The MLflow runs a killed session of ``study`` left RUNNING (its study run and trials):
+    FAILED, tagged ``cxr.error`` interrupted. Returns how many trial runs there were."""
+    c = tracking.client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    trials = 0
+    for r in c.search_runs([exp.experiment_id], f"tags.`cxr.study` = '{study}' and attributes.status = 'RUNNING'"):
+        c.set_tag(r.info.run_id, "cxr.error", "interrupted (the study was killed); its trial is run again")
+        c.set_terminated(r.info.run_id, "FAILED")
+        trials += r.data.tags.get("cxr.job") == "tune-trial"
+    return trials
 
 
 def _close_trial_runs(tracking_uri: str, experiment: str, study_run: str, results, max_epochs: int) -> None:
@@ -113,8 +137,4 @@ def _best_params(cfg: TuneJobConfig) -> dict:
     if not complete:
         raise RuntimeError(f"study {cfg.study_name!r} has no finished trial")
     best = min(complete, key=lambda t: t.value) if MODE == "min" else max(complete, key=lambda t: t.value)
-    return {"params": dict(best.params), "value": float(best.value), "trials": len(complete)}
-
-
-def _yaml_ready(values: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {"params": dict(best.params), "value": float(best.value), "trials": len(complete), "number": best.number}
