@@ -109,6 +109,10 @@ def resumable_run(tracking_uri: str, experiment: str, run_name: str | None, key:
         end_run(tracking_uri, run_id, ok)
 
 
+def has_params(tracking_uri: str, run_id: str) -> bool:
+    return bool(client(tracking_uri).get_run(run_id).data.params)
+
+
 def logged_steps(tracking_uri: str, run_id: str | None, key: str) -> set[int]:
     """The steps of ``key`` a run has logged (a resumed loop logs each epoch once)."""
     return {m.step for m in client(tracking_uri).get_metric_history(run_id, key)} if run_id else set()

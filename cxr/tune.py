@@ -25,8 +25,10 @@ from ray.tune.search.optuna import OptunaSearch
 from cxr.config import TuneJobConfig
 
 METRIC, MODE = "best_val_loss", "min"
-# What a study's key leaves out: where results go and what the trials are called, not what they train.
-NOT_THE_RECIPE = ("run_name", "storage_path", "register", "tuned_by")
+# What a study's key leaves out: where results go, what things are called, how many workers, the
+# manifest's path (its content is in the key as the data digest) and the searched values.
+NOT_THE_RECIPE = ("run_name", "storage_path", "register", "tuned_by", "manifest", "num_workers", "load_threads",
+                  "stage1_lr", "stage2_lr", "dropout", "weight_decay")      # the last four: what the study searches
 
 
 class StudyMismatch(ValueError):

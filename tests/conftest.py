@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from cxr.data.storage import StorageConfig
 from infra.local.stack import LocalStack
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as jobs/cli.py does
+# Every Ray this suite starts (its own, and those of the jobs it runs in subprocesses) keeps its
+# files under a folder of this run, which its processes inherit in their environment: so the
+# end-of-suite check below finds this run's Ray processes, and no other session's.
+OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ
+RAY_TMPDIR = os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp"))
 SHARED_DATA = Path(os.environ.get("CXR_DATA") or REPO_ROOT / ".." / "shared" / "data").resolve()
 
 
@@ -25,17 +31,17 @@ RAY_PROCESSES = ("ray::", "/ray/core/src/ray/raylet/raylet", "/ray/core/src/ray/
 
 
 def ray_processes() -> dict[int, str]:
-    """Ray processes on this machine that belong to this user: {pid: command line}."""
+    """This run's Ray processes (their environment names this run's ``RAY_TMPDIR``): {pid: command line}."""
     import psutil
 
     found = {}
-    for p in psutil.process_iter(["pid", "cmdline", "username"]):
+    for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             line = " ".join(p.info["cmdline"] or [])
+            if any(k in line for k in RAY_PROCESSES) and p.environ().get("RAY_TMPDIR") == RAY_TMPDIR:
+                found[p.info["pid"]] = line[:160]
         except (psutil.Error, TypeError):
             continue
-        if any(k in line for k in RAY_PROCESSES) and p.info["username"] == psutil.Process().username():
-            found[p.info["pid"]] = line[:160]
     return found
 
 
@@ -51,10 +57,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import psutil
 
     before = session.config.stash.get(RAY_BEFORE, set())
+    if os.environ.get("RAY_ADDRESS"):       # tests joined a cluster of someone else's: not ours to check
+        return
     deadline = time.monotonic() + 60
     while (left := {pid: line for pid, line in ray_processes().items() if pid not in before}) and \
             time.monotonic() < deadline:
         time.sleep(2)
+    if OWN_RAY_TMPDIR:
+        import shutil
+
+        shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
     if not left:
         return
     for pid in left:

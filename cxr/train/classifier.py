@@ -30,7 +30,8 @@ from cxr.models import build_model
 from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
 from cxr.preprocess import classifier_input
 from cxr.train.checkpoints import load_resume, unwrap
-from cxr.train.common import all_reduce_sum, autocast, report, shard_loader
+from cxr.train.common import (all_reduce_sum, autocast, gather_rng, report, restore_rng, shard_loader,
+                              sync_buffers)
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,16 @@ def train_loop_per_worker(config: dict) -> None:
     resume = load_resume(ray.train.get_checkpoint())
     if resume is not None:      # a rerun after a kill, or a worker retried: the last epoch's state
         model.load_state_dict(resume.pop("weights"))
-        torch.set_rng_state(resume["torch_rng"])
-        generator.set_state(resume["generator"])
+        restore_rng(resume, rank, generator)
         if rank == 0:
             log.info("resuming at epoch %d (stage %d)", resume["next_epoch"], resume["stage"] + 1)
     elif config.get("init_state") is not None:
         load_matching(model, ray.get(config["init_state"]), "initial weights")
-    start_epoch = resume["next_epoch"] if resume else 0
-    # Epochs a killed attempt logged after its last checkpoint that Ray kept: redone, not logged twice.
-    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_loss") if resume and rank == 0 else set()
+    # A run the time limit stopped stays stopped; otherwise it continues at the epoch after the checkpoint.
+    start_epoch = (sum(s.epochs for s in stages(cfg)) if resume.get("stopped") else resume["next_epoch"]) \
+        if resume else 0
+    # Epochs an earlier attempt logged past the checkpoint it resumes from are redone, not logged twice.
+    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_loss") if rank == 0 else set()
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     weights = class_weights(data["train"][1], len(cfg.classes)) if cfg.class_weighted else None
@@ -143,7 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
     meta = model_meta(cfg)
     best_val_loss = resume["best_val_loss"] if resume else float("inf")
     epoch, out_of_time = 0, False
-    loop_started = time.perf_counter()
+    # The time limit counts the training time of earlier attempts too.
+    loop_started = time.perf_counter() - (resume.get("elapsed_s", 0.0) if resume else 0.0)
 
     for stage_index, stage in enumerate(stages(cfg)):
         if out_of_time:
@@ -184,6 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
             train_seconds = time.perf_counter() - started
 
             model.eval()
+            sync_buffers(model)     # every worker validates rank 0's model: the checkpoint's BatchNorm statistics
             # The split's weighted mean loss, sum(w c l) / sum(w c) over all its images: one figure
             # whatever the batches or the number of workers (a mean of batch means is not).
             val_num, val_den = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -207,20 +211,21 @@ def train_loop_per_worker(config: dict) -> None:
                        "train_images_per_s": n_seen / train_seconds}
             best_val_loss = min(best_val_loss, metrics["val_loss"])
             metrics["best_val_loss"] = best_val_loss      # what a fine-tune keeps, and what a tuning trial is judged by
-            # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_loss and the latest).
-            state = {"next_epoch": epoch + 1, "stage": stage_index, "best_val_loss": best_val_loss,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "generator": generator.get_state()}
-            report(metrics, model, {**meta, "epoch": epoch, "val_loss": metrics["val_loss"],
-                                    "val_accuracy": metrics["val_accuracy"]}, save=True, resume=state)
-            if rank == 0:       # after the checkpoint, and each epoch once in a resumed run
-                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-                if run_id and epoch not in logged:
-                    tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
-            epoch += 1
             if cfg.time_limit_s is not None:
                 # Every worker must stop after the same epoch: any worker past the limit stops all.
                 late = float(time.perf_counter() - loop_started > cfg.time_limit_s)
                 out_of_time = all_reduce_sum([late], device)[0] > 0
                 if out_of_time and rank == 0:
-                    log.info("time limit %.0f s reached after epoch %d: stopping", cfg.time_limit_s, epoch - 1)
+                    log.info("time limit %.0f s reached after epoch %d: stopping", cfg.time_limit_s, epoch)
+            if rank == 0:       # before the checkpoint (no epoch missing after a kill), each epoch once
+                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+                if run_id and epoch not in logged:
+                    tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
+            # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_loss and the latest).
+            state = {"next_epoch": epoch + 1, "stage": stage_index, "best_val_loss": best_val_loss,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": gather_rng(generator), "elapsed_s": time.perf_counter() - loop_started,
+                     "stopped": bool(out_of_time)}
+            report(metrics, model, {**meta, "epoch": epoch, "val_loss": metrics["val_loss"],
+                                    "val_accuracy": metrics["val_accuracy"]}, save=True, resume=state)
+            epoch += 1

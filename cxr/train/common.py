@@ -73,7 +73,10 @@ class ShardBatches(torch.utils.data.Sampler):
             raise ValueError(f"{n} images for {world} workers: every worker needs one")
         self.n, self.batch_size, self.rank, self.world, self.shuffle, self.seed = n, batch_size, rank, world, shuffle, seed
         self.epoch = 0
-        self.batches = max(1, math.ceil(math.ceil(n / world) / batch_size))
+        # Equal batch counts on every worker, each batch non-empty and, where the shard allows, of 2
+        # or more images (BatchNorm refuses a batch of 1 in training).
+        smallest = n // world
+        self.batches = max(1, min(math.ceil(math.ceil(n / world) / batch_size), max(1, smallest // 2)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -99,3 +102,36 @@ def shard_loader(dataset, batch_size: int, shuffle: bool, seed: int, pin: bool =
     sampler = ShardBatches(len(dataset), batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=pin, **loader_kwargs)
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), sampler
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every worker: what its checkpoint
+    holds. DDP copies them at each training forward, then each worker's own batch moves them."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def gather_rng(generator: torch.Generator | None = None) -> list[dict]:
+    """Every worker's RNG states (torch's, CUDA's where used, and ``generator``), by rank, for
+    the checkpoint rank 0 writes; one element on a single worker."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state() if generator is not None else None,
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(resume: dict, rank: int, generator: torch.Generator | None = None) -> None:
+    """This worker's RNG states from a resume state (``gather_rng``); rank 0's where the run had
+    fewer workers before."""
+    states = resume.get("rng") or [{}]
+    mine = states[rank] if rank < len(states) else states[0]
+    if mine.get("torch") is not None:
+        torch.set_rng_state(mine["torch"])
+    if generator is not None and mine.get("generator") is not None:
+        generator.set_state(mine["generator"])
+    if mine.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])

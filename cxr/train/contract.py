@@ -52,11 +52,12 @@ def check_manifest(manifest: pd.DataFrame, what: str, label_column: str | None =
     for column, kind in (("patient_id", "patient"), ("sha256", "image")):
         if column not in assigned:
             continue
-        spread = assigned.dropna(subset=[column]).groupby(column)["split"].nunique()
+        named = assigned[assigned[column].notna() & (assigned[column].astype(str).str.strip() != "")]   # "" is none
+        spread = named.groupby(column)["split"].nunique()
         leaked = spread[spread > 1]
         if len(leaked):
             first = leaked.index[0]
-            splits = sorted(assigned.loc[assigned[column] == first, "split"].unique())
+            splits = sorted(named.loc[named[column] == first, "split"].unique())
             raise DataContractError(f"{what}: {len(leaked)} {kind}(s) in more than one split (e.g. {kind} "
                                     f"{str(first)[:24]!r} in {' and '.join(splits)}): a model would be tested on what "
                                     "it learnt; split by patient (cxr prepare-data does)")

@@ -20,7 +20,7 @@ from cxr.data.manifest import read_manifest
 from cxr.metrics import dice_per_image
 from cxr.models import build_model
 from cxr.train.checkpoints import load_resume, unwrap
-from cxr.train.common import all_reduce_sum, autocast, report, shard_loader
+from cxr.train.common import all_reduce_sum, autocast, gather_rng, report, restore_rng, shard_loader, sync_buffers
 from cxr.train.segmentation_data import SegmentationDataset
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = load_resume(ray.train.get_checkpoint())       # a rerun after a kill, or a retried worker
     if resume is not None:
         bare.load_state_dict(resume.pop("weights"))
-        torch.set_rng_state(resume["torch_rng"])
+        restore_rng(resume, rank)
     model = ray.train.torch.prepare_model(bare)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -63,8 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(resume["scheduler"])
     dice_loss, bce = smp.losses.DiceLoss("binary", from_logits=True), nn.BCEWithLogitsLoss()
     best_dice = resume["best_dice"] if resume else -1.0
-    # Epochs a killed attempt logged after its last checkpoint that Ray kept: redone, not logged twice.
-    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_dice") if resume and rank == 0 else set()
+    # Epochs an earlier attempt logged past the checkpoint it resumes from are redone, not logged twice.
+    logged = tracking.logged_steps(platform.tracking_uri, run_id, "val_dice") if rank == 0 else set()
 
     for epoch in range(resume["next_epoch"] if resume else 0, cfg.epochs):
         started = time.perf_counter()
@@ -85,6 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
 
         model.eval()
+        sync_buffers(model)         # every worker validates rank 0's model: the checkpoint's BatchNorm statistics
         val_loss_sum, dice_sum, n_val = torch.zeros((), device=device), torch.zeros((), device=device), 0
         with torch.no_grad():
             for images, masks in val_loader:
@@ -101,12 +102,12 @@ def train_loop_per_worker(config: dict) -> None:
                    "val_dice": dice_sum / n_val, "n_train": n_seen, "n_val": n_val, "lr": lr,
                    "epoch_seconds": seconds, "train_images_per_s": n_seen / seconds}
         best_dice = max(best_dice, metrics["val_dice"])
+        if rank == 0:       # before the checkpoint (no epoch missing after a kill), each epoch once
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            if run_id and epoch not in logged:
+                tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
         # Every epoch is a checkpoint, to resume from (Ray keeps the best by val_dice and the latest).
         report(metrics, model, {"model": cfg.model, "image_size": cfg.image_size, "epoch": epoch,
                                 "val_dice": metrics["val_dice"]}, save=True,
                resume={"next_epoch": epoch + 1, "best_dice": best_dice, "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()})
-        if rank == 0:       # after the checkpoint, and each epoch once in a resumed run
-            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-            if run_id and epoch not in logged:
-                tracking.log_metrics(platform.tracking_uri, run_id, metrics, step=epoch)
+                       "scheduler": scheduler.state_dict(), "rng": gather_rng()})

@@ -34,7 +34,7 @@ from cxr.train.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import archive_weights, by_split, task_rows
 from cxr.train.common import WORKER_RETRIES, ray_storage
-from cxr.train.contract import DataCounts, check_manifest, check_unreadable
+from cxr.train.contract import DataContractError, DataCounts, check_manifest, check_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,10 @@ def put_task(cfg: ClassifierTrainConfig, task: Task, init_state: dict | None) ->
     data = by_split(task.rows, task.images, archive_weights(task.rows) if cfg.archive_balanced else None)
     missing = {"train", "val"} - set(data)
     if missing:
-        raise ValueError(f"{cfg.manifest}: no rows in split(s) {sorted(missing)}")
+        raise DataContractError(f"{cfg.manifest}: no rows in split(s) {sorted(missing)}")
+    few = {s: len(data[s][0]) for s in ("train", "val") if len(data[s][0]) < cfg.num_workers}
+    if few:
+        raise DataContractError(f"{cfg.manifest}: {few} images for {cfg.num_workers} workers: each needs one")
     return ray.put({k: data[k] for k in ("train", "val")}), (ray.put(init_state) if init_state is not None else None)
 
 
@@ -166,7 +169,7 @@ def pretrain(cfg: PretrainConfig, platform: PlatformConfig) -> dict:
                                 artifact_location=platform.artifact_location) as (run_id, resumed):
         task = load_task(cfg, platform)
         init_state, init_origin = initial_state(cfg, platform)
-        if not resumed:
+        if not (resumed and tracking.has_params(platform.tracking_uri, run_id)):    # an attempt may have died first
             log_task(platform, run_id, cfg, task, init_origin)
         result, minutes, history = fit(cfg, platform, put_task(cfg, task, init_state), run_id, f"pretrain-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
@@ -229,7 +232,7 @@ def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
         if not (task.rows["split"] == "test").any():
             raise ValueError(f"{cfg.manifest}: no test rows to evaluate")
         init_state, init_origin = initial_state(cfg, platform)
-        if not resumed:
+        if not (resumed and tracking.has_params(uri, run_id)):    # an attempt may have died before logging them
             log_task(platform, run_id, cfg, task, init_origin)
         result, minutes, history = fit(cfg, platform, put_task(cfg, task, init_state), run_id, f"finetune-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:

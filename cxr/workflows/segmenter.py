@@ -53,7 +53,7 @@ def train_segmenter(cfg: SegmenterTrainConfig, platform: PlatformConfig) -> dict
     with tracking.resumable_run(uri, platform.experiments["segmenter"], cfg.run_name, key,
                                 tags={"cxr.job": "train-segmenter"},
                                 artifact_location=platform.artifact_location) as (run_id, resumed):
-        if not resumed:
+        if not (resumed and tracking.has_params(uri, run_id)):    # an attempt may have died before logging them
             tracking.log_params(uri, run_id, {**config_to_dict(cfg), "manifest_sha256": digest, **counts.params()})
             tracking.log_dict(uri, run_id, config_to_plain(cfg), "config.yaml")
             tracking.log_dataset(uri, run_id, manifest, cfg.manifest, Path(cfg.manifest).stem, digest)
