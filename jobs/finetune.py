@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from ray.train import TrainingFailedError
-
 from cxr.config import FinetuneConfig, load_platform
 from cxr.evaluation import summary_line
-from cxr.train.contract import DataContractError, training_failure
 from cxr.workflows.classifier import check_classifier, finetune
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_training
 
 
 def main(cfg: FinetuneConfig) -> int:
@@ -23,14 +20,9 @@ def main(cfg: FinetuneConfig) -> int:
         print(f"cxr finetune: {e}", file=sys.stderr)
         return 2
     init_ray()
-    try:
-        r = finetune(cfg, load_platform())
-    except DataContractError as e:           # the data, in one line
-        print(f"cxr finetune: refused: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailedError as e:         # Ray gave up after retrying the workers
-        print(f"cxr finetune: {training_failure(e)}", file=sys.stderr)
-        return 1
+    r, code = run_training("finetune", lambda: finetune(cfg, load_platform()))
+    if r is None:
+        return code
     print(f"finetune: test {summary_line(r['report'])}; best epoch {r['best_epoch']}; {r['minutes']:.1f} min; "
           f"run {r['run_id']}" + (f"; registered {r['model_name']} version {r['version']}" if r["version"] else ""))
     return 0

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from ray.train import TrainingFailedError
-
 from cxr.config import PretrainConfig, load_platform
-from cxr.train.contract import DataContractError, training_failure
 from cxr.workflows.classifier import check_classifier, pretrain
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_training
 
 
 def main(cfg: PretrainConfig) -> int:
@@ -21,14 +18,9 @@ def main(cfg: PretrainConfig) -> int:
         print(f"cxr pretrain: {e}", file=sys.stderr)
         return 2
     init_ray()
-    try:
-        r = pretrain(cfg, load_platform())
-    except DataContractError as e:           # the data, in one line
-        print(f"cxr pretrain: refused: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailedError as e:         # Ray gave up after retrying the workers
-        print(f"cxr pretrain: {training_failure(e)}", file=sys.stderr)
-        return 1
+    r, code = run_training("pretrain", lambda: pretrain(cfg, load_platform()))
+    if r is None:
+        return code
     meta = r["meta"]
     print(f"pretrain: best epoch {meta['epoch']} val loss {meta['val_loss']:.4f} val accuracy "
           f"{meta['val_accuracy']:.4f}; {r['images_per_s']:.1f} train images/s; "

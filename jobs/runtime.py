@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import ray
@@ -52,3 +53,20 @@ def loopback_node() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def run_training(name: str, train):
+    """(``train()``'s result, 0), or (None, exit code) after one line on stderr: 2 for data a
+    model must not be trained on, 1 for a run Ray gave up on after retrying its workers."""
+    from ray.train import TrainingFailedError
+
+    from cxr.train.contract import DataContractError, training_failure
+
+    try:
+        return train(), 0
+    except DataContractError as e:
+        print(f"cxr {name}: refused: {e}", file=sys.stderr)
+        return None, 2
+    except TrainingFailedError as e:
+        print(f"cxr {name}: {training_failure(e)}", file=sys.stderr)
+        return None, 1

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from ray.train import TrainingFailedError
-
 from cxr.config import SegmenterTrainConfig, load_platform
-from cxr.train.contract import DataContractError, training_failure
 from cxr.workflows.segmenter import check_segmenter, train_segmenter
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_training
 
 
 def main(cfg: SegmenterTrainConfig) -> int:
@@ -21,14 +18,9 @@ def main(cfg: SegmenterTrainConfig) -> int:
         print(f"cxr train-segmenter: {e}", file=sys.stderr)
         return 2
     init_ray()
-    try:
-        result = train_segmenter(cfg, load_platform())
-    except DataContractError as e:           # the data, in one line
-        print(f"cxr train-segmenter: refused: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailedError as e:         # Ray gave up after retrying the workers
-        print(f"cxr train-segmenter: {training_failure(e)}", file=sys.stderr)
-        return 1
+    result, code = run_training("train-segmenter", lambda: train_segmenter(cfg, load_platform()))
+    if result is None:
+        return code
     report, version = result["report"], result["version"]
     a = report["all"]
     print(f"test Dice mean {a['mean']:.4f} median {a['median']:.4f} p05 {a['p05']:.4f} (n={a['n']}); "
