@@ -101,12 +101,29 @@ def resumable_run(tracking_uri: str, experiment: str, run_name: str | None, key:
     else:
         run_id, resumed = start_run(tracking_uri, experiment, run_name, {**(tags or {}), "cxr.resume_key": key},
                                     artifact_location), False
+    monitor = system_metrics(tracking_uri, run_id, resumed)
     ok = False
     try:
         yield run_id, resumed
         ok = True
     finally:
+        if monitor is not None:
+            monitor.finish()
         end_run(tracking_uri, run_id, ok)
+
+
+def system_metrics(tracking_uri: str, run_id: str, resumed: bool):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where its packages are) for a
+    training run, every 30 s; None where they cannot be collected (never stops a run)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=30, resume_logging=resumed, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional telemetry
+        log.info("no system metrics for run %s: %s", run_id, str(e).splitlines()[0] if str(e) else e)
+        return None
 
 
 def has_params(tracking_uri: str, run_id: str) -> bool:

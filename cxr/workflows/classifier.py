@@ -53,8 +53,11 @@ class Task:
 
 
 def check_classifier(cfg: ClassifierTrainConfig) -> None:
+    """Refuse, before any work, a model that is not a classifier or a weights file that is not there."""
     if model_spec(cfg.model).task != "classifier":
         raise ValueError(f"{cfg.model} is not a classifier")
+    if cfg.init_weights and "://" not in cfg.init_weights and not Path(cfg.init_weights).is_file():
+        raise ValueError(f"--init-weights {cfg.init_weights}: no such file")
 
 
 def load_task(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> Task:
