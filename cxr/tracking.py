@@ -118,6 +118,7 @@ def system_metrics(tracking_uri: str, run_id: str, resumed: bool):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)    # its start and stop lines are noise
         monitor = SystemMetricsMonitor(run_id, sampling_interval=30, resume_logging=resumed, tracking_uri=tracking_uri)
         monitor.start()
         return monitor
