@@ -4,9 +4,11 @@ the metrics of an uninterrupted run; with 2 workers validation counts each image
 and gives 1 worker's figures on the same model."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -21,6 +23,18 @@ pytestmark = pytest.mark.integration
 
 TINY = dict(model="resnet18-tiny", image_size=64, batch_size=8, stage1_epochs=8, stage2_epochs=0, load_threads=2,
             num_workers=1, seed=3)
+
+
+def _end_processes_under(ray_tmpdir: str) -> None:
+    """Kill the processes of a Ray whose ``RAY_TMPDIR`` is ``ray_tmpdir`` (a killed job's)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("RAY_TMPDIR") == ray_tmpdir:
+                p.kill()
+        except psutil.Error:
+            continue
 
 
 def _history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -41,7 +55,9 @@ def test_a_killed_pretraining_resumes_in_its_run(local_stack, ray_local, sample_
     config.write_text(yaml.safe_dump({**TINY, "manifest": manifest, "run_name": "killed",
                                       "storage_path": str(tmp_path / "ray")}))
     # The same command in a process of its own (its own local Ray), killed with -9 after epoch 1.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "CXR_RAY_DASHBOARD": "0"}
+    # Its Ray lives under a folder of its own, so what the kill leaves of it can be found and ended.
+    own_ray = tempfile.mkdtemp(prefix="cxr-ray-job-", dir="/tmp")       # short: Ray's socket paths have a limit
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "CXR_RAY_DASHBOARD": "0", "RAY_TMPDIR": str(own_ray)}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "jobs.cli", "pretrain", "--config", str(config)]
     job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True,
@@ -55,6 +71,8 @@ def test_a_killed_pretraining_resumes_in_its_run(local_stack, ray_local, sample_
         time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+    _end_processes_under(own_ray)           # Ray's actors run in process groups of their own
+    shutil.rmtree(own_ray, ignore_errors=True)
     (run,) = _runs("killed")
     done = len(_history(run.info.run_id, "val_loss"))
     assert 2 <= done < TINY["stage1_epochs"], done
