@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.decode import DecodeLimits, decode_film
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
@@ -161,7 +161,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                  max_bytes: int, storage: StorageConfig | None, max_unreadable_share: float = 0.5,
                  pseudonymiser: Pseudonymiser = Pseudonymiser()) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
-    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``). A DICOM's
+    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``), decoding each
+    film only down to the larger of the two (``cxr.data.decode``). A DICOM's
     header gives its identity columns (patient identifiers through ``pseudonymiser``) and may
     route it out (``cxr.data.dicom_header.skip_reason``): a ``skipped`` row, never decoded.
 
@@ -194,9 +195,9 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
             header = read_header(data, uri)
             ident, reason = identity(header, pseudonymiser), skip_reason(header)
             if reason is None:
-                gray = decode_image(data, uri, limits)
-                shape = gray.shape
-                images = letterbox_pair(gray, sizes, fill)
+                film = decode_film(data, uri, limits, max(s for s in sizes if s))
+                shape = (film.height, film.width)
+                images = letterbox_pair(film.gray, sizes, fill)
         except BadImageError as e:
             error = e.reason
         except OSError as e:

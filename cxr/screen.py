@@ -62,6 +62,12 @@ class Preprocess:
     def sizes(self) -> tuple[int, int | None]:
         return self.size, self.segmenter_size
 
+    @property
+    def decode_side(self) -> int:
+        """The largest side the models look at: films are decoded down to it, not beyond
+        (``cxr.data.decode``)."""
+        return max(s for s in self.sizes if s)
+
     def letterbox(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(H, W) uint8 -> the classifier's and the segmenter's letterboxed images (CPU work)."""
         return letterbox_pair(gray, self.sizes, self.prep.letterbox_fill)
@@ -102,7 +108,8 @@ class Preprocess:
         def one(item: tuple[int, str]):
             i, uri = item
             try:
-                return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits))
+                return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits,
+                                                   self.decode_side))
             except BadImageError as e:
                 if bad is None:
                     raise
@@ -386,7 +393,8 @@ class Screen:
             age = header_text(header, "PatientAge") if header is not None else None
             if reason:
                 return uri, data, None, None, reason, age
-            return uri, data, None, self.preprocess.letterbox(decode_image(data, uri, limits)), None, age
+            gray = decode_image(data, uri, limits, self.preprocess.decode_side)
+            return uri, data, None, self.preprocess.letterbox(gray), None, age
         except BadImageError as e:
             return uri, data, e.reason, None, None, None
         except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug

@@ -12,9 +12,10 @@ from cxr.data.storage import StorageConfig, read_bytes
 
 def load_image(uri: str, size: int, storage: StorageConfig | None = None,
                limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """(size, size) uint8, gray-padded. Raises BadImageError for input that is not an image."""
+    """(size, size) uint8, gray-padded, decoded only down to ``size``. Raises BadImageError
+    for input that is not an image."""
     data = read_bytes(uri, storage, limits.max_bytes)
-    return letterbox(decode_image(data, uri, limits), size)
+    return letterbox(decode_image(data, uri, limits, size), size)
 
 
 def load_mask(uri: str, size: int, storage: StorageConfig | None = None) -> np.ndarray:
