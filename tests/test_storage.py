@@ -94,3 +94,34 @@ def test_s3_keys_with_empty_path_components_are_read(local_stack, storage, sampl
     assert read_bytes(uri, storage, 10**7) == data
     with pytest.raises(BadImageError, match="file too large"):
         read_bytes(uri, storage, 100)
+
+
+def test_folders_linked_into_the_input_are_listed_and_loops_refused_with_a_line(tmp_path, sample_root, caplog):
+    """An archive mounted as links: a film, a linked film, a linked folder of films, a link
+    loop inside it and a second link to the same folder. Every film is listed once; the loop
+    and the repeat are not followed, each with a warning naming it."""
+    import logging
+
+    films = sorted(sample_root.rglob("*.jpg"))[:4]
+    mounted = tmp_path / "mount"
+    mounted.mkdir()
+    for f in films[1:]:
+        (mounted / f.name).write_bytes(f.read_bytes())
+    (mounted / "loop").symlink_to(mounted, target_is_directory=True)       # a link back up: a loop
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / films[0].name).write_bytes(films[0].read_bytes())
+    (archive / "linked.jpg").symlink_to(films[0])
+    (archive / "studies").symlink_to(mounted, target_is_directory=True)
+    (archive / "same-studies").symlink_to(mounted, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="cxr.data.storage"):
+        listed = list_files(str(archive))
+    assert len(listed) == 2 + len(films[1:]), listed
+    assert sum("/studies/" in u or "/same-studies/" in u for u in listed) == len(films[1:])
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "a loop" in messages and "already listed" in messages, messages
+
+    only = tmp_path / "only-links"            # an input holding nothing but a linked folder
+    only.mkdir()
+    (only / "studies").symlink_to(mounted, target_is_directory=True)
+    assert len(list_files(str(only))) == len(films[1:])

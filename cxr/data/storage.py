@@ -8,6 +8,7 @@ never from config files.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from cxr.data.errors import BadImageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,19 @@ def _local_pages(root: str):
     """(path, size, mtime_ns, None, None) per file. A link that leads nowhere, or a file gone
     since the walk saw it, is listed with size -1: scoring makes "file not found" its row. A
     name that is not valid UTF-8 is listed with \\x escapes (Arrow strings are UTF-8), which
-    also reads as "file not found", with the reason."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    also reads as "file not found", with the reason.
+
+    Folders linked into the input (the way an archive is often mounted) are followed. A link
+    back to a folder the walk is inside (a loop), or to one already listed, is not followed,
+    with a warning naming both: every file is listed once, and nothing is left out in silence."""
+    seen: dict[tuple[int, int], str] = {}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+            seen.setdefault((st.st_dev, st.st_ino), folder)
+        except OSError:
+            pass
+        dirs[:] = [d for d in dirs if not d.startswith(".") and _first_visit(os.path.join(folder, d), folder, seen)]
         for name in files:
             if name.startswith("."):
                 continue
@@ -295,6 +308,25 @@ def _entries(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> pa.Table:
                                  "source_mtime_ns": [i.mtime_ns or 0 for i in infos],
                                  "source_etag": [None] * len(infos), "source_version_id": [None] * len(infos)},
                                 schema=ENTRY_SCHEMA)
+
+
+def _first_visit(path: str, parent: str, seen: dict[tuple[int, int], str]) -> bool:
+    """Whether the walk should enter the folder ``path`` (a link to a folder it has already
+    entered is refused with a warning: a loop when that folder holds ``parent``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True                       # os.walk reports what it cannot enter itself
+    first = seen.get((st.st_dev, st.st_ino))
+    if first is None:
+        seen[(st.st_dev, st.st_ino)] = path
+        return True
+    real_parent, real_first = os.path.realpath(parent), os.path.realpath(first)
+    if real_parent == real_first or real_parent.startswith(real_first.rstrip(os.sep) + os.sep):
+        log.warning("%s is a link back to %s, which holds it (a loop): not followed", path, first)
+    else:
+        log.warning("%s leads to the folder already listed as %s: its files are listed once, there", path, first)
+    return False
 
 
 def list_files(prefix: str, cfg: StorageConfig | None = None) -> list[str]:
