@@ -19,13 +19,15 @@ Names starting with ``_`` (``_tmp``, ``_lease``, ``_compactions``) are skipped b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -133,16 +135,21 @@ def read_scores(output: str, storage: StorageConfig | None = None, columns: list
         if not files:
             empty = pa.unify_schemas([SCHEMA, PARTITION]).empty_table()
             return empty if columns is None else empty.select(columns)
-        # The current schema, given explicitly: parts written under an older version read with
-        # nulls in the columns added since, whichever part the dataset happens to open first.
-        dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
-                               partitioning=pads.partitioning(PARTITION, flavor="hive"), partition_base_dir=root)
+        dataset = scores_dataset(fs, root, files)
         try:
             return dataset.to_table(columns=columns, filter=filter)
         except FileNotFoundError:
             if attempt == 2:
                 raise
             # A compaction deleted a part merged elsewhere after it was listed: list again.
+
+
+def scores_dataset(fs: pafs.FileSystem, root: str, files: list[str]) -> pads.Dataset:
+    """The committed parts (``live_files``) as one dataset, read lazily (DuckDB and Arrow scan
+    it a batch at a time). The current schema is given explicitly: parts written under an older
+    version read with nulls in the columns added since, whichever part is opened first."""
+    return pads.dataset(files, filesystem=fs, format="parquet", schema=pa.unify_schemas([SCHEMA, PARTITION]),
+                        partitioning=pads.partitioning(PARTITION, flavor="hive"), partition_base_dir=root)
 
 
 def current_rows(table: pa.Table) -> pa.Table:
@@ -159,6 +166,60 @@ def current_rows(table: pa.Table) -> pa.Table:
     if len(uris) > 1:
         first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1)).to_numpy(zero_copy_only=False)
     return table.take(pc.filter(order, pa.array(first)))
+
+
+DUCKDB_MEMORY = "256MB"     # DuckDB's share of a driver that must stay within 1 GiB at any table size
+
+
+@contextlib.contextmanager
+def scratch_duckdb(memory_limit: str = DUCKDB_MEMORY):
+    """A DuckDB connection on a database file in a scratch folder, held to ``memory_limit``:
+    what does not fit spills to that folder, which is removed afterwards."""
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="cxr-duckdb-") as scratch:
+        con = duckdb.connect(os.path.join(scratch, "scratch.duckdb"))
+        try:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+            con.execute(f"SET temp_directory = '{scratch}'")
+            con.execute("SET preserve_insertion_order = false")
+            con.execute("SET enable_progress_bar = false")      # a job's output is its own summary
+            yield con
+        finally:
+            con.close()
+
+
+CURRENT_ORDER = "PARTITION BY uri ORDER BY scored_at DESC NULLS LAST, job_id DESC NULLS LAST"
+
+
+def register_scores(con, output: str, storage: StorageConfig | None, columns: list[str]) -> bool:
+    """The committed parts' ``columns`` as DuckDB's table ``scores``, scanned once, a batch at a
+    time; False where nothing is committed. Through Arrow's reader with read-ahead held to one
+    batch (a registered dataset pins Arrow's read-ahead, which DuckDB cannot spill: at 10
+    million rows it ran out of a 256 MB limit), and the same for S3 and local outputs (DuckDB's
+    own S3 reader is an extension it would download)."""
+    fs, root, files = live_files(output, storage)
+    if not files:
+        return False
+    scanner = scores_dataset(fs, root, files).scanner(columns=list(dict.fromkeys(columns)), batch_size=65_536,
+                                                      batch_readahead=1, fragment_readahead=1)
+    con.register("scores", scanner.to_reader())
+    return True
+
+
+def current_batches(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+                    batch_rows: int = 100_000) -> Iterator[pa.RecordBatch]:
+    """Every input's current row (as ``read_current``), a batch at a time, in bounded memory at
+    any table size: DuckDB picks each uri's newest row over the committed parts, spilling to
+    disk beyond its memory limit. In no particular order."""
+    wanted = columns or SCHEMA.names + PARTITION.names
+    with scratch_duckdb() as con:
+        if not register_scores(con, output, storage, [*wanted, "uri", "scored_at", "job_id"]):
+            return
+        projection = ", ".join(f'"{c}"' for c in wanted)
+        # con.sql streams its result; con.execute would hold all of it before the first batch.
+        yield from con.sql(f"SELECT {projection} FROM scores QUALIFY row_number() OVER ({CURRENT_ORDER}) = 1"
+                           ).to_arrow_reader(batch_rows)
 
 
 def read_current(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -1,14 +1,9 @@
 """The Ray Data scoring pipeline: inputs -> bytes -> decoded, letterboxed images (CPU tasks) ->
 segment, mask, classify and Grad-CAM (one actor pool) -> Parquet, committed atomically.
 
-Exactly-once: an input is (uri, source_size, source_mtime_ns), what a listing gives without
-opening it. Its current row (``cxr.scores_table.current_rows``) says by which pair of model
-versions it was scored. A run anti-joins its listing against those columns of the current rows
-(``new_work``), so a rerun reads no byte of what it scored, and a run killed at any point,
-started again, fills exactly the gaps. A changed input, or one scored by other model versions,
-gets a new row that becomes its current one; the old row stays as history. Rows written before
-version 3 have no listing columns: for them the old key, (uri, sha256) after reading the bytes,
-still applies (``legacy_keys``). How parts are committed: ``cxr.scores_table``.
+Exactly-once: what a run scores is decided from the listing and the current rows
+(``cxr.new_work``), so a rerun reads no byte of what it scored, and a run killed at any point,
+started again, fills exactly the gaps. How parts are committed: ``cxr.scores_table``.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cxr.data.decode import DecodeLimits, decode_film
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
@@ -28,7 +22,7 @@ from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.storage import StorageConfig, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
-from cxr.scores_table import SCHEMA, SCHEMA_VERSION, current_rows, key, read_scores
+from cxr.scores_table import SCHEMA, SCHEMA_VERSION, key
 
 log = logging.getLogger(__name__)
 
@@ -46,97 +40,6 @@ class ModelRef:
     @property
     def pinned_uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-# --- reading what was scored ------------------------------------------------------------------
-
-INDEX_COLUMNS = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_name", "segmenter_version",
-                 "classifier_name", "classifier_version", "error", "scored_at", "job_id"]
-
-
-def scored_index(output: str, storage: StorageConfig | None = None) -> pa.Table:
-    """The current row of every input scored into ``output``, by its index columns only:
-    Parquet is columnar, so the heatmaps are never read. Read once per run."""
-    return current_rows(read_scores(output, storage, INDEX_COLUMNS))
-
-
-def committed(output: str, segmenter: ModelRef | None, classifier: ModelRef,
-              storage: StorageConfig | None = None, index: pa.Table | None = None) -> pa.Table:
-    """The inputs whose current row was scored by this pair of model versions and counts as
-    scored: every row but a storage error's, which the next run tries again. ``index``
-    (``scored_index``) is read from ``output`` if not given."""
-    table = scored_index(output, storage) if index is None else index
-    if table.num_rows == 0:
-        return table
-    same_segmenter = (pc.is_null(table["segmenter_version"]) if segmenter is None
-                      else _same_model(table, "segmenter", segmenter))
-    keep = pc.and_(pc.and_(pc.fill_null(same_segmenter, False), _same_model(table, "classifier", classifier)),
-                   pc.invert(_retried(table)))
-    return table.filter(keep)
-
-
-def _same_model(index: pa.Table, kind: str, ref: ModelRef) -> pa.ChunkedArray:
-    """Rows scored by this registered model's version (name and version: versions of two
-    models share numbers)."""
-    return pc.fill_null(pc.and_(pc.equal(index[f"{kind}_name"], ref.name),
-                                pc.equal(index[f"{kind}_version"], ref.version)), False)
-
-
-def _retried(index: pa.Table) -> pa.ChunkedArray:
-    return pc.fill_null(pc.or_(*[pc.starts_with(index["error"], p) for p in STORAGE_ERRORS]), False)
-
-
-def why_new(work: pa.Table, index: pa.Table) -> dict[str, int]:
-    """Why each input of ``work`` is scored, counted: ``new`` (never scored), ``changed`` (its
-    size or time differs from its current row's), ``retry`` (its current row is a storage
-    error) or ``backfill`` (unchanged, but scored by other model versions: a rescore after a
-    model change)."""
-    if work.num_rows == 0:
-        return {}
-    if index.num_rows == 0:
-        return {"new": work.num_rows}
-    known = index.select(["uri", "source_size", "source_mtime_ns"]).rename_columns(["uri", "old_size", "old_mtime"])
-    known = known.append_column("retry", _retried(index))
-    joined = work.select(["uri", "source_size", "source_mtime_ns"]).join(known, keys="uri", join_type="left outer")
-    new = pc.is_null(joined["retry"])            # no current row for this uri
-    retry = pc.fill_null(joined["retry"], False)
-    differs = pc.fill_null(pc.or_(pc.not_equal(joined["source_size"], joined["old_size"]),
-                                  pc.not_equal(joined["source_mtime_ns"], joined["old_mtime"])), False)
-    changed = pc.and_(pc.and_(pc.invert(new), pc.invert(retry)), differs)
-    counts = {name: pc.sum(mask).as_py() or 0 for name, mask in (("new", new), ("retry", retry), ("changed", changed))}
-    counts["backfill"] = joined.num_rows - sum(counts.values())
-    return {k: v for k, v in counts.items() if v}
-
-
-def new_work(listing: pa.Table, done: pa.Table) -> pa.Table:
-    """The listing rows (``ENTRY_SCHEMA``) not among ``done`` (``committed``): an anti-join on
-    (uri, source_size, source_mtime_ns), vectorised in Arrow. A changed file (new size or
-    time) is new work."""
-    if done.num_rows == 0:
-        return listing
-    keys = ["uri", "source_size", "source_mtime_ns"]
-    new = listing.join(done.filter(pc.is_valid(done["source_size"])).select(keys), keys=keys, join_type="left anti")
-    # Rows from before version 3 have no listing columns: their input counts as done when it
-    # was last modified before it was scored (then the bytes scored are the bytes there now).
-    legacy = done.filter(pc.is_null(done["source_size"])).select(["uri", "scored_at"])
-    if legacy.num_rows and new.num_rows:
-        legacy = legacy.group_by("uri").aggregate([("scored_at", "max")]).rename_columns(["uri", "scored_at"])
-        matched = new.join(legacy, keys="uri", join_type="inner")
-        scored_ns = pc.multiply(pc.cast(pc.cast(matched["scored_at"], pa.timestamp("ms")), pa.int64()), 1_000_000)
-        unchanged = matched.filter(pc.less_equal(matched["source_mtime_ns"], scored_ns)).select(["uri"])
-        new = new.join(unchanged, keys="uri", join_type="left anti")
-    return new.sort_by("uri")
-
-
-def legacy_keys(done: pa.Table) -> set[str]:
-    """(uri, sha256) keys of the ``committed`` rows written before schema version 3 (no listing
-    columns), for the decode tasks to skip after hashing, as they did then. Empty for outputs
-    written since."""
-    if done.num_rows == 0:
-        return set()
-    old = done.filter(pc.is_null(done["source_size"]))
-    # A row without sha256 (a file too large to read) has the key "uri\t", as decode_batch makes it.
-    return {key(u, s) for u, s in zip(old["uri"].to_pylist(), old["sha256"].to_pylist())}
 
 
 # --- stage 1: bytes -> images (CPU tasks) -------------------------------------------------------

@@ -236,7 +236,7 @@ def run_job(name: str, input_: str, output: str, models: dict[str, str], args, e
 
 
 def read_rows(output: str, storage):
-    from cxr.scoring import read_scores
+    from cxr.scores_table import read_scores
 
     try:
         return read_scores(output, storage, ["uri", "status", "error", "sha256"]).to_pandas()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from cxr.config import REPO_ROOT
-from cxr.scoring import read_scores
+from cxr.scores_table import read_scores
 from infra.local.stack import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))

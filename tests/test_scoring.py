@@ -2,6 +2,7 @@
 good and bad images, reruns, a kill -9 halfway, a flaky endpoint, systemic failures."""
 
 import dataclasses
+import datetime as dt
 import hashlib
 import io
 import os
@@ -280,7 +281,7 @@ def test_a_uri_named_twice_is_scored_once(sample_root, tmp_path):
     files = [str(p) for p in sorted((sample_root / "covid").rglob("*.jpg"))[:2]]
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"uri": files + files[:1]}).to_parquet(manifest)
-    assert list_inputs(ScoreConfig(input=str(manifest)), None).column("uri").to_pylist() == files
+    assert list_inputs(ScoreConfig(input=str(manifest)), None).read_all().column("uri").to_pylist() == files
 
 
 def test_parts_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
@@ -327,8 +328,9 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from cxr.new_work import decide
     from cxr.scores_table import to_schema
-    from cxr.scoring import ModelRef, committed, decode_batch, legacy_keys
+    from cxr.scoring import ModelRef, decode_batch
 
     big = str(sorted((sample_root / "covid").rglob("*.jpg"))[0])
     seg = ModelRef("models:/s/1", "s", "1", None, None)
@@ -341,7 +343,9 @@ def test_an_input_without_sha256_is_not_scored_again(tmp_path, sample_root):
     (tmp_path / "scores" / "scored_date=2026-11-27").mkdir(parents=True)
     pq.write_table(to_schema(pa.Table.from_pydict(row, schema=SCHEMA)),
                    tmp_path / "scores" / "scored_date=2026-11-27" / "part-0.parquet")
-    skip = legacy_keys(committed(str(tmp_path / "scores"), seg, cls))
+    listing = pa.table({"uri": [big], "source_size": [1], "source_mtime_ns": [1], "source_etag": [None],
+                        "source_version_id": [None]})
+    skip = decide(listing, str(tmp_path / "scores"), seg, cls).skip
     again = decode_batch({"uri": np.array([big], dtype=object)}, (64, 64), 128, skip, 100, None)
     assert len(again["uri"]) == 0
 
@@ -352,8 +356,9 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from cxr.new_work import decide
     from cxr.scores_table import to_schema
-    from cxr.scoring import ModelRef, committed, legacy_keys
+    from cxr.scoring import ModelRef
 
     rows = {f.name: [None, None] for f in SCHEMA}
     rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
@@ -362,8 +367,11 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
                 classifier_version=["2"] * 2, qc_flags=[[], []])
     (tmp_path / "scored_date=2026-11-27").mkdir()
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
-    keys = legacy_keys(committed(str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)))
-    assert keys == {"s3://b/broken.jpg\t" + "ab" * 32}
+    listing = pa.table({"uri": ["s3://b/refused.jpg", "s3://b/broken.jpg"], "source_size": [1, 1],
+                        "source_mtime_ns": [1, 1], "source_etag": [None] * 2, "source_version_id": [None] * 2})
+    decision = decide(listing, str(tmp_path), ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None))
+    assert decision.skip == {"s3://b/broken.jpg\t" + "ab" * 32}
+    assert decision.inputs["uri"].to_pylist() == ["s3://b/refused.jpg"] and decision.why == {"retry": 1}
 
 
 def test_a_rerun_decides_from_metadata_and_reads_no_bytes(local_stack, tiny_models, sample_root, ray_local, tmp_path,
@@ -440,8 +448,9 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     import pyarrow.parquet as pq
 
     from cxr.data.storage import list_entries
+    from cxr.new_work import decide
     from cxr.scores_table import to_schema
-    from cxr.scoring import ModelRef, committed, new_work
+    from cxr.scoring import ModelRef
 
     folder = tmp_path / "archive"
     folder.mkdir()
@@ -457,32 +466,45 @@ def test_rows_from_before_version_3_count_as_done_while_the_file_is_unchanged(tm
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)),
                    tmp_path / "scores" / "scored_date=2026-11-26" / "p.parquet")
     seg, cls = ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)
-    assert new_work(listing, committed(str(tmp_path / "scores"), seg, cls)).num_rows == 0
+    assert decide(listing, str(tmp_path / "scores"), seg, cls).inputs.num_rows == 0
     later = time.time() + 60                        # one file modified after it was scored
     os.utime(uris[0], (later, later))
-    assert new_work(list_entries(str(folder)), committed(str(tmp_path / "scores"), seg, cls)).column("uri").to_pylist() \
+    assert decide(list_entries(str(folder)), str(tmp_path / "scores"), seg, cls).inputs.column("uri").to_pylist() \
         == uris[:1]
 
 
-def test_why_each_input_is_scored_again():
-    """new, changed, retry (a storage error is current), backfill (other models): counted apart."""
+def test_why_each_input_is_scored_again(tmp_path):
+    """new, changed, retry (a storage error is current), backfill (other models): counted apart;
+    an older row of an input is history, its newest row decides; --limit cuts the work by uri."""
+    import pyarrow.parquet as pq
+
     from cxr.data.storage import ENTRY_SCHEMA
+    from cxr.new_work import decide
     from cxr.scores_table import to_schema
-    from cxr.scoring import ModelRef, committed, new_work, why_new
+    from cxr.scoring import ModelRef
 
     uris = ["s3://b/new.jpg", "s3://b/changed.jpg", "s3://b/refused.jpg", "s3://b/other-model.jpg", "s3://b/done.jpg"]
     index = {f.name: [None] * 4 for f in SCHEMA}
     index.update(uri=uris[1:], source_size=[10, 10, 10, 10], source_mtime_ns=[1, 1, 1, 1], qc_flags=[[]] * 4,
                  error=[None, "S3 403 Forbidden (no permission to read this object): ...", None, None],
                  segmenter_name=["s"] * 4, segmenter_version=["1"] * 4, classifier_name=["c", "c", "c-old", "c"],
-                 classifier_version=["2"] * 4, job_id=["j"] * 4)
-    index = to_schema(pa.Table.from_pydict(index, schema=SCHEMA))
+                 classifier_version=["2"] * 4, job_id=["j"] * 4,
+                 scored_at=[dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc)] * 4)
+    older = {f.name: [None] for f in SCHEMA}         # history: done.jpg once scored by other models
+    older.update(uri=uris[4:], source_size=[10], source_mtime_ns=[1], qc_flags=[[]], segmenter_name=["s"],
+                 segmenter_version=["1"], classifier_name=["c-old"], classifier_version=["2"], job_id=["j0"],
+                 scored_at=[dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)])
+    (tmp_path / "scored_date=2026-11-27").mkdir()
+    pq.write_table(to_schema(pa.Table.from_pydict(index, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "a.parquet")
+    pq.write_table(to_schema(pa.Table.from_pydict(older, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "b.parquet")
     listing = pa.table({"uri": uris, "source_size": [5, 11, 10, 10, 10], "source_mtime_ns": [1, 1, 1, 1, 1],
                         "source_etag": [None] * 5, "source_version_id": [None] * 5}, schema=ENTRY_SCHEMA)
-    done = committed("", ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None), index=index)
-    work = new_work(listing, done)
-    assert sorted(work["uri"].to_pylist()) == sorted(uris[:4])
-    assert why_new(work, index) == {"new": 1, "changed": 1, "retry": 1, "backfill": 1}
+    models = ModelRef("", "s", "1", None, None), ModelRef("", "c", "2", None, None)
+    decision = decide(listing, str(tmp_path), *models)
+    assert decision.inputs["uri"].to_pylist() == sorted(uris[:4]) and (decision.listed, decision.unscored) == (5, 4)
+    assert decision.why == {"new": 1, "changed": 1, "retry": 1, "backfill": 1}
+    limited = decide(listing, str(tmp_path), *models, limit=2)
+    assert limited.inputs["uri"].to_pylist() == sorted(uris[:4])[:2] and limited.unscored == 4
 
 
 def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_local, tmp_path, monkeypatch):

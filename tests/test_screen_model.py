@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 import cxr
 from cxr import tracking
 from cxr.config import EvaluateConfig, ExportModelConfig, ImportModelConfig, ScoreConfig, load_platform
-from cxr.scoring import read_scores
+from cxr.scores_table import read_scores
 from cxr.workflows.screen import register_screen
 from infra.local.stack import LocalStack
 from jobs import evaluate, export_model, import_model, score

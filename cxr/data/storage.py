@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_plus, urlparse
@@ -147,24 +148,30 @@ MISSING_SIZE = -1        # what a listing records for an object that is not ther
 
 def list_entries(prefix: str, cfg: StorageConfig | None = None, page_rows: int = 10_000) -> pa.Table:
     """Every regular file under a folder or ``s3://`` prefix with what the listing gives for
-    free (``ENTRY_SCHEMA``): sorted, hidden files skipped. No object is opened. The listing is
-    read page by page into Arrow (1,000 keys per S3 page), never as one list of Python objects."""
+    free (``ENTRY_SCHEMA``): sorted, hidden files skipped. No object is opened."""
+    return pa.Table.from_batches(list(entry_batches(prefix, cfg, page_rows)), schema=ENTRY_SCHEMA).sort_by("uri")
+
+
+def entry_batches(prefix: str, cfg: StorageConfig | None = None, page_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+    """``list_entries`` as it is read, in listing order, ``page_rows`` at a time: the listing is
+    read page by page into Arrow (1,000 keys per S3 page), never as one list of Python objects,
+    and a consumer that streams (``cxr.new_work``) never holds it whole."""
     fs, path = filesystem_for(prefix, cfg)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return _entries(fs, [info])
+        yield from _entries(fs, [info]).to_batches()
+        return
     if info.type == pafs.FileType.NotFound and not is_s3(prefix):
         raise FileNotFoundError(f"input not found: {prefix}")
     pages = _s3_pages(path, cfg or StorageConfig()) if is_s3(prefix) else _local_pages(path)
-    batches, rows = [], {name: [] for name in ENTRY_SCHEMA.names}
+    rows = {name: [] for name in ENTRY_SCHEMA.names}
     for entry in pages:
         for name, value in zip(ENTRY_SCHEMA.names, entry):
             rows[name].append(value)
         if len(rows["uri"]) >= page_rows:
-            batches.append(pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA))
+            yield pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA)
             rows = {name: [] for name in ENTRY_SCHEMA.names}
-    batches.append(pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA))
-    return pa.Table.from_batches(batches, schema=ENTRY_SCHEMA).sort_by("uri")
+    yield pa.RecordBatch.from_pydict(rows, schema=ENTRY_SCHEMA)
 
 
 def _local_pages(root: str):

@@ -20,7 +20,7 @@ from cxr.benchmark import PeakMemory, naive_score, phases, timed
 from cxr.config import BenchmarkConfig, PlatformConfig, ScoreConfig, TrainBenchmarkConfig, config_to_dict
 from cxr.data.manifest import read_manifest
 from cxr.data.storage import absolute_uri, is_s3, list_files
-from cxr.scoring import read_scores
+from cxr.scores_table import read_scores
 from cxr.screen import Preprocess
 from cxr.workflows.score import plan_scoring, resolve_models, run_scoring
 

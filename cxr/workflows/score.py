@@ -5,12 +5,14 @@ summarises what the job wrote."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
 
+import duckdb
 import pyarrow as pa
 from datetime import datetime, timezone
 
@@ -18,13 +20,13 @@ from cxr import tracking
 from cxr.card import CardError, ModelCard
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.manifest import read_manifest
-from cxr.data.storage import (absolute_uri, filesystem_for, inventory_entries, is_s3, list_entries, stat_entries,
-                              write_bytes)
+from cxr.data.storage import (ENTRY_SCHEMA, absolute_uri, entry_batches, filesystem_for, inventory_entries, is_s3,
+                              stat_entries, write_bytes)
 from cxr.data.dicom_header import Pseudonymiser
 from cxr.lease import Lease, LeaseHeld
+from cxr.new_work import decide
 from cxr.scores_table import AtomicParquetSink, add_up, clear_scratch, finish_compactions
-from cxr.scoring import (ModelRef, ScoringPredictor, committed, decode_batch, legacy_keys, new_work, scored_index,
-                         why_new)
+from cxr.scoring import ModelRef, ScoringPredictor, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -94,30 +96,36 @@ def check_output_outside_input(output: str, source: str) -> None:
                               "files; write the scores elsewhere")
 
 
-def list_inputs(cfg: ScoreConfig, storage) -> pa.Table:
+def list_inputs(cfg: ScoreConfig, storage) -> pa.RecordBatchReader:
     """The inputs, once each, with their size and modification time (``ENTRY_SCHEMA``), from
-    metadata only: a listing, or a manifest's ``uri`` column (plus one HEAD per object). A
-    missing input (a folder, an S3 bucket or a prefix with no object) stops the job; an
-    existing but empty folder is 0 inputs, with a warning."""
+    metadata only: a listing, read as it comes (the decision streams it: ``cxr.new_work``), or
+    a manifest's ``uri`` column (plus one HEAD per object). A missing input (a folder, an S3
+    bucket or a prefix with no object) stops the job (``check_listed``)."""
     source = absolute_uri(cfg.input)
     try:
         if is_inventory(source, storage):
-            entries = inventory_entries(source, storage)
-        elif source.endswith(".parquet"):
+            return inventory_entries(source, storage).to_reader()
+        if source.endswith(".parquet"):
             uris = read_manifest(source, storage, columns=["uri"])["uri"].dropna().astype(str).tolist()
             unique = list(dict.fromkeys(uris))    # a manifest may name a file twice: one row per input
             if len(unique) < len(uris):
                 log.warning("%s names %d URIs more than once; each is scored once", cfg.input, len(uris) - len(unique))
-            entries = stat_entries(unique, storage)
-        else:
-            entries = list_entries(source, storage)
+            return stat_entries(unique, storage).to_reader()
+        pages = entry_batches(source, storage)
+        first = next(pages)                   # a missing folder or bucket fails here, not mid-join
+        return pa.RecordBatchReader.from_batches(ENTRY_SCHEMA, itertools.chain([first], pages))
     except (OSError, FileNotFoundError) as e:
         raise SystemicFailure(f"cannot list input {cfg.input}: {str(e).splitlines()[0]}") from e
-    if entries.num_rows == 0 and is_s3(source) and not source.endswith((".parquet", ".csv")):
+
+
+def check_listed(cfg: ScoreConfig, listed: int) -> None:
+    """An S3 prefix with no object is a mistake (a wrong bucket or prefix) and stops the job;
+    an existing but empty folder is 0 inputs, with a warning."""
+    source = absolute_uri(cfg.input)
+    if listed == 0 and is_s3(source) and not source.endswith((".parquet", ".csv")):
         raise SystemicFailure(f"input {cfg.input} holds no object: check the bucket and the prefix")
-    if entries.num_rows == 0:
+    if listed == 0:
         log.warning("input %s is empty: nothing to score", cfg.input)
-    return entries
 
 
 def is_inventory(source: str, storage) -> bool:
@@ -202,26 +210,26 @@ def plan_scoring(cfg: ScoreConfig, platform: PlatformConfig) -> ScoringPlan:
         try:
             finish_compactions(output, storage)
             clear_scratch(output, storage)
-            index = scored_index(output, storage)
         except (OSError, pa.ArrowInvalid) as e:
             raise SystemicFailure(f"cannot read the scores already in {output}: {str(e).splitlines()[0]}") from e
+        try:
+            decision = decide(listing, output, segmenter, classifier, storage, cfg.limit)
+        except (OSError, pa.ArrowInvalid, duckdb.Error) as e:
+            raise SystemicFailure(f"cannot decide what is new from input {cfg.input} and the scores in {output}: "
+                                  f"{str(e).strip().splitlines()[0]}") from e
+        check_listed(cfg, decision.listed)
     except BaseException:
         lease.release()
         raise
-    done = committed(output, segmenter, classifier, storage, index=index)
-    inputs = new_work(listing, done)
-    unscored = inputs.num_rows
-    if cfg.limit:                 # at most this many new inputs per run: a limited run still progresses
-        inputs = inputs.slice(0, cfg.limit)
-    why = why_new(inputs, index)
-    skip = legacy_keys(done)
+    inputs, why = decision.inputs, decision.why
     sizes = (card.preprocessing.letterbox_size, seg_card.preprocessing.letterbox_size if seg_card else None)
     pseudonymiser = Pseudonymiser.from_environment(cfg.keep_identifiers)
-    log.info("job %s: %d inputs, %d to score (%s) for %s v%s%s; %s", job_id, listing.num_rows, inputs.num_rows,
+    log.info("job %s: %d inputs, %d to score (%s) for %s v%s%s; %s", job_id, decision.listed, inputs.num_rows,
              ", ".join(f"{k} {v}" for k, v in why.items()) or "none", classifier.name, classifier.version,
              f" + {segmenter.name} v{segmenter.version}" if segmenter else "", pseudonymiser.policy)
     return ScoringPlan(cfg, platform, output, job_id, classifier, segmenter, sizes, card.preprocessing.letterbox_fill,
-                       listing.num_rows, unscored - inputs.num_rows, inputs, why, skip, lease, pseudonymiser)
+                       decision.listed, decision.unscored - inputs.num_rows, inputs, why, decision.skip, lease,
+                       pseudonymiser)
 
 
 def take_lease(output: str, job_id: str, storage, ttl_s: float, wait_s: float = 0.0) -> Lease:

@@ -1,0 +1,109 @@
+"""Deciding what a scoring run has to do, in bounded memory, at any archive size.
+
+An input is (uri, source_size, source_mtime_ns), what a listing gives without opening it. Its
+current row (the newest of its rows in the scores table) says by which pair of model versions
+it was scored. The new work is the listing anti-joined against the current rows of these
+models, a rerun reads no byte of what it scored, and a run killed at any point, started again,
+fills exactly the gaps. A changed input, or one scored by other model versions, gets a new row
+that becomes its current one. Rows written before schema version 3 have no listing columns:
+for them the old key, (uri, sha256) after reading the bytes, still applies (``Decision.skip``).
+
+The join runs in DuckDB over a database file in a scratch folder, with a memory limit: the
+listing is streamed in (``cxr.data.storage.entry_batches``), the committed parts are scanned a
+batch at a time (``cxr.scores_table.scores_dataset``), and what does not fit the limit spills
+to disk. Only the new work comes back into Python, so the driver's memory follows the new work,
+not the archive (an in-memory Arrow join held 5.9 GiB at 10 million inputs). DuckDB rather than
+a hand-written hash partitioning: it partitions, spills and joins on all cores already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from cxr.data.storage import ENTRY_SCHEMA, StorageConfig
+from cxr.scores_table import CURRENT_ORDER, DUCKDB_MEMORY, key, register_scores, scratch_duckdb
+from cxr.scoring import STORAGE_ERRORS, ModelRef
+
+@dataclass(frozen=True)
+class Decision:
+    listed: int             # inputs in the listing
+    unscored: int           # of those, not scored by these models (before --limit)
+    inputs: pa.Table        # those to score now (``ENTRY_SCHEMA``, by uri): at most ``limit``
+    why: dict[str, int]     # why ``inputs`` are scored: new, changed, retry, backfill
+    skip: set[str]          # (uri, sha256) keys of rows from before schema version 3
+
+
+def decide(listing: Iterable[pa.RecordBatch] | pa.Table, output: str, segmenter: ModelRef | None,
+           classifier: ModelRef, storage: StorageConfig | None = None, limit: int | None = None,
+           memory_limit: str = DUCKDB_MEMORY) -> Decision:
+    """What to score of ``listing`` (``ENTRY_SCHEMA`` batches, in any order, each uri once)
+    given what is committed in ``output``.
+
+    ``why`` counts, for the inputs to score now: ``new`` (never scored), ``changed`` (size or
+    time differ from its current row's), ``retry`` (its current row is a storage error, which
+    never counts as scored) and ``backfill`` (unchanged, scored by other model versions)."""
+    batches = listing.to_batches() if isinstance(listing, pa.Table) else listing
+    reader = pa.RecordBatchReader.from_batches(ENTRY_SCHEMA, (b.cast(ENTRY_SCHEMA) for b in batches))
+    with scratch_duckdb(memory_limit) as con:
+        con.register("listing_stream", reader)
+        con.execute("CREATE TABLE listing AS SELECT * FROM listing_stream")
+        _current_rows(con, output, storage)
+        return _decide(con, segmenter, classifier, limit)
+
+
+def _current_rows(con, output: str, storage: StorageConfig | None) -> None:
+    """Table ``cur``: each uri's newest row (latest ``scored_at``, then ``job_id``), index
+    columns only (Parquet is columnar: the heatmaps are never read)."""
+    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_name", "segmenter_version",
+               "classifier_name", "classifier_version", "error", "scored_at"]
+    if output and register_scores(con, output, storage, [*columns, "job_id"]):
+        con.execute(f"CREATE TABLE cur AS SELECT {', '.join(columns)} FROM scores "
+                    f"QUALIFY row_number() OVER ({CURRENT_ORDER}) = 1")
+        return
+    con.execute("CREATE TABLE cur (uri VARCHAR, sha256 VARCHAR, source_size BIGINT, source_mtime_ns BIGINT, "
+                "segmenter_name VARCHAR, segmenter_version VARCHAR, classifier_name VARCHAR, "
+                "classifier_version VARCHAR, error VARCHAR, scored_at TIMESTAMPTZ)")
+
+
+def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | None) -> Decision:
+    retried = " OR ".join(f"starts_with(c.error, '{prefix}')" for prefix in STORAGE_ERRORS)
+    same_segmenter = ("c.segmenter_version IS NULL" if segmenter is None
+                      else "c.segmenter_name = $seg_name AND c.segmenter_version = $seg_version")
+    params = {"cls_name": classifier.name, "cls_version": str(classifier.version)}
+    if segmenter is not None:
+        params.update(seg_name=segmenter.name, seg_version=str(segmenter.version))
+    # done: the current rows scored by these models that count as scored.
+    con.execute(f"CREATE TABLE done AS SELECT c.* FROM cur c WHERE c.classifier_name = $cls_name "
+                f"AND c.classifier_version = $cls_version AND {same_segmenter} AND NOT coalesce({retried}, false)",
+                params)
+    # A listed input is done when its current row has the same size and time; a row from
+    # before version 3 (no listing columns) when the input was last modified before it was
+    # scored (then the bytes scored are the bytes there now).
+    con.execute("""CREATE TABLE todo AS SELECT l.* FROM listing l LEFT JOIN done d ON d.uri = l.uri
+                   WHERE d.uri IS NULL
+                      OR (d.source_size IS NOT NULL AND (d.source_size <> l.source_size
+                          OR d.source_mtime_ns <> l.source_mtime_ns))
+                      OR (d.source_size IS NULL AND l.source_mtime_ns > epoch_ms(d.scored_at) * 1000000)""")
+    listed = con.execute("SELECT count(*) FROM listing").fetchone()[0]
+    unscored = con.execute("SELECT count(*) FROM todo").fetchone()[0]
+    cut = f" LIMIT {int(limit)}" if limit else ""
+    inputs = con.sql(f"SELECT * FROM todo ORDER BY uri{cut}").to_arrow_table().cast(ENTRY_SCHEMA)
+    why = {}
+    if inputs.num_rows:
+        con.execute(f"CREATE TABLE now AS SELECT uri, source_size, source_mtime_ns FROM todo ORDER BY uri{cut}")
+        counts = con.execute(f"""SELECT
+                count(*) FILTER (WHERE c.uri IS NULL),
+                count(*) FILTER (WHERE c.uri IS NOT NULL AND coalesce({retried}, false)),
+                count(*) FILTER (WHERE c.uri IS NOT NULL AND NOT coalesce({retried}, false)
+                                 AND coalesce(n.source_size <> c.source_size
+                                              OR n.source_mtime_ns <> c.source_mtime_ns, false)),
+                count(*)
+            FROM now n LEFT JOIN cur c ON c.uri = n.uri""").fetchone()
+        new, retry, changed, total = counts
+        why = {k: v for k, v in (("new", new), ("retry", retry), ("changed", changed),
+                                 ("backfill", total - new - retry - changed)) if v}
+    legacy = con.execute("SELECT uri, sha256 FROM done WHERE source_size IS NULL").fetchall()
+    return Decision(listed, unscored, inputs, why, {key(u, s) for u, s in legacy})
