@@ -239,6 +239,9 @@ class ScoreConfig:
     torch_threads: int | None = option(None, "torch threads per model actor (default: cpus_per_actor); may exceed "
                                              "it, so the decode tasks keep CPUs to run on")
     cpu_bf16: bool = option(False, "bf16 autocast on CPU too (CPUs with AVX512-BF16/AMX; measure with cxr benchmark)")
+    device_decode: bool | None = option(None, "decode baseline JPEGs (files and DICOM frames) in batches on the "
+                                              "model's device (default: with use_gpu); the decode tasks only read "
+                                              "headers for them (cxr.data.gpu_decode)")
     decode_tasks: int | None = option(None, "parallel decode tasks (default: 2 per model actor; never equal to "
                                             "actors, or Ray would fuse decoding into the model actors)")
     heatmap_size: int = option(64, "side of the stored Grad-CAM heatmap (uint8 PNG)")

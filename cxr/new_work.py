@@ -87,8 +87,8 @@ def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | 
                       OR (d.source_size IS NOT NULL AND (d.source_size <> l.source_size
                           OR d.source_mtime_ns <> l.source_mtime_ns))
                       OR (d.source_size IS NULL AND l.source_mtime_ns > epoch_ms(d.scored_at) * 1000000)""")
-    listed = con.execute("SELECT count(*) FROM listing").fetchone()[0]
-    unscored = con.execute("SELECT count(*) FROM todo").fetchone()[0]
+    listed = con.execute("SELECT count(*) FROM listing").fetchall()[0][0]
+    unscored = con.execute("SELECT count(*) FROM todo").fetchall()[0][0]
     cut = f" LIMIT {int(limit)}" if limit else ""
     inputs = con.sql(f"SELECT * FROM todo ORDER BY uri{cut}").to_arrow_table().cast(ENTRY_SCHEMA)
     why = {}
@@ -101,7 +101,7 @@ def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | 
                                  AND coalesce(n.source_size <> c.source_size
                                               OR n.source_mtime_ns <> c.source_mtime_ns, false)),
                 count(*)
-            FROM now n LEFT JOIN cur c ON c.uri = n.uri""").fetchone()
+            FROM now n LEFT JOIN cur c ON c.uri = n.uri""").fetchall()[0]
         new, retry, changed, total = counts
         why = {k: v for k, v in (("new", new), ("retry", retry), ("changed", changed),
                                  ("backfill", total - new - retry - changed)) if v}

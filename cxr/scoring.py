@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from cxr.data.decode import DecodeLimits, decode_film
+from cxr.data.decode import DecodeLimits, check_size, decode_film
+from cxr.data.gpu_decode import jpeg_frame
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import letterbox_pair
@@ -62,12 +63,15 @@ def storage_reason(error: OSError) -> str:
 
 def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fill: int, skip: set[str],
                  max_bytes: int, storage: StorageConfig | None, max_unreadable_share: float = 0.5,
-                 pseudonymiser: Pseudonymiser = Pseudonymiser()) -> dict[str, np.ndarray]:
+                 pseudonymiser: Pseudonymiser = Pseudonymiser(), device_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
     (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``), decoding each
     film only down to the larger of the two (``cxr.data.decode``). A DICOM's
     header gives its identity columns (patient identifiers through ``pseudonymiser``) and may
     route it out (``cxr.data.dicom_header.skip_reason``): a ``skipped`` row, never decoded.
+    With ``device_jpeg``, a baseline JPEG that needs no display transform is not decoded here:
+    its frame goes in the ``jpeg`` column, for the scoring actor to decode on its device
+    (``cxr.data.gpu_decode``).
 
     Inputs whose key is in ``skip`` are dropped. Whatever goes wrong with one input (a bad
     file, an odd DICOM header, an unsupported URI, an object the store refuses) is that input's
@@ -79,7 +83,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     limits = DecodeLimits(max_bytes=max_bytes)
     out = {"uri": [], "sha256": [], "status": [], "error": [], "skip_reason": [], "image": [], "seg_image": [],
            "image_height": [], "image_width": [], "source_size": [], "source_mtime_ns": [], "source_etag": [],
-           "source_version_id": [], **{c: [] for c in IDENTITY_COLUMNS}}
+           "source_version_id": [], "jpeg": [], **{c: [] for c in IDENTITY_COLUMNS}}
     blank = tuple(np.zeros((s, s), np.uint8) if s else None for s in sizes)
     unreadable: list[tuple[str, str]] = []
     n_in = len(batch["uri"])
@@ -90,6 +94,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
     for uri, size, mtime, etag, version_id in zip(batch["uri"], sizes_in, mtimes_in, etags_in, versions_in):
         uri = str(uri)
         sha, error, images, reason, shape, ident = None, None, blank, None, (None, None), identity(None, pseudonymiser)
+        frame = None
         try:
             data = read_bytes(uri, storage, max_bytes)
             sha = hashlib.sha256(data).hexdigest()
@@ -97,7 +102,11 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                 continue
             header = read_header(data, uri)
             ident, reason = identity(header, pseudonymiser), skip_reason(header)
-            if reason is None:
+            frame = jpeg_frame(data, header) if device_jpeg and reason is None else None
+            if frame is not None:
+                check_size(uri, frame.width, frame.height, limits)
+                shape = (frame.height, frame.width)
+            elif reason is None:
                 film = decode_film(data, uri, limits, max(s for s in sizes if s))
                 shape = (film.height, film.width)
                 images = letterbox_pair(film.gray, sizes, fill)
@@ -120,6 +129,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
         out["skip_reason"].append(None if error else reason)
         out["image"].append(images[0])
         out["seg_image"].append(images[1])
+        out["jpeg"].append(frame.data if frame is not None and not error else None)
         out["image_height"].append(shape[0])
         out["image_width"].append(shape[1])
         for column in IDENTITY_COLUMNS:
@@ -147,6 +157,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                "image": np.stack(out["image"]) if n else np.zeros((0, sizes[0], sizes[0]), np.uint8)}
     if sizes[1]:
         columns["seg_image"] = np.stack(out["seg_image"]) if n else np.zeros((0, sizes[1], sizes[1]), np.uint8)
+    if device_jpeg:     # b"": decoded here (never None, which Ray would type as null in some blocks)
+        columns["jpeg"] = np.array([f or b"" for f in out["jpeg"]], dtype=object)
     return columns
 
 
@@ -180,8 +192,9 @@ class ScoringPredictor:
         errors = [(e or "unreadable") if s == "error" else None for s, e in zip(batch["status"], _strings(batch["error"]))]
         skipped = [(r or "skipped") if s == "skipped" else None
                    for s, r in zip(batch["status"], _strings(batch["skip_reason"]))]
-        columns = self.screen.rows(list(batch["uri"]), _strings(batch["sha256"]), errors, batch["image"],
-                                   batch.get("seg_image"), self.heatmap_size, skipped, _strings(batch["patient_age"]))
+        images, seg_images = self._device_decoded(batch, errors)
+        columns = self.screen.rows(list(batch["uri"]), _strings(batch["sha256"]), errors, images, seg_images,
+                                   self.heatmap_size, skipped, _strings(batch["patient_age"]))
         seg, cls = self.seg_ref, self.cls_ref
         now = datetime.now(timezone.utc)
         # An Arrow table built against SCHEMA, not a dict of object arrays: Ray would pickle
@@ -201,6 +214,30 @@ class ScoringPredictor:
             "image_width": [int(v) if v > 0 else None for v in batch["image_width"]],
             **{c: _strings(batch[c]) for c in IDENTITY_COLUMNS},
         }, schema=SCHEMA)
+
+
+    def _device_decoded(self, batch: dict[str, np.ndarray], errors: list[str | None]):
+        """The batch's images with the frames the decode tasks left in ``jpeg`` decoded on the
+        screen's device (``cxr.data.gpu_decode``); a frame that fails is its input's error."""
+        images, seg_images = batch["image"], batch.get("seg_image")
+        pending = [i for i, f in enumerate(batch.get("jpeg", ())) if isinstance(f, bytes) and f and errors[i] is None]
+        if not pending:
+            return images, seg_images
+        from cxr.data.gpu_decode import decode_letterboxed
+
+        prep = self.screen.preprocess
+        boxed, seg_boxed, failed = decode_letterboxed([batch["jpeg"][i] for i in pending], prep.sizes,
+                                                      prep.prep.letterbox_fill, self.screen.device)
+        images = np.array(images, copy=True)
+        seg_images = np.array(seg_images, copy=True) if seg_images is not None else None
+        for j, i in enumerate(pending):
+            if failed[j]:
+                errors[i] = failed[j]
+                continue
+            images[i] = boxed[j]
+            if seg_images is not None:
+                seg_images[i] = seg_boxed[j]
+        return images, seg_images
 
 
 def _strings(values: np.ndarray) -> list[str | None]:

@@ -144,7 +144,7 @@ def shrink(arr: np.ndarray, factor: int) -> np.ndarray:
     return cv2.resize(arr, (arr.shape[1] // factor, arr.shape[0] // factor), interpolation=cv2.INTER_AREA)
 
 
-def _check_size(uri: str, width: int, height: int, limits: DecodeLimits) -> None:
+def check_size(uri: str, width: int, height: int, limits: DecodeLimits) -> None:
     if width * height > limits.max_pixels:
         raise BadImageError(
             uri, f"image too large ({width}x{height} = {width * height:,} pixels > {limits.max_pixels:,}): "
@@ -160,7 +160,7 @@ def _decode_pil(data: bytes, uri: str, limits: DecodeLimits, fmt: str, min_side:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
                 width, height = im.size
-                _check_size(uri, width, height, limits)
+                check_size(uri, width, height, limits)
                 factor = reduction(height, width, min_side)
                 if fmt == "png" and im.mode in ("L", "I;16", "I;16B") and _upright(im):
                     fast = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -266,7 +266,7 @@ def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as e:
         raise BadImageError(uri, "corrupt DICOM: no Rows/Columns") from e
-    _check_size(uri, cols, rows, limits)
+    check_size(uri, cols, rows, limits)
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID", None) if file_meta is not None else None
     frames = int(ds.get("NumberOfFrames", 1) or 1)

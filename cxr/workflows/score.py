@@ -278,7 +278,8 @@ def _run(plan: ScoringPlan) -> dict:
                             fn_kwargs={"sizes": plan.sizes, "fill": plan.fill, "skip": plan.skip,
                                        "max_bytes": int(cfg.max_file_mb * 2**20), "storage": storage,
                                        "max_unreadable_share": cfg.max_unreadable_share,
-                                       "pseudonymiser": plan.pseudonymiser},
+                                       "pseudonymiser": plan.pseudonymiser,
+                                       "device_jpeg": cfg.use_gpu if cfg.device_decode is None else cfg.device_decode},
                             compute=TaskPoolStrategy(size=decode_tasks))
         ds = ds.map_batches(
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
