@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.film_agreement import grays
+from cxr.config import REPO_ROOT, default_data_root
 from cxr.data.decode import decode_film
 from cxr.data.letterbox import letterbox_pair
 from cxr.data.transcode import FORMATS, JPEG_QUALITY, encode, resized
@@ -69,8 +70,8 @@ def measure(films: list[np.ndarray], sizes: tuple[int, int | None], sides=(2048,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--films", default="../shared/data/fullres/jsrt")
-    p.add_argument("--screen", default="models/cxr-screen", help="the screen whose sizes decide the reduction")
+    p.add_argument("--films", default=str(Path(default_data_root()) / "fullres" / "jsrt"), help="a folder of full-size films")
+    p.add_argument("--screen", default=str(REPO_ROOT / "models" / "cxr-screen"), help="the screen whose sizes decide the reduction")
     p.add_argument("--limit", type=int, default=8, help="films to cycle through")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per reduced rate")
     p.add_argument("--out")

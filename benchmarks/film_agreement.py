@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.config import REPO_ROOT, default_data_root
 from cxr.data.decode import decode_image
 from cxr.data.transcode import FORMATS, encode
 from cxr.screen import Screen
@@ -64,8 +65,8 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--films", default="../shared/data/fullres/jsrt")
-    p.add_argument("--screen", default="models/cxr-screen", help="a screen bundle folder")
+    p.add_argument("--films", default=str(Path(default_data_root()) / "fullres" / "jsrt"), help="a folder of full-size films")
+    p.add_argument("--screen", default=str(REPO_ROOT / "models" / "cxr-screen"), help="a screen bundle folder")
     p.add_argument("--limit", type=int, help="at most this many films")
     p.add_argument("--out", help="JSON file for the rows and the summary")
     args = p.parse_args(argv)

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.film_agreement import grays
+from cxr.config import default_data_root
 from cxr.data.transcode import JPEG_QUALITY, encode, resized
 
 
@@ -50,7 +51,7 @@ def make_folders(films: dict, images: int, fmt: str, out: Path) -> tuple[Path, P
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--films", default="../shared/data/fullres/jsrt")
+    p.add_argument("--films", default=str(Path(default_data_root()) / "fullres" / "jsrt"), help="a folder of full-size films")
     p.add_argument("--images", type=int, default=400, help="files per folder")
     p.add_argument("--format", default="dicom-jpeg2000-lossless", help="a cxr.data.transcode format")
     p.add_argument("--work", default="out/score_fullres", help="scratch folder for the inputs and outputs")
