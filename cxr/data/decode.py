@@ -293,14 +293,12 @@ def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
     _check_lut_tags(ds, uri)
     ends = np.array(_display_ends(ds, arr, stored_range), dtype=np.float64 if arr.dtype.kind == "f" else arr.dtype)
     try:
-        # The two ends go through the LUTs with the pixels: they become the 8-bit stretch's range.
-        both = np.concatenate([arr.ravel(), ends])
-        both = apply_modality_lut(both, ds)          # stored values -> e.g. rescaled units
-        both = apply_voi_lut(both, ds, index=0)      # window or VOI LUT, if the file has one
+        # The LUTs are pointwise: the two ends go through them apart from the pixels (no copy of
+        # the film) and become the 8-bit stretch's range.
+        pixels = np.asarray(apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0), dtype=np.float32)
+        lo, hi = sorted(float(v) for v in apply_voi_lut(apply_modality_lut(ends, ds), ds, index=0))
     except Exception as e:  # noqa: BLE001 - pydicom's LUT code raises many types on odd headers
         raise BadImageError(uri, f"DICOM LUT cannot be applied: {type(e).__name__}: {e}") from e
-    pixels = np.asarray(both[:-2], dtype=np.float32).reshape(arr.shape)
-    lo, hi = sorted(float(v) for v in both[-2:])
     out = _to_uint8(pixels, lo, hi)
     if photometric == "MONOCHROME1":               # MONOCHROME1: high values are dark
         out = 255 - out
