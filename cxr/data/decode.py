@@ -20,10 +20,11 @@ never below ``min_side``:
   block-averaged as integers.
 
 Block averages commute with the modality LUT (linear); the window and the 8-bit stretch are
-applied after, and the stretch uses the full film's range where it is known, so the result
-matches the full decode shrunk to the same size within rounding (``tests/test_reduced_decode``
-holds the screen's answers to 0.02). The same function serves training, evaluation and
-scoring, so nothing drifts between them.
+applied after, on the small film. A DICOM is shown as a viewer shows it (``_display_ends``):
+its window or VOI LUT, or its 8 bits as stored, set black and white, never a few extreme
+pixels, which block averages would move. The screen answers the same from a reduced decode as
+from a whole one (``tests/test_reduced_decode``: probabilities within 0.02). The same function
+serves training, evaluation and scoring, so nothing drifts between them.
 """
 
 from __future__ import annotations
