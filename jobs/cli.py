@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -82,8 +83,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cxr import __version__
+
     parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cxr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{cls.__doc__ or ''}",
@@ -110,9 +114,32 @@ def mlflow_fail_fast() -> None:
         os.environ.setdefault(name, value)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """ " (did you mean X?)" for the closest of ``choices``, or ""."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but a misspelt command or flag is answered with the usage of the
+    command it was meant for and the nearest valid name (Python 3.11's argparse prints the
+    top-level usage for a subcommand's unknown flag, and suggests nothing)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS and argv and argv[0] == command:
+        parser.error(f"unknown command {command!r}{did_you_mean(command, COMMANDS)}; see cxr --help")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        own = sub.choices[args.command] if args.command else parser
+        flag = next((e for e in extra if e.startswith("-")), extra[0])
+        own.error(f"unrecognized arguments: {' '.join(extra)}"
+                  f"{did_you_mean(flag.split('=', 1)[0], own._option_string_actions)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     if not args.command:
         parser.print_help()
         return 2

@@ -56,3 +56,16 @@ def test_a_numeric_option_out_of_range_is_one_line(capsys):
             assert e.code == 2
         err = capsys.readouterr().err.strip()
         assert flag in err and "\n" not in err, err
+
+
+def test_version_and_a_misspelt_flag_get_the_commands_own_usage_and_a_suggestion():
+    from cxr import __version__
+
+    r = _cxr("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"cxr {__version__}"
+    r = _cxr("score", "--inptu", "x")
+    assert r.returncode == 2 and "usage: cxr score" in r.stderr and "did you mean --input?" in r.stderr
+    r = _cxr("promote", "--rollbak")
+    assert r.returncode == 2 and "usage: cxr promote" in r.stderr and "did you mean --rollback?" in r.stderr
+    r = _cxr("scroe", "--input", "x")
+    assert r.returncode == 2 and "did you mean score?" in r.stderr
