@@ -17,7 +17,7 @@ from cxr.data.decode import DecodeLimits, decode_image
 from cxr.data.errors import BadImageError
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.models.classifier import logits_and_features
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 
 
 def naive_score(uris: list[str], preprocess: Preprocess, classifier: nn.Module,

@@ -1,4 +1,4 @@
-"""Classifier inference on images that ``cxr.screen.Preprocess`` prepared: batched
+"""Classifier inference on images that ``cxr.model_input.Preprocess`` prepared: batched
 probabilities and Grad-CAM, on the device a driver has."""
 
 from __future__ import annotations

@@ -460,7 +460,7 @@ class AblationConfig:
     manifests: str = option("out/manifests", "folder of the task manifests")
     variants: tuple[str, ...] = option(
         ("paper-4class", "paper-3class", "scratch-4class", "nomask-4class", "deconfounded-4class"),
-        "variants to run (see cxr/ablation.py for their definitions)")
+        "variants to run (see cxr/workflows/ablation.py for their definitions)")
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds: each variant runs once per seed")
     out: str = option("out/ablation", "folder for results.json and table.md")
 

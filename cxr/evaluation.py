@@ -14,12 +14,13 @@ from torch import nn
 from cxr import tracking
 from cxr.card import ModelCard
 from cxr.classification import inference_device, predict
-from cxr.crossval import archive_report, calibrated, fit_temperature, log_probabilities, worst_archive_threshold
+from cxr.crossval import archive_report
+from cxr.operating_point import calibrated, fit_temperature, log_probabilities, worst_archive_threshold
 from cxr.data.storage import StorageConfig
 from cxr.metrics import (ABOVE_ONE, auroc_interval, bootstrap_metrics, confusion, screening_metrics,
                          threshold_for_specificity)
 from cxr.plots import cam_overlays, confusion_matrix_figure, roc_figure
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 
 
 def preprocess_for(tracking_uri: str, card: ModelCard, device: str, segmenter_uri: str | None = None) -> Preprocess:
@@ -59,7 +60,7 @@ MIN_WITHIN = 5       # COVID and non-COVID images a subgroup needs before its AU
 def screening_threshold(model: nn.Module, images: np.ndarray, rows: pd.DataFrame, classes: Sequence[str],
                         min_specificity: float, batch_size: int = 32) -> dict | None:
     """A COVID-vs-rest operating point chosen on a validation split (``images``, ``rows``):
-    first a temperature that calibrates the probabilities (``cxr.crossval.fit_temperature``),
+    first a temperature that calibrates the probabilities (``cxr.operating_point.fit_temperature``),
     then the threshold on the calibrated COVID probability. With an ``archive`` column, the
     threshold keeps specificity >= ``min_specificity`` in every archive of the split
     (``worst_archive_threshold``: a new hospital is one archive, not the pool); without one,

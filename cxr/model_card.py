@@ -12,7 +12,7 @@ import jinja2
 from cxr.card import ModelCard
 
 if TYPE_CHECKING:
-    from cxr.package import Component
+    from cxr.component import Component
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 

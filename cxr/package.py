@@ -25,12 +25,12 @@ import hashlib
 import hmac
 import json
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr.card import ModelCard
+from cxr.component import Component
 
 if TYPE_CHECKING:        # torch and the model code load where weights are read or written
     import torch
@@ -54,17 +54,6 @@ UNLISTED = {CHECKSUMS, SIGNATURE, "registered_model_meta"}
 
 class PackageError(ValueError):
     """A model folder or bundle that cannot be trusted: unexpected files, bad checksums, bad card."""
-
-
-@dataclass(frozen=True)
-class Component:
-    """A loaded model with its card and where it came from (registry name and version)."""
-
-    model: nn.Module
-    card: ModelCard
-    name: str | None = None
-    version: str | None = None
-    qc: QualityModel | None = None      # a classifier's quality control (cxr.qc), kept beside its weights
 
 
 def check_safe(folder: Path, what: str) -> None:

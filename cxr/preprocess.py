@@ -1,7 +1,7 @@
 """Model input normalisation, shared by training and scoring so they can never drift apart.
 
 Bump PREPROCESS_VERSION whenever what a model sees changes; it is stored in the model card
-(``cxr.card.Preprocessing``) and in every scored row. ``cxr.screen.Preprocess`` composes these
+(``cxr.card.Preprocessing``) and in every scored row. ``cxr.model_input.Preprocess`` composes these
 with the letterbox and the lung mask into the one path from decoded image to model input.
 """
 

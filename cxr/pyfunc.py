@@ -50,7 +50,8 @@ class TensorModel:
 
 def _load_pyfunc(path: str):
     """Called by ``mlflow.pyfunc.load_model`` with the model's local folder."""
-    from cxr.screen import Screen, default_device
+    from cxr.model_input import default_device
+    from cxr.screen import Screen
 
     folder = Path(path)
     if (folder / SCREEN).exists():

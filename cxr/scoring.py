@@ -65,7 +65,7 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                  max_bytes: int, storage: StorageConfig | None, max_unreadable_share: float = 0.5,
                  pseudonymiser: Pseudonymiser = Pseudonymiser(), device_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
-    (``cxr.screen.letterbox_pair``, the CPU half of the model's ``Preprocess``), decoding each
+    (``cxr.data.letterbox.letterbox_pair``, the CPU half of the model's ``Preprocess``), decoding each
     film only down to the larger of the two (``cxr.data.decode``). A DICOM's
     header gives its identity columns (patient identifiers through ``pseudonymiser``) and may
     route it out (``cxr.data.dicom_header.skip_reason``): a ``skipped`` row, never decoded.

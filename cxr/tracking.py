@@ -415,7 +415,7 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
 
 def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:
     """Attach a safetensors checkpoint (weights + meta.json) to a run, e.g. a pretraining run's best."""
-    from cxr.train.checkpoints import META, WEIGHTS
+    from cxr.checkpoints import META, WEIGHTS
 
     for f in (WEIGHTS, META):
         client(tracking_uri).log_artifact(run_id, str(Path(checkpoint_dir) / f), artifact_path)
@@ -425,7 +425,7 @@ def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "ch
                         map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """The checkpoint a run logged with ``log_checkpoint``; like ``load_registered``, it refuses
     anything but safetensors + JSON."""
-    from cxr.train.checkpoints import load_checkpoint
+    from cxr.checkpoints import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,

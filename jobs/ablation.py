@@ -1,11 +1,11 @@
 """``cxr ablation``: repeated fine-tunes over variants and seeds, summarised as the Markdown
-tables that docs/RESULTS.md quotes (``cxr.ablation.run_ablation``)."""
+tables that docs/RESULTS.md quotes (``cxr.workflows.ablation.run_ablation``)."""
 
 from __future__ import annotations
 
 import sys
 
-from cxr.ablation import check_variants, run_ablation
+from cxr.workflows.ablation import check_variants, run_ablation
 from cxr.config import AblationConfig, load_platform
 from jobs.runtime import init_ray
 

@@ -13,7 +13,7 @@ from cxr.card import CardError
 from cxr.config import (SAMPLE_DATA, BootstrapConfig, FinetuneConfig, PrepareDataConfig, SegmenterTrainConfig,
                         load_config, load_platform)
 from cxr.package import PackageError
-from cxr.promotion import alias_version
+from cxr.workflows.promotion import alias_version
 from cxr.workflows.classifier import finetune
 from cxr.workflows.data import prepare_manifests
 from cxr.workflows.screen import import_model, register_screen, screen_name

@@ -1,7 +1,7 @@
 """``cxr promote``: move a screen's ``champion`` to a candidate version only if it passes its
 gates (``cxr.gates``, mlflow.yaml); ``--rollback`` restores the recorded state before the last
 promotion; ``--unlock`` removes a crashed promotion's lock. Every attempt writes an audit record
-(``cxr.promotion``). Exit codes: 0 promoted (rolled back, unlocked, nothing to do); 1 refused
+(``cxr.workflows.promotion``). Exit codes: 0 promoted (rolled back, unlocked, nothing to do); 1 refused
 or aborted, nothing changed; 3 rejected by the gates, nothing changed. One line says why."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cxr.config import PromoteConfig, load_platform
-from cxr.promotion import EXIT_FAILED, EXIT_PROMOTED, Outcome, PromotionError, promote
+from cxr.workflows.promotion import EXIT_FAILED, EXIT_PROMOTED, Outcome, PromotionError, promote
 
 log = logging.getLogger(__name__)
 

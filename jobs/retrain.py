@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from cxr.config import RetrainConfig, load_platform
-from cxr.promotion import EXIT_FAILED, EXIT_PROMOTED, EXIT_REJECTED
+from cxr.workflows.promotion import EXIT_FAILED, EXIT_PROMOTED, EXIT_REJECTED
 from cxr.workflows.retrain import RetrainError, retrain
 from jobs.runtime import init_ray
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxr.ablation import VARIANTS, check_variants, per_class_table, table, within_table
+from cxr.workflows.ablation import VARIANTS, check_variants, per_class_table, table, within_table
 
 
 def run(variant: str, seed: int, accuracy: float, f1_covid: float) -> dict:

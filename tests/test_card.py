@@ -17,7 +17,8 @@ from cxr.model_card import model_markdown
 from cxr.models import build_model
 from cxr.package import (Component, PackageError, read_model, read_screen, verify_checksums, write_checksums,
                          write_model, write_screen)
-from cxr.screen import Preprocess, Screen
+from cxr.model_input import Preprocess
+from cxr.screen import Screen
 from cxr.weights import load_weights, save_weights, stored_dtype
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.crossval import (ALL, RECIPES, SMALL, archive_report, archive_table, calibrated, check_recipes,
-                          fit_temperature, fold_evaluation, fold_task, local_negatives_curve, local_threshold,
-                          plan_folds, recipe_summary, rule_threshold, shortfall, specificity_threshold,
-                          temperature_at_bound, worst_archive_threshold)
+from cxr.crossval import (ALL, RECIPES, archive_report, archive_table, check_recipes, fold_evaluation, fold_task,
+                          plan_folds, recipe_summary, shortfall)
+
+from cxr.operating_point import (SMALL, calibrated, fit_temperature, local_negatives_curve, local_threshold,
+                                 rule_threshold, specificity_threshold, temperature_at_bound, worst_archive_threshold)
 from cxr.data.augment import photometric_augment_batch
 from cxr.data.manifest import covid_archive
 from cxr.data.tasks import is_covid
@@ -227,7 +228,7 @@ def _held_out_predictions(seed: int = 0) -> pd.DataFrame:
 
 
 def test_the_transfer_rules_pool_adult_negatives_and_a_small_archive_does_not_set_the_point():
-    from cxr.crossval import transfer_report, transfer_threshold
+    from cxr.operating_point import transfer_report, transfer_threshold
 
     rows = _held_out_predictions()
     report = transfer_report(rows, 0.90, n_boot=50)
@@ -256,7 +257,7 @@ def test_the_transfer_rules_pool_adult_negatives_and_a_small_archive_does_not_se
 
 
 def test_the_card_keeps_the_chosen_rule_with_its_figures_and_counts():
-    from cxr.crossval import transfer_report, transfer_table
+    from cxr.operating_point import transfer_report, transfer_table
     from cxr.workflows.crossval import card_operating_point
 
     report = transfer_report(_held_out_predictions(), 0.90, n_boot=50)
@@ -271,7 +272,7 @@ def test_the_card_keeps_the_chosen_rule_with_its_figures_and_counts():
 def test_the_markdown_card_shows_the_transfer_rule_and_its_figures():
     import dataclasses
 
-    from cxr.crossval import transfer_report
+    from cxr.operating_point import transfer_report
     from cxr.model_card import model_markdown
     from cxr.workflows.crossval import card_operating_point
     from tests.test_card import classifier_card
@@ -285,7 +286,7 @@ def test_the_markdown_card_shows_the_transfer_rule_and_its_figures():
 
 
 def test_the_rules_stand_without_negatives_or_covid_films():
-    from cxr.crossval import transfer_report
+    from cxr.operating_point import transfer_report
 
     rows = _held_out_predictions()
     only_one = rows[(rows["archive"] == "tbx11k") | rows["is_covid"]]        # every negative in one archive

@@ -11,7 +11,7 @@ from cxr.card import Preprocessing
 from cxr.explain import heatmap_png, heatmap_to_uint8, predict_with_cam
 from cxr.models import build_model
 from cxr.preprocess import classifier_input
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 
 
 @pytest.mark.parametrize("name,size", [("resnet50", 224), ("resnet18-tiny", 64)])

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from cxr import tracking
 from cxr.config import REPO_ROOT, PromoteConfig, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.promotion import (EXIT_FAILED, EXIT_PROMOTED, EXIT_REJECTED, PromotionLock, alias_version, history,
+from cxr.workflows.promotion import (EXIT_FAILED, EXIT_PROMOTED, EXIT_REJECTED, PromotionLock, alias_version, history,
                            lock_holder, lock_name)
 from jobs import promote
 from tests.conftest import unique_models

@@ -12,7 +12,7 @@ import yaml
 
 from cxr.config import REPO_ROOT, ExportModelConfig, ImportModelConfig, PromoteConfig, load_platform
 from cxr.package import CARD, CHECKSUMS, write_checksums
-from cxr.promotion import EXIT_PROMOTED, EXIT_REJECTED, alias_version
+from cxr.workflows.promotion import EXIT_PROMOTED, EXIT_REJECTED, alias_version
 from cxr.workflows.screen import import_model
 from jobs import export_model, import_model as import_job, promote
 from tests.conftest import unique_models

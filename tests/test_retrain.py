@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from cxr.config import REPO_ROOT, PrepareDataConfig, RetrainConfig, load_platform
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.promotion import EXIT_REJECTED, alias_version
+from cxr.workflows.promotion import EXIT_REJECTED, alias_version
 from cxr.tracking import load_card
 from jobs import prepare_data, retrain
 from tests.conftest import unique_models

@@ -30,7 +30,7 @@ def letterbox(image: np.ndarray, size: int, fill: int = PAD_VALUE,
 
 def letterbox_pair(gray: np.ndarray, sizes: tuple[int, int | None], fill: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The classifier's and (with a second size) the segmenter's letterboxed images: the CPU
-    half of ``cxr.screen.Preprocess``, alone so that decode tasks, which hold no models (and
+    half of ``cxr.model_input.Preprocess``, alone so that decode tasks, which hold no models (and
     import no torch), can run it."""
     size, segmenter_size = sizes
     return letterbox(gray, size, fill), (letterbox(gray, segmenter_size, fill) if segmenter_size else None)

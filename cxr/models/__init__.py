@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,4 +47,7 @@ def model_names(task: str | None = None) -> list[str]:
 
 
 def _load_builtin() -> None:
-    from cxr.models import classifier, segmenter  # noqa: F401  (registers on import)
+    # By name: the architectures register themselves on import and import this module for it,
+    # so this module never imports them statically (no circle in the import graph).
+    for module in ("cxr.models.classifier", "cxr.models.segmenter"):
+        importlib.import_module(module)

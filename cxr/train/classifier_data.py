@@ -1,5 +1,5 @@
 """The classifier's data: task-manifest rows with integer labels, and the images that
-``cxr.screen.Preprocess.prepare`` made of them, per split.
+``cxr.model_input.Preprocess.prepare`` made of them, per split.
 
 The task sets are small (dataset II: 1,051 images, 53 MB at 224 px; the source task: 4,759,
 239 MB), so images are decoded once in the driver and shipped to the workers through Ray's

@@ -21,7 +21,7 @@ from cxr.config import BenchmarkConfig, PlatformConfig, ScoreConfig, TrainBenchm
 from cxr.data.manifest import read_manifest
 from cxr.data.storage import absolute_uri, is_s3, list_files
 from cxr.scores_table import read_scores
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 from cxr.workflows.score import plan_scoring, resolve_models, run_scoring
 
 log = logging.getLogger(__name__)

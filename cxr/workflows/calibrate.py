@@ -17,11 +17,11 @@ from cxr import tracking
 from cxr.card import OperatingPoint, _finite
 from cxr.classification import inference_device, predict
 from cxr.config import CalibrateConfig, PlatformConfig
-from cxr.crossval import (calibrated, fit_temperature_binary, local_negatives_curve, local_threshold,
-                          log_probabilities, temperature_at_bound)
+from cxr.operating_point import (calibrated, fit_temperature_binary, local_negatives_curve, local_threshold,
+                                 log_probabilities, temperature_at_bound)
 from cxr.data.manifest import add_sha256, csv_manifest, manifest_digest, read_manifest
 from cxr.metrics import screening_metrics
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 from cxr.workflows.screen import components, register_screen
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from cxr.models import model_spec
 from cxr.models.classifier import read_state_file
 from cxr.plots import loss_curves
 from cxr.qc import fit_for_task
-from cxr.screen import Preprocess
-from cxr.train.checkpoints import META, load_checkpoint
+from cxr.model_input import Preprocess
+from cxr.checkpoints import META, load_checkpoint
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import archive_weights, by_split, task_rows
 from cxr.train.common import WORKER_RETRIES, ray_storage

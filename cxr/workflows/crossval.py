@@ -15,14 +15,15 @@ import pandas as pd
 from cxr import tracking
 from cxr.classification import inference_device, predict
 from cxr.config import CrossvalConfig, FinetuneConfig, PlatformConfig, load_config
-from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, SMALL, archive_report, archive_table, calibrated,
-                          check_recipes, fit_temperature, fold_evaluation, fold_task, local_negatives_table,
-                          log_probabilities, plan_folds, recipe_overrides, recipe_summary, rule_threshold,
-                          transfer_report, transfer_table, worst_archive_threshold)
+from cxr.crossval import (ALL, LABELS_4, RECIPES, RULES, archive_report, archive_table, check_recipes,
+                          fold_evaluation, fold_task, local_negatives_table, plan_folds, recipe_overrides,
+                          recipe_summary)
+from cxr.operating_point import (SMALL, calibrated, fit_temperature, log_probabilities, rule_threshold,
+                                 transfer_report, transfer_table, worst_archive_threshold)
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import ABOVE_ONE, threshold_for_specificity
 from cxr.qc import classifier_features, synthetic_non_radiographs
-from cxr.train.checkpoints import load_checkpoint
+from cxr.checkpoints import load_checkpoint
 from cxr.workflows.classifier import classifier_card, fit, initial_state, load_task, log_task, put_task
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def run_fold(cfg: CrossvalConfig, platform: PlatformConfig, recipe: str, held_ou
     """Train one fold, and return its result (also written to ``folder``/<fold>.json, with the
     per-image predictions in <fold>.parquet). With ``cross_archive`` (the recipe's other folds'
     results), register the fold's model, its card holding them, its temperature and the
-    operating point that transfers (``cxr.crossval.transfer_report`` on ``other_predictions``,
+    operating point that transfers (``cxr.operating_point.transfer_report`` on ``other_predictions``,
     the other folds' per-image predictions, and this fold's out-of-archive ones)."""
     name = fold_name(held_out)
     manifest_uri = str((folder / f"{name}-train.parquet").resolve())

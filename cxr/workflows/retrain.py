@@ -15,7 +15,7 @@ from cxr import tracking
 from cxr.config import (FinetuneConfig, PlatformConfig, PrepareDataConfig, PretrainConfig, PromoteConfig,
                         RetrainConfig, SegmenterTrainConfig, config_to_dict, load_config)
 from cxr.data.manifest import manifest_digest, read_manifest
-from cxr.promotion import EXIT_FAILED, EXIT_PROMOTED, Outcome, PromotionError, promote
+from cxr.workflows.promotion import EXIT_FAILED, EXIT_PROMOTED, Outcome, PromotionError, promote
 from cxr.workflows.classifier import finetune, pretrain
 from cxr.workflows.data import prepare_manifests
 from cxr.workflows.segmenter import train_segmenter

@@ -1,13 +1,13 @@
 """Does test-time augmentation rank COVID-19 better on archives a model never saw?
 
-    python -m jobs.tta_probe --crossval out/crossval/screen --out docs/results/tta_probe.json
+    python -m benchmarks.tta_probe --crossval out/crossval/screen --out docs/results/tta_probe.json
 
 For every fold of a ``cxr crossval`` run (its best checkpoint under ``out/ray``), the films it
 reports on are predicted again under each view of ``VIEWS`` (the letterboxed image, a 90%
 and an 80% centre zoom, a left-right mirror); a set's probability is the calibrated softmax of
 the mean of its views' log-probabilities (the fold's own temperature). Judged on out-of-archive
 predictions only: AUROC inside each COVID origin, pooled AUROC of COVID-19 films against adult
-films without it, and the operating point's pooled figures (``cxr.crossval.transfer_report``).
+films without it, and the operating point's pooled figures (``cxr.operating_point.transfer_report``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from cxr.card import Preprocessing
 from cxr.classification import predict
 from cxr.config import load_platform
-from cxr.crossval import adult_negatives, calibrated, log_probabilities, out_of_archive, transfer_report
+from cxr.operating_point import adult_negatives, calibrated, log_probabilities, out_of_archive, transfer_report
 from cxr.metrics import auroc_interval
-from cxr.screen import Preprocess
+from cxr.model_input import Preprocess
 from cxr.workflows.crossval import fold_model
 
 

@@ -1,7 +1,7 @@
 """The shortcut control (issue 14): how well a small model tells which archive an image comes
 from, from the whole image, from the lungs only, and from outside the lungs only.
 
-    python -m jobs.shortcut_control --pretrain-run RUN --segmenter models:/cxr-segmenter/3 \\
+    python -m benchmarks.shortcut_control --pretrain-run RUN --segmenter models:/cxr-segmenter/3 \\
         --out docs/results/shortcut_control.json
 
 The images (``tasks/archives.parquet``, at most ``--per-archive`` per archive) are letterboxed
@@ -70,7 +70,7 @@ def run(pretrain_run: str, segmenter_uri: str, manifests: str, image_size: int, 
     from cxr.card import Preprocessing
     from cxr.config import load_platform
     from cxr.data.manifest import read_manifest
-    from cxr.screen import Preprocess
+    from cxr.model_input import Preprocess
     from cxr.workflows.benchmark import machine
 
     platform = load_platform()
