@@ -82,7 +82,8 @@ def run(pretrain_run: str, segmenter_uri: str, manifests: str, image_size: int, 
     lungs, _ = Preprocess(Preprocessing.for_classifier(image_size, True, segmenter.name, segmenter.version),
                           segmenter).prepare(uris, platform.storage, 2)
     outside = np.where(lungs > 0, 0, whole).astype(np.uint8)
-    backbone, _ = tracking.load_run_checkpoint(platform.tracking_uri, pretrain_run)
+    from cxr.train.checkpoints import load_run_checkpoint
+    backbone, _ = load_run_checkpoint(platform.tracking_uri, pretrain_run)
     archives, groups = rows["archive"].to_numpy(), rows["patient_id"].fillna(rows["uri"]).to_numpy()
     variants = {}
     for name, images in (("whole image", whole), ("lungs only", lungs), ("outside the lungs only", outside)):

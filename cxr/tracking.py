@@ -413,25 +413,21 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
     return Component(model, card, version.name, str(version.version), qc)
 
 
-def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:
-    """Attach a safetensors checkpoint (weights + meta.json) to a run, e.g. a pretraining run's best."""
-    from cxr.checkpoints import META, WEIGHTS
-
-    for f in (WEIGHTS, META):
-        client(tracking_uri).log_artifact(run_id, str(Path(checkpoint_dir) / f), artifact_path)
+def log_files(tracking_uri: str, run_id: str, files: list[Path], artifact_path: str) -> None:
+    """Attach files to a run under ``artifact_path`` (a checkpoint: ``cxr.train.checkpoints``)."""
+    for f in files:
+        client(tracking_uri).log_artifact(run_id, str(f), artifact_path)
 
 
-def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "checkpoint",
-                        map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """The checkpoint a run logged with ``log_checkpoint``; like ``load_registered``, it refuses
-    anything but safetensors + JSON."""
-    from cxr.checkpoints import load_checkpoint
-
+@contextmanager
+def run_files(tracking_uri: str, run_id: str, artifact_path: str) -> Iterator[Path]:
+    """A run's ``artifact_path`` folder, downloaded to a temporary folder for the ``with``
+    block; like ``load_registered``, it refuses anything but safetensors + JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,
                                         tracking_uri=tracking_uri))
         check_safe(local, f"run {run_id} {artifact_path}/")
-        return load_checkpoint(local, map_location)
+        yield local
 
 
 def log_figures(tracking_uri: str, run_id: str, figures: dict, folder: str) -> None:

@@ -167,7 +167,9 @@ def test_pretrain_logs_epochs_and_a_safe_checkpoint(pretrained):
     assert [m.step for m in client.get_metric_history(pretrained.info.run_id, "val_loss")] == [0, 1]
     assert {a.path for a in client.list_artifacts(pretrained.info.run_id, "checkpoint")} == {
         "checkpoint/meta.json", "checkpoint/model.safetensors"}
-    model, meta = tracking.load_run_checkpoint(load_platform().tracking_uri, pretrained.info.run_id)
+    from cxr.train.checkpoints import load_run_checkpoint
+
+    model, meta = load_run_checkpoint(load_platform().tracking_uri, pretrained.info.run_id)
     assert meta["classes"] == ["normal", "bacterial", "viral"] and model.fc[1].out_features == 3
 
 

@@ -18,8 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cxr.data", "cxr.metrics", "cxr.plots", "cxr.weights", "cxr.dicom_sr", "cxr.preprocess", "cxr.masking",
      "cxr.train.contract"),
     # 1: what a model is: settings, architectures, cards, rules on predictions
-    ("cxr.config", "cxr.models", "cxr.card", "cxr.operating_point", "cxr.crossval", "cxr.tune", "cxr.lease",
-     "cxr.checkpoints"),
+    ("cxr.config", "cxr.models", "cxr.card", "cxr.operating_point", "cxr.crossval", "cxr.tune", "cxr.lease"),
     # 2: a model at work on images, its files, the scores table
     ("cxr.qc", "cxr.explain", "cxr.component", "cxr.model_card", "cxr.package", "cxr.model_input",
      "cxr.classification", "cxr.segmentation", "cxr.gates", "cxr.scores_table"),

@@ -12,7 +12,7 @@ from cxr import tracking
 from cxr.config import SegmenterTrainConfig, load_platform
 from cxr.models import build_model, model_names
 from cxr.segmentation import predict_probs
-from cxr.checkpoints import load_checkpoint, save_checkpoint
+from cxr.train.checkpoints import load_checkpoint, save_checkpoint
 from jobs import train_segmenter
 from tests.conftest import own_platform
 

@@ -29,7 +29,7 @@ from cxr.data.augment import classifier_augment_batch, photometric_augment_batch
 from cxr.models import build_model
 from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
 from cxr.preprocess import classifier_input
-from cxr.checkpoints import load_resume, unwrap
+from cxr.train.checkpoints import load_resume, unwrap
 from cxr.train.common import (all_reduce_sum, autocast, gather_rng, report, restore_rng, shard_loader,
                               sync_buffers)
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxr.data.storage import StorageConfig
-from cxr.checkpoints import save_checkpoint, save_resume
+from cxr.train.checkpoints import save_checkpoint, save_resume
 
 
 # A failed worker (a lost node, a spot instance taken back) restarts the loop from the latest
@@ -39,7 +39,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def report(metrics: dict, model: nn.Module, meta: dict, save: bool, resume: dict | None = None) -> None:
     """``ray.train.report`` from every worker; rank 0 attaches a checkpoint when ``save`` (with
-    ``resume``, the state to continue from: ``cxr.checkpoints.save_resume``)."""
+    ``resume``, the state to continue from: ``cxr.train.checkpoints.save_resume``)."""
     if save and ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(model, Path(tmp), meta)

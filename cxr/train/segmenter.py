@@ -19,7 +19,7 @@ from cxr.config import PlatformConfig, SegmenterTrainConfig
 from cxr.data.manifest import read_manifest
 from cxr.metrics import dice_per_image
 from cxr.models import build_model
-from cxr.checkpoints import load_resume, unwrap
+from cxr.train.checkpoints import load_resume, unwrap
 from cxr.train.common import all_reduce_sum, autocast, gather_rng, report, restore_rng, shard_loader, sync_buffers
 from cxr.train.segmentation_data import SegmentationDataset
 

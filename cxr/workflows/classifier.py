@@ -30,7 +30,7 @@ from cxr.models.classifier import read_state_file
 from cxr.plots import loss_curves
 from cxr.qc import fit_for_task
 from cxr.model_input import Preprocess
-from cxr.checkpoints import META, load_checkpoint
+from cxr.train.checkpoints import META, load_checkpoint, load_run_checkpoint, log_checkpoint
 from cxr.train.classifier import train_loop_per_worker
 from cxr.train.classifier_data import archive_weights, by_split, task_rows
 from cxr.train.common import WORKER_RETRIES, ray_storage
@@ -91,7 +91,7 @@ def initial_state(cfg: ClassifierTrainConfig, platform: PlatformConfig) -> tuple
     """(state_dict or None, where it came from): a pretraining run's best checkpoint, a local
     weights file, or nothing (scratch)."""
     if isinstance(cfg, FinetuneConfig) and cfg.pretrain_run:
-        model, _ = tracking.load_run_checkpoint(platform.tracking_uri, cfg.pretrain_run)
+        model, _ = load_run_checkpoint(platform.tracking_uri, cfg.pretrain_run)
         return model.state_dict(), f"pretrain run {cfg.pretrain_run}"
     if cfg.init_weights:
         return read_state_file(cfg.init_weights), f"weights file {cfg.init_weights}"
@@ -176,7 +176,7 @@ def pretrain(cfg: PretrainConfig, platform: PlatformConfig) -> dict:
             log_task(platform, run_id, cfg, task, init_origin)
         result, minutes, history = fit(cfg, platform, put_task(cfg, task, init_state), run_id, f"pretrain-{run_id[:8]}")
         with result.get_best_checkpoint("val_loss", "min").as_directory() as folder:
-            tracking.log_checkpoint(platform.tracking_uri, run_id, folder)
+            log_checkpoint(platform.tracking_uri, run_id, folder)
             meta = json.loads((Path(folder) / META).read_text())
         images_per_s = float(history["train_images_per_s"].median())
         tracking.log_metrics(platform.tracking_uri, run_id, {

@@ -23,7 +23,7 @@ from cxr.operating_point import (SMALL, calibrated, fit_temperature, log_probabi
 from cxr.data.manifest import read_manifest, write_manifest
 from cxr.metrics import ABOVE_ONE, threshold_for_specificity
 from cxr.qc import classifier_features, synthetic_non_radiographs
-from cxr.checkpoints import load_checkpoint
+from cxr.train.checkpoints import load_checkpoint
 from cxr.workflows.classifier import classifier_card, fit, initial_state, load_task, log_task, put_task
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from cxr.metrics import dice_report
 from cxr.models import model_spec
 from cxr.plots import loss_curves, mask_overlays
 from cxr.segmentation import evaluate_segmenter
-from cxr.checkpoints import load_checkpoint
+from cxr.train.checkpoints import load_checkpoint
 from cxr.train.contract import check_manifest
 from cxr.train.common import WORKER_RETRIES, ray_storage
 from cxr.train.segmenter import train_loop_per_worker

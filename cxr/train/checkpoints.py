@@ -57,3 +57,19 @@ def load_resume(checkpoint) -> dict | None:
         state = torch.load(Path(folder) / RESUME, map_location="cpu", weights_only=True)
         state["weights"] = load_file(str(Path(folder) / WEIGHTS))
     return state
+
+
+def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "checkpoint") -> None:
+    """Attach a safetensors checkpoint (weights + meta.json) to a run, e.g. a pretraining run's best."""
+    from cxr import tracking
+
+    tracking.log_files(tracking_uri, run_id, [Path(checkpoint_dir) / f for f in (WEIGHTS, META)], artifact_path)
+
+
+def load_run_checkpoint(tracking_uri: str, run_id: str, artifact_path: str = "checkpoint",
+                        map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """The checkpoint a run logged with ``log_checkpoint`` (safetensors + JSON only)."""
+    from cxr import tracking
+
+    with tracking.run_files(tracking_uri, run_id, artifact_path) as local:
+        return load_checkpoint(local, map_location)
