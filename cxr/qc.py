@@ -292,7 +292,7 @@ def synthetic_non_radiographs(size: int, n: int = 120, seed: int = 1234) -> np.n
     """(n, 1, size, size) uint8 images no radiograph looks like, made here (nothing to download):
     noise (uniform, Gaussian, salt and pepper, smoothed), flat fields, gradients, stripes,
     checkerboards, random rectangles and ellipses, and text-like line patterns. The detectors
-    learn from these; their figures come from real images of other kinds (``benchmarks/fit_qc.py``).
+    learn from these; their figures come from real images of other kinds (``experiments/fit_qc.py``).
     (Blocks of rendered words were tried as a kind too: they did not teach the detectors to
     flag rendered text pages, and raised the false flags on films of unseen archives.)"""
     from PIL import Image, ImageDraw, ImageFilter

@@ -175,7 +175,7 @@ def test_pretrain_logs_epochs_and_a_safe_checkpoint(pretrained):
 
 def test_a_time_limit_stops_training_after_the_epoch_that_passes_it(local_stack, ray_local, sample_manifests,
                                                                      tmp_path):
-    """A GPU lease's clock (benchmarks/gpu_figures.py): 3 epochs asked, no time allowed, one epoch run,
+    """A GPU lease's clock (experiments/gpu_figures.py): 3 epochs asked, no time allowed, one epoch run,
     and its checkpoint kept."""
     from cxr.workflows.classifier import pretrain as run_pretrain
 

@@ -1,11 +1,11 @@
-"""``benchmarks/gpu_figures.py`` (the GPU figures to a time budget) in its ``--smoke`` mode on this CPU,
-and ``benchmarks/gpu_tables.py`` (RESULTS.md's GPU section from the JSONs it leaves)."""
+"""``experiments/gpu_figures.py`` (the GPU figures to a time budget) in its ``--smoke`` mode on this CPU,
+and ``experiments/gpu_tables.py`` (RESULTS.md's GPU section from the JSONs it leaves)."""
 
 import json
 
 import pytest
 
-from benchmarks import gpu_figures, gpu_tables
+from experiments import gpu_figures, gpu_tables
 from tests.conftest import own_platform
 
 

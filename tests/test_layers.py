@@ -2,7 +2,7 @@
 functions and under TYPE_CHECKING too), no module or package imports itself back through
 others, and no import runs from a lower layer to a higher one. ``jobs/`` holds only the
 commands ``cxr`` dispatches to (and the CLI and Ray start-up they share); measurement and
-release scripts live in ``benchmarks/``."""
+release scripts live in ``experiments/``."""
 
 import ast
 from pathlib import Path
@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cxr",),
     # 6: the commands, then what measures and ships them
     ("jobs",),
-    ("benchmarks",),
+    ("experiments",),
 ]
 
 
@@ -47,7 +47,7 @@ def layer(module: str) -> int:
 
 def modules() -> dict[str, Path]:
     found = {}
-    for top in ("cxr", "jobs", "benchmarks"):
+    for top in ("cxr", "jobs", "experiments"):
         for path in (ROOT / top).rglob("*.py"):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             found[name.removesuffix(".__init__")] = path

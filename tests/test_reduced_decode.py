@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.film_agreement import agreement
+from experiments.film_agreement import agreement
 from cxr.data.decode import decode_film, decode_image
 from cxr.data.transcode import FORMATS, encode, resized
 from cxr.screen import Screen

@@ -124,12 +124,12 @@ class _Exploit:
 
 
 def test_dice_on_an_archive_it_never_trained_on(tiny_models, full_data_root, tmp_path, capsys):
-    """benchmarks.segmenter_external: JSRT films and their SCR masks, at the card's size, one line per
+    """experiments.segmenter_external: JSRT films and their SCR masks, at the card's size, one line per
     archive and the JSON (a tiny untrained segmenter: the figures are not the point here)."""
     import json
 
     from cxr.data.manifest import jsrt_manifest
-    from benchmarks import segmenter_external
+    from experiments import segmenter_external
 
     jsrt = jsrt_manifest(full_data_root)
     assert len(jsrt) == 247 and jsrt["mask_uri"].notna().all() and set(jsrt["source"]) == {"jsrt"}

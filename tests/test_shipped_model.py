@@ -9,7 +9,7 @@ from cxr.card import ModelCard
 from cxr.config import BootstrapConfig, load_platform
 from cxr.package import folder_bytes, read_screen
 from cxr.workflows.promotion import alias_version
-from benchmarks import shipped_model
+from experiments import shipped_model
 from jobs import bootstrap
 from tests.conftest import own_platform
 
@@ -88,7 +88,7 @@ def test_the_shipped_screen_tells_the_sample_apart(sample_root, tmp_path):
 
 
 def test_the_shipped_screen_flags_a_photo_and_noise_and_keeps_adult_films(sample_root):
-    """Its quality control (cxr.qc, fitted by benchmarks/fit_qc.py): a photo and noise are flagged as
+    """Its quality control (cxr.qc, fitted by experiments/fit_qc.py): a photo and noise are flagged as
     not frontal chest films, so not screened; adult chest films of the sample are not flagged."""
     import matplotlib
     import numpy as np

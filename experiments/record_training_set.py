@@ -3,7 +3,7 @@ digests: ``cxr.card.DatasetDigest``), for a bundle whose card predates those fie
 promotion can check it against the gate set. The manifest must be the one the card names
 (its digest is checked); the weights are not touched, the checksums are rewritten.
 
-    python -m benchmarks.record_training_set --bundle models/cxr-screen \\
+    python -m experiments.record_training_set --bundle models/cxr-screen \\
         --manifest out/crossval/screen/all-train.parquet
 """
 

@@ -24,7 +24,7 @@ compact set of result files copied to ``--export``, the device tool's ``$OUT``),
 killed at its limit keeps what it measured; the same command run again resumes. ``--smoke``
 shrinks every step to seconds, for a CPU check of the whole chain.
 
-    python -m benchmarks.gpu_figures --out DIR [--budget-s 540] [--export $OUT] [--smoke]
+    python -m experiments.gpu_figures --out DIR [--budget-s 540] [--export $OUT] [--smoke]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ DEFAULT_EXPECTED = {
     "pretrain_per_epoch": SOURCE_TRAIN_IMAGES / 1269 + 0.6, "pretrain_fixed": 30,
     "finetune": 160, "benchmark_fixed": 35, "benchmark_images_per_s": 1000, "crossval_fold": 240,
 }
-RECORDED = REPO_ROOT / "docs" / "results" / "gpu" / "figures.json"   # the last run's records (benchmarks/gpu_tables.py)
+RECORDED = REPO_ROOT / "docs" / "results" / "gpu" / "figures.json"   # the last run's records (experiments/gpu_tables.py)
 # Leave-one-archive-out folds per recipe at full scale (cxr crossval's plan on ../shared/data,
 # docs/results/crossval): the plan's estimate only; the run counts them from the manifests.
 MIN_PRETRAIN_S = 60.0         # less pretraining than this is not worth a fine-tune
@@ -198,7 +198,7 @@ def print_plan(steps: list[tuple[str, float]], budget_s: float, source: str) -> 
 
 
 def build_parser_for_plan() -> argparse.ArgumentParser:
-    """The command line (also what benchmarks.gpu_tables plans the default protocol with)."""
+    """The command line (also what experiments.gpu_tables plans the default protocol with)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for figures.json, ablation/ and crossval/")
     p.add_argument("--export", default=None, help="also copy the compact result files here after every step "
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(default_data_root()) / "external" / "jsrt" / "pairs.csv").exists():
             record(out, "segmenter-jsrt", {"skipped": f"no external/jsrt under {default_data_root()}"}, t, to)
         elif budget.fits(expected["segmenter-jsrt"]):
-            from benchmarks.segmenter_external import evaluate
+            from experiments.segmenter_external import evaluate
             jsrt = evaluate(seg_uri, default_data_root(), f"{args.manifests}/lungseg.parquet", 8 if args.smoke else None)
             record(out, "segmenter-jsrt", {"dice": jsrt["dice"], "image_size": jsrt["image_size"]}, t, to)
         else:

@@ -5,7 +5,7 @@ decoded down to the shipped screen's size, then letterboxed as the screen does; 
 One process, one thread (OpenCV is held to one thread; Pillow and pydicom use one): the figure
 is images/s per core. Films are made at run time from ``fullres/`` (``cxr.data.transcode``).
 
-    python -m benchmarks.decode_rates --films ../shared/data/fullres/jsrt --out docs/results/decode_rates.json
+    python -m experiments.decode_rates --films ../shared/data/fullres/jsrt --out docs/results/decode_rates.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.film_agreement import grays
+from experiments.film_agreement import grays
 from cxr.config import REPO_ROOT, default_data_root
 from cxr.data.decode import decode_film
 from cxr.data.letterbox import letterbox_pair

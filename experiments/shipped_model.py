@@ -3,7 +3,7 @@ what it predicts for each archive, its COVID AUROC and its rates at the card's t
 with a 95% bootstrap interval; the same on the images it did not train on where its training
 manifest is at hand; and, given the float32 original, what the int8 weights change.
 
-    python -m benchmarks.shipped_model [--bundle models/cxr-screen] [--data data/sample]
+    python -m experiments.shipped_model [--bundle models/cxr-screen] [--data data/sample]
         [--training-manifest out/crossval/screen/all-train.parquet] [--reference FLOAT32_BUNDLE]
         [--out docs/results/shipped-model.json]
 

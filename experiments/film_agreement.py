@@ -2,7 +2,7 @@
 archive format (``cxr.data.transcode``), the screen's probabilities and result from the film
 decoded whole and from the film decoded only down to the models' size (``cxr.data.decode``).
 
-    python -m benchmarks.film_agreement --films ../shared/data/fullres/jsrt --out docs/results/film_agreement.json
+    python -m experiments.film_agreement --films ../shared/data/fullres/jsrt --out docs/results/film_agreement.json
 """
 
 from __future__ import annotations

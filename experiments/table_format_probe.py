@@ -7,7 +7,7 @@ a stale snapshot (safe only with put-if-absent). (c) MERGE / DELETE on a 10k-row
 binary column, against appending the rows as a new part. Writes docs/results/table_format_probe.json.
 
 Needs ``pip install deltalake``, NOT in the project's pinned dependencies: without it the probe
-says so and exits 2. Usage: ``python -m benchmarks.table_format_probe [--no-s3]`` (about 6 minutes).
+says so and exits 2. Usage: ``python -m experiments.table_format_probe [--no-s3]`` (about 6 minutes).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def read_rows(sink: str, path: str, endpoint: str | None) -> tuple[pa.Table | No
 
 
 def child(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.table_format_probe", "--child", *args], **kw)
+    return subprocess.Popen([sys.executable, "-m", "experiments.table_format_probe", "--child", *args], **kw)
 
 
 def kill9(proc: subprocess.Popen) -> None:
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     moto, endpoint = (None, None) if a.no_s3 else start_moto(log)
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": "dev: 2 cores, no GPU",
            "deltalake": deltalake.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
-           "command": " ".join(["python -m benchmarks.table_format_probe", *(sys.argv[1:] if argv is None else argv)]),
+           "command": " ".join(["python -m experiments.table_format_probe", *(sys.argv[1:] if argv is None else argv)]),
            "params": {k: getattr(a, k) for k in ("rows", "blocks", "sec_per_row", "commits", "merge_rows")},
            "kill9": {}, "concurrent_append": {}, "merge": {}}
     targets = {"local": (os.path.join(work.name, "local"), None)}

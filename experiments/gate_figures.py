@@ -5,7 +5,7 @@ gates of mlflow.yaml (without a champion to compare with). A candidate is a bund
 a registered ``models:/...`` screen or classifier; ``--edited-threshold T`` adds the first
 bundle with its card's threshold set to T, as a tampered bundle would carry it.
 
-    python -m benchmarks.gate_figures --archives out/manifests/tasks/archives.parquet \\
+    python -m experiments.gate_figures --archives out/manifests/tasks/archives.parquet \\
         --candidate models/cxr-screen --candidate models:/cxr-classifier/4 \\
         --edited-threshold 0.0001 --out docs/results/gates.json
 """

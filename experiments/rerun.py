@@ -15,8 +15,8 @@ Two modes:
   and with ``--compact``, ``cxr compact`` on it. Reports the time and the peak memory of each
   process, and from several M a linear fit to 100 million.
 
-    python -m benchmarks.rerun --images 2000 --input data/sample --out out/rerun
-    python -m benchmarks.rerun --synthetic 1000000 3000000 10000000 --compact --out out/rerun
+    python -m experiments.rerun --images 2000 --input data/sample --out out/rerun
+    python -m experiments.rerun --synthetic 1000000 3000000 10000000 --compact --out out/rerun
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def synthetic(n: int, out: Path, part_rows: int, compact: bool) -> dict:
     # Each step runs in a fresh process, as a nightly driver would: its peak memory is its own,
     # not the writing of the synthetic output above.
     for step in ("decide", "read_current") + (("compact",) if compact else ()):
-        code = f"from benchmarks.rerun import {step}; {step}({n}, {str(scores)!r})"
+        code = f"from experiments.rerun import {step}; {step}({n}, {str(scores)!r})"
         reply = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if reply.returncode:
             raise RuntimeError(f"{step} at {n:,} failed: {reply.stderr.strip().splitlines()[-1]}")

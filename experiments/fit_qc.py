@@ -1,7 +1,7 @@
 """Fit a screen's quality control (``cxr.qc``), judge every flag on films its fit never saw, and
 store it beside the classifier's weights in the bundle.
 
-    python -m benchmarks.fit_qc --crossval out/crossval/screen --bundle models/cxr-screen --out docs/results/qc.json
+    python -m experiments.fit_qc --crossval out/crossval/screen --bundle models/cxr-screen --out docs/results/qc.json
 
 It works from the features ``cxr crossval`` saved for each fold (``<fold>-features.npz``: the
 fold classifier's features of its training and validation films, of the films it reports on,
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                        **shipped.view_thresholds}},
     }
     shipped.info = {"fitted_on": figures["shipped_fit"], "date": figures["date"],
-                    "figures": "docs/results/qc.json of cxr (benchmarks/fit_qc.py)"}
+                    "figures": "docs/results/qc.json of cxr (experiments/fit_qc.py)"}
     shipped.save(Path(args.bundle) / "classifier")
     write_checksums(Path(args.bundle))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ file name on disk, an S3 key with an empty path component (``a//b.jpg``), a key 
 
 Exit status: 0 when every check of every run passed, 1 otherwise (the JSON says which).
 
-    python -m benchmarks.dirty_archive                       # the issue's kinds, ~20 real X-rays
-    python -m benchmarks.dirty_archive --real 4 --runs local --out /tmp/dirty   # a quick try
+    python -m experiments.dirty_archive                       # the issue's kinds, ~20 real X-rays
+    python -m experiments.dirty_archive --real 4 --runs local --out /tmp/dirty   # a quick try
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def markdown(report: dict, table: str) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dirty_archive", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.dirty_archive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", type=int, default=20, help="real X-rays of the shipped sample (default: 20)")
     parser.add_argument("--max-file-mb", type=float, default=1.0,
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[run] = check_run(run, cases, rows, records[run])
             kinds, table = kind_table(cases, results, runs)
             report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": args.machine,
-                      "command": " ".join(["python -m benchmarks.dirty_archive",
+                      "command": " ".join(["python -m experiments.dirty_archive",
                                            *(argv if argv is not None else sys.argv[1:])]),
                       "max_file_mb": args.max_file_mb, "real_images": args.real, "extra": args.extra,
                       "models": models, "seconds": round(time.perf_counter() - started, 1), "runs": records,

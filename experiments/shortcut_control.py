@@ -1,7 +1,7 @@
 """The shortcut control (issue 14): how well a small model tells which archive an image comes
 from, from the whole image, from the lungs only, and from outside the lungs only.
 
-    python -m benchmarks.shortcut_control --pretrain-run RUN --segmenter models:/cxr-segmenter/3 \\
+    python -m experiments.shortcut_control --pretrain-run RUN --segmenter models:/cxr-segmenter/3 \\
         --out docs/results/shortcut_control.json
 
 The images (``tasks/archives.parquet``, at most ``--per-archive`` per archive) are letterboxed

@@ -8,7 +8,7 @@ promoted screen (``cxr-screen@champion``) with the job's defaults, on a Ray alre
 both figures are the job's steady rate (the job's own images/s: listing to last write).
 Needs the local stack (``make stack-up``, ``. .stack/env.sh``) and a champion (``cxr bootstrap``).
 
-    python -m benchmarks.score_fullres --films ../shared/data/fullres/jsrt --images 400 --out docs/results/score_fullres.json
+    python -m experiments.score_fullres --films ../shared/data/fullres/jsrt --images 400 --out docs/results/score_fullres.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.film_agreement import grays
+from experiments.film_agreement import grays
 from cxr.config import default_data_root
 from cxr.data.transcode import JPEG_QUALITY, encode, resized
 

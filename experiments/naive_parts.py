@@ -2,7 +2,7 @@
 the classifier's forward + backward (Grad-CAM by backprop), each timed alone on CPU at batch 1.
 
 The models are built untrained (the cost of a forward pass does not depend on the weights), so
-it needs no registry. Usage: ``python -m benchmarks.naive_parts [--threads 2] [--repeats 20]``.
+it needs no registry. Usage: ``python -m experiments.naive_parts [--threads 2] [--repeats 20]``.
 """
 
 from __future__ import annotations

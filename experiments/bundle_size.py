@@ -11,7 +11,7 @@
    empty MLflow server (started on loopback) by ``cxr import-model``'s workflow: the largest
    difference between the predictions through the imported screen and through the original.
 
-    python -m benchmarks.bundle_size [--model models:/cxr-screen@champion --images data/sample]
+    python -m experiments.bundle_size [--model models:/cxr-screen@champion --images data/sample]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Does test-time augmentation rank COVID-19 better on archives a model never saw?
 
-    python -m benchmarks.tta_probe --crossval out/crossval/screen --out docs/results/tta_probe.json
+    python -m experiments.tta_probe --crossval out/crossval/screen --out docs/results/tta_probe.json
 
 For every fold of a ``cxr crossval`` run (its best checkpoint under ``out/ray``), the films it
 reports on are predicted again under each view of ``VIEWS`` (the letterboxed image, a 90%

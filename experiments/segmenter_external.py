@@ -1,7 +1,7 @@
 """A registered segmenter's Dice on JSRT, an archive it never trained on (issue 14), beside its
 own test split (Montgomery and Shenzhen) for comparison.
 
-    python -m benchmarks.segmenter_external --model models:/cxr-segmenter@champion \\
+    python -m experiments.segmenter_external --model models:/cxr-segmenter@champion \\
         --lungseg out/manifests/lungseg.parquet --out docs/results/segmenter-jsrt.json
 
 JSRT's 247 films (``$CXR_DATA/external/jsrt``, SCR lung masks) are letterboxed to the size the
