@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from cxr.card import Preprocessing
-from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.decode import DecodeLimits, decode_film
 from cxr.data.errors import BadImageError, describe
-from cxr.data.letterbox import letterbox_pair
+from cxr.data.letterbox import decode_side, letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
 from cxr.masking import lung_masks, mask_lungs
 from cxr.package import Component
@@ -54,13 +54,18 @@ class Preprocess:
 
     @property
     def decode_side(self) -> int:
-        """The largest side the models look at: films are decoded down to it, not beyond
-        (``cxr.data.decode``)."""
-        return max(s for s in self.sizes if s)
+        """The side films are decoded down to (``cxr.data.letterbox.decode_side``)."""
+        return decode_side(self.sizes)
 
-    def letterbox(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(H, W) uint8 -> the classifier's and the segmenter's letterboxed images (CPU work)."""
-        return letterbox_pair(gray, self.sizes, self.prep.letterbox_fill)
+    def letterbox(self, gray: np.ndarray, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(H, W) uint8 -> the classifier's and the segmenter's letterboxed images (CPU work);
+        ``shape``: the film's own size where ``gray`` is a reduced decode of it."""
+        return letterbox_pair(gray, self.sizes, self.prep.letterbox_fill, shape)
+
+    def decoded(self, data: bytes, uri: str, limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, np.ndarray | None]:
+        """A film's bytes -> its letterboxed images, decoded only down to ``decode_side``."""
+        film = decode_film(data, uri, limits, self.decode_side)
+        return self.letterbox(film.gray, (film.height, film.width))
 
     @torch.no_grad()
     def masked(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,8 +103,7 @@ class Preprocess:
         def one(item: tuple[int, str]):
             i, uri = item
             try:
-                return self.letterbox(decode_image(read_bytes(uri, storage, limits.max_bytes), uri, limits,
-                                                   self.decode_side))
+                return self.decoded(read_bytes(uri, storage, limits.max_bytes), uri, limits)
             except BadImageError as e:
                 if bad is None:
                     raise

@@ -86,7 +86,8 @@ def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | 
                    WHERE d.uri IS NULL
                       OR (d.source_size IS NOT NULL AND (d.source_size <> l.source_size
                           OR d.source_mtime_ns <> l.source_mtime_ns))
-                      OR (d.source_size IS NULL AND l.source_mtime_ns > epoch_ms(d.scored_at) * 1000000)""")
+                      OR (d.source_size IS NULL AND (d.scored_at IS NULL
+                                                   OR l.source_mtime_ns > epoch_ms(d.scored_at) * 1000000))""")
     listed = con.execute("SELECT count(*) FROM listing").fetchall()[0][0]
     unscored = con.execute("SELECT count(*) FROM todo").fetchall()[0][0]
     cut = f" LIMIT {int(limit)}" if limit else ""
@@ -98,8 +99,8 @@ def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | 
                 count(*) FILTER (WHERE c.uri IS NULL),
                 count(*) FILTER (WHERE c.uri IS NOT NULL AND coalesce({retried}, false)),
                 count(*) FILTER (WHERE c.uri IS NOT NULL AND NOT coalesce({retried}, false)
-                                 AND coalesce(n.source_size <> c.source_size
-                                              OR n.source_mtime_ns <> c.source_mtime_ns, false)),
+                                 AND c.source_size IS NOT NULL AND c.source_mtime_ns IS NOT NULL
+                                 AND (n.source_size <> c.source_size OR n.source_mtime_ns <> c.source_mtime_ns)),
                 count(*)
             FROM now n LEFT JOIN cur c ON c.uri = n.uri""").fetchall()[0]
         new, retry, changed, total = counts

@@ -184,6 +184,7 @@ def scratch_duckdb(memory_limit: str = DUCKDB_MEMORY):
             con.execute(f"SET temp_directory = '{scratch}'")
             con.execute("SET preserve_insertion_order = false")
             con.execute("SET enable_progress_bar = false")      # a job's output is its own summary
+            con.execute("SET TimeZone = 'UTC'")                 # timestamps as the table stores them
             yield con
         finally:
             con.close()
@@ -233,13 +234,15 @@ def current_batches(output: str, storage: StorageConfig | None = None, columns: 
     any table size: DuckDB picks each uri's newest row over the committed parts, spilling to
     disk beyond its memory limit. In no particular order."""
     wanted = columns or SCHEMA.names + PARTITION.names
+    target = pa.schema([pa.unify_schemas([SCHEMA, PARTITION]).field(c) for c in wanted])
     with scratch_duckdb() as con:
         if not register_scores(con, output, storage, [*wanted, "uri", "scored_at", "job_id"]):
             return
         projection = ", ".join(f'"{c}"' for c in wanted)
         # con.sql streams its result; con.execute would hold all of it before the first batch.
-        yield from con.sql(f"SELECT {projection} FROM scores QUALIFY row_number() OVER ({CURRENT_ORDER}) = 1"
-                           ).to_arrow_reader(batch_rows)
+        for batch in con.sql(f"SELECT {projection} FROM scores QUALIFY row_number() OVER ({CURRENT_ORDER}) = 1"
+                             ).to_arrow_reader(batch_rows):
+            yield batch.cast(target)         # read_current's types (DuckDB's lists and timestamps differ)
 
 
 def read_current(output: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -20,7 +20,7 @@ from cxr.data.decode import DecodeLimits, check_size, decode_film
 from cxr.data.gpu_decode import jpeg_frame
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.data.errors import BadImageError, describe
-from cxr.data.letterbox import letterbox_pair
+from cxr.data.letterbox import decode_side, letterbox_pair
 from cxr.data.storage import StorageConfig, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
 from cxr.scores_table import SCHEMA, SCHEMA_VERSION, key
@@ -107,9 +107,9 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                 check_size(uri, frame.width, frame.height, limits)
                 shape = (frame.height, frame.width)
             elif reason is None:
-                film = decode_film(data, uri, limits, max(s for s in sizes if s))
+                film = decode_film(data, uri, limits, decode_side(sizes))
                 shape = (film.height, film.width)
-                images = letterbox_pair(film.gray, sizes, fill)
+                images = letterbox_pair(film.gray, sizes, fill, shape)
         except BadImageError as e:
             error = e.reason
         except OSError as e:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.decode import DecodeLimits
 from cxr.data.dicom_header import age_years
 from cxr.data.errors import BadImageError, describe
 from cxr.data.storage import StorageConfig, read_bytes
@@ -280,8 +280,7 @@ class Screen:
             age = header_text(header, "PatientAge") if header is not None else None
             if reason:
                 return uri, data, None, None, reason, age
-            gray = decode_image(data, uri, limits, self.preprocess.decode_side)
-            return uri, data, None, self.preprocess.letterbox(gray), None, age
+            return uri, data, None, self.preprocess.decoded(data, uri, limits), None, age
         except BadImageError as e:
             return uri, data, e.reason, None, None, None
         except Exception as e:  # noqa: BLE001 - per-input isolation: a URI scheme, storage, a decoder bug

@@ -24,7 +24,7 @@ from PIL import Image
 from experiments.film_agreement import grays
 from cxr.config import REPO_ROOT, default_data_root
 from cxr.data.decode import decode_film
-from cxr.data.letterbox import letterbox_pair
+from cxr.data.letterbox import decode_side, letterbox_pair
 from cxr.data.transcode import FORMATS, JPEG_QUALITY, encode, resized
 from cxr.screen import Screen
 
@@ -37,7 +37,8 @@ def rate(blobs: list[bytes], sizes: tuple[int, int | None], min_side: int | None
     done, started = 0, time.perf_counter()
     while True:
         for i, data in enumerate(blobs):
-            letterbox_pair(decode_film(data, f"film-{i}", min_side=min_side).gray, sizes, 128)
+            film = decode_film(data, f"film-{i}", min_side=min_side)
+            letterbox_pair(film.gray, sizes, 128, (film.height, film.width))
         done += len(blobs)
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:
@@ -52,7 +53,7 @@ def small_jpeg(gray: np.ndarray, side: int = 320) -> bytes:
 
 def measure(films: list[np.ndarray], sizes: tuple[int, int | None], sides=(2048, 3000), seconds: float = 3.0,
             formats=tuple(FORMATS)) -> dict:
-    min_side = max(s for s in sizes if s)
+    min_side = decode_side(sizes)
     rows = [{"format": "jpeg", "side": 320, "reduced": rate([small_jpeg(g) for g in films], sizes, min_side, seconds),
              "whole": rate([small_jpeg(g) for g in films], sizes, None, seconds)}]
     for side in sides:

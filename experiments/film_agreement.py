@@ -36,7 +36,7 @@ def agreement(screen: Screen, films: dict[str, np.ndarray], formats=tuple(FORMAT
             data = encode(gray, fmt)
             names.append(name)
             full.append(prep.letterbox(decode_image(data, name)))
-            reduced.append(prep.letterbox(decode_image(data, name, min_side=prep.decode_side)))
+            reduced.append(prep.decoded(data, name))
         answers = [_screen(screen, names, boxed) for boxed in (full, reduced)]
         for i, name in enumerate(names):
             (p_full, r_full), (p_red, r_red) = answers[0][i], answers[1][i]

@@ -8,7 +8,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxr.data.decode import decode_image
 from cxr.data.gpu_decode import decode_letterboxed, jpeg_frame
 from cxr.data.dicom_header import read_header
 from cxr.data.transcode import encode, resized
@@ -45,7 +44,7 @@ def test_device_decoded_films_get_the_screens_answer_of_the_cpu_path():
     boxed, seg_boxed, errors = decode_letterboxed([f.data for f in frames], prep.sizes, prep.prep.letterbox_fill,
                                                   screen.device)
     assert errors == [None] * len(blobs)
-    cpu = [prep.letterbox(decode_image(b, f"f{i}", min_side=prep.decode_side)) for i, b in enumerate(blobs)]
+    cpu = [prep.decoded(b, f"f{i}") for i, b in enumerate(blobs)]
     assert max(np.abs(a.astype(int) - c[0]).mean() for a, c in zip(boxed, cpu)) < 1.5
     names = [f"f{i}" for i in range(len(blobs))]
     device = screen.rows(names, [None] * len(names), [None] * len(names), np.stack(boxed), np.stack(seg_boxed),

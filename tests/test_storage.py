@@ -125,3 +125,15 @@ def test_folders_linked_into_the_input_are_listed_and_loops_refused_with_a_line(
     only.mkdir()
     (only / "studies").symlink_to(mounted, target_is_directory=True)
     assert len(list_files(str(only))) == len(films[1:])
+
+
+def test_a_link_to_a_folder_inside_the_input_never_takes_its_uris(tmp_path, sample_root):
+    """``latest -> 2024-05``: the films are listed once, under the real folder, whichever name
+    the walk meets first, so URIs do not change when the link moves on."""
+    film = sorted(sample_root.rglob("*.jpg"))[0]
+    real = tmp_path / "archive" / "2024-05"
+    real.mkdir(parents=True)
+    (real / "a.jpg").write_bytes(film.read_bytes())
+    for name in ("0-latest", "latest"):       # sorting before and after the real folder
+        (tmp_path / "archive" / name).symlink_to(real, target_is_directory=True)
+    assert list_files(str(tmp_path / "archive")) == [str(real / "a.jpg")]

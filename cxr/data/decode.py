@@ -6,9 +6,9 @@ naming the file and the reason. Image size is checked from the header, before an
 decoded, so a decompression bomb never allocates its pixels.
 
 **Decoding at the models' resolution.** A hospital film is 2,000-3,000 px; the models look at
-96-256 px. Given ``min_side`` (the largest size the screen needs, ``Preprocess.decode_side``),
-decoding stops as close above it as the format allows, and the longer side of the result is
-never below ``min_side``:
+96-256 px. Given ``min_side`` (twice the largest size the screen needs,
+``cxr.data.letterbox.decode_side``), decoding stops as close above it as the format allows,
+and the longer side of the result is never below ``min_side``:
 
 - JPEG (a file, or a DICOM's baseline 8-bit frame): libjpeg's DCT scaling (Pillow's ``draft``),
   1/2, 1/4 or 1/8, which skips most of the inverse DCT;
@@ -292,7 +292,7 @@ def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise BadImageError(uri, f"unsupported DICOM: photometric interpretation {photometric}")
     _check_lut_tags(ds, uri)
-    ends = np.array(_display_ends(ds, arr, stored_range), dtype=np.float64 if arr.dtype.kind == "f" else arr.dtype)
+    ends = np.array(_display_ends(ds, arr, stored_range), dtype=np.float64 if arr.dtype.kind == "f" else np.int64)
     try:
         # The LUTs are pointwise: the two ends go through them apart from the pixels (no copy of
         # the film) and become the 8-bit stretch's range.
@@ -306,17 +306,34 @@ def _dicom_pixels(data: bytes, uri: str, limits: DecodeLimits, has_preamble: boo
     return Film(out, rows, cols)
 
 
+def _windowed(ds) -> bool:
+    """A window (both tags: pydicom applies none with one) or a VOI LUT to apply."""
+    return all(ds.get(t) not in (None, "") for t in ("WindowCenter", "WindowWidth")) or "VOILUTSequence" in ds
+
+
+def _rescaled(ds) -> bool:
+    """A modality LUT or a rescale other than the identity (many writers add slope 1, intercept 0)."""
+    if "ModalityLUTSequence" in ds:
+        return True
+    try:
+        return float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0
+    except (TypeError, ValueError):
+        return True
+
+
+def _shown_as_stored(ds) -> bool:
+    """Whether black and white are the representable range (a window or VOI LUT sets the
+    contrast, or 8 bits are shown as stored), rather than the film's own range."""
+    return _windowed(ds) or (int(ds.get("BitsStored", 8) or 8) <= 8 and not _rescaled(ds))
+
+
 def _display_ends(ds, arr: np.ndarray, stored_range: tuple | None) -> tuple:
     """The stored values shown as black and white (before MONOCHROME1's inversion), as a viewer
-    shows the film. With a window or a VOI LUT, or 8-bit values and no rescale, that is the
-    whole representable range, so the window (or nothing) decides the contrast. Otherwise it
-    is the film's own range, a viewer's default window: the whole film's where the decoder saw
-    it (``stored_range``), else the shrunk film's (JPEG 2000 decoded at a coarser level, whose
-    averaged extremes can sit slightly inside)."""
-    windowed = any(ds.get(t) not in (None, "") for t in ("WindowCenter", "WindowWidth")) or "VOILUTSequence" in ds
-    rescaled = any(ds.get(t) not in (None, "") for t in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))
+    shows the film: with a window or a VOI LUT, or 8-bit values and no rescale, the whole
+    representable range, so the window (or nothing) decides the contrast; otherwise the
+    film's own range, a viewer's default window (the whole film's: ``stored_range``)."""
     bits = int(ds.get("BitsStored", 8) or 8)
-    if arr.dtype.kind in "iu" and (windowed or (bits <= 8 and not rescaled)):
+    if arr.dtype.kind in "iu" and _shown_as_stored(ds):
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     return stored_range if stored_range is not None else (arr.min(), arr.max())
@@ -349,11 +366,20 @@ def _reduced_stored(ds, tsyntax: UID | None, frames: int, min_side: int) -> tupl
     None where the codec never saw it), for the common grayscale films; None for anything else,
     and for anything odd, so that the full path decodes it and names what is wrong."""
     try:
-        if (int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.BitsAllocated) not in (8, 16)
+        allocated = int(ds.BitsAllocated)
+        if (int(ds.get("SamplesPerPixel", 1)) != 1 or allocated not in (8, 16)
                 or str(ds.get("PhotometricInterpretation", "")).upper() not in ("MONOCHROME1", "MONOCHROME2")):
             return None
         rows, cols, bits, signed = int(ds.Rows), int(ds.Columns), int(ds.BitsStored), int(ds.PixelRepresentation)
+        if not 1 <= bits <= allocated or signed not in (0, 1):
+            return None                          # the full path names the header's fault
         factor = reduction(rows, cols, min_side)
+        if tsyntax in _NATIVE_SYNTAXES and len(ds.PixelData) < frames * rows * cols * allocated // 8:
+            return None                          # short pixel data: the full path says so
+        if tsyntax not in _NATIVE_SYNTAXES and tsyntax != RLELossless and not _shown_as_stored(ds):
+            # JPEG and JPEG 2000 reduced never see the whole film's range, which sets this
+            # film's contrast (a marker's few extreme pixels vanish in block averages).
+            return None
         if tsyntax in _NATIVE_SYNTAXES or tsyntax == RLELossless:
             raw = ds.PixelData
             if tsyntax == RLELossless:
@@ -402,9 +428,10 @@ def _j2k_reduced(frame: bytes, bits: int, factor: int, min_side: int) -> tuple[n
     levels, precision = _j2k_header(frame)
     if levels is None or precision != bits:
         return None
-    # One level finer than the coarsest that fits: a wavelet's coarsest low band aliases where a
-    # block average does not (measured on a 2048 px film at 128 px: 2.4 gray levels off the
-    # whole decode on average at the coarsest level, 0.65 one finer; 1/3 of the speed-up kept).
+    # One level finer than the coarsest that fits: a wavelet's low band is sharper than the
+    # whole path's triangle filter and aliases. Measured with the shipped screen on non-square
+    # films: the coarsest level moved probabilities by up to 0.020 (102 films/s at 2048 px),
+    # one finer by 0.016 (34 films/s); the block-averaged formats by 0.006.
     level = max(0, min(levels, factor.bit_length() - 2))
     with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as im:
         im.reduce = level

@@ -46,17 +46,38 @@ def jpeg_frame(data: bytes, header=None) -> JpegFrame | None:
     from cxr.data.decode import sniff_format
 
     if header is not None:
-        return _dicom_frame(data, header)
-    if sniff_format(data) != "jpeg":
+        frame = _dicom_frame(data, header)
+        return frame if frame is not None and is_baseline(frame.data) else None
+    if sniff_format(data) != "jpeg" or not is_baseline(data):
         return None
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
-            if im.mode != "L" or im.getexif().get(0x0112, 1) != 1 or im.info.get("progressive"):
+            if im.mode != "L" or im.getexif().get(0x0112, 1) != 1:
                 return None
             width, height = im.size
     except Exception:  # noqa: BLE001 - the CPU path reads it again and names what is wrong
         return None
     return JpegFrame(data, height, width)
+
+
+def is_baseline(data: bytes) -> bool:
+    """Whether a JPEG's frame is baseline 8-bit Huffman (SOF0, or SOF1 at 8 bits): what every
+    device decoder takes. Lossless, arithmetic-coded, progressive and 12-bit frames go to the
+    CPU path. Reads the markers up to the frame header."""
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:                       # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):      # a start of frame
+            precision = data[at + 4] if at + 4 < len(data) else 0
+            return marker == 0xC0 or (marker == 0xC1 and precision == 8)
+        if marker in (0xD9, 0xDA):               # end of image, start of scan: no frame header
+            return False
+        at += 2 + length
+    return False
 
 
 def _dicom_frame(data: bytes, header) -> JpegFrame | None:
@@ -99,7 +120,8 @@ def decode_letterboxed(frames: list[bytes], sizes: tuple[int, int | None], fill:
                 errors.append(None)
             except RuntimeError as e:
                 decoded.append(None)
-                errors.append(f"corrupt or truncated JPEG: {str(e).splitlines()[0][:200]}")
+                # torchvision's message starts with its source file and line: keep what follows.
+                errors.append(f"corrupt or truncated JPEG: {str(e).splitlines()[0].split(', ')[-1][:200]}")
     out: list[list[np.ndarray | None]] = [[], []]
     for image in decoded:
         for k, size in enumerate(sizes):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cxr.data.decode import DecodeLimits, decode_image
+from cxr.data.decode import DecodeLimits, decode_film, decode_image
 from cxr.data.letterbox import letterbox
 from cxr.data.storage import StorageConfig, read_bytes
 
@@ -15,7 +15,8 @@ def load_image(uri: str, size: int, storage: StorageConfig | None = None,
     """(size, size) uint8, gray-padded, decoded only down to ``size``. Raises BadImageError
     for input that is not an image."""
     data = read_bytes(uri, storage, limits.max_bytes)
-    return letterbox(decode_image(data, uri, limits, size), size)
+    film = decode_film(data, uri, limits, size)
+    return letterbox(film.gray, size, shape=(film.height, film.width))
 
 
 def load_mask(uri: str, size: int, storage: StorageConfig | None = None) -> np.ndarray:

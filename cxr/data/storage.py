@@ -180,16 +180,13 @@ def _local_pages(root: str):
     name that is not valid UTF-8 is listed with \\x escapes (Arrow strings are UTF-8), which
     also reads as "file not found", with the reason.
 
-    Folders linked into the input (the way an archive is often mounted) are followed. A link
-    back to a folder the walk is inside (a loop), or to one already listed, is not followed,
-    with a warning naming both: every file is listed once, and nothing is left out in silence."""
-    seen: dict[tuple[int, int], str] = {}
+    Folders linked into the input (the way an archive is often mounted) are followed. A folder
+    that is also inside the input as itself is listed there, by its own path (so a link such as
+    ``latest -> 2024-05`` never takes over the real folder's URIs); a link back to a folder the
+    walk is inside (a loop), or a second link to one already listed, is not followed, with a
+    warning naming both: every file is listed once, and nothing is left out in silence."""
+    seen = _real_folders(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(folder)
-            seen.setdefault((st.st_dev, st.st_ino), folder)
-        except OSError:
-            pass
         dirs[:] = [d for d in dirs if not d.startswith(".") and _first_visit(os.path.join(folder, d), folder, seen)]
         for name in files:
             if name.startswith("."):
@@ -317,9 +314,24 @@ def _entries(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> pa.Table:
                                 schema=ENTRY_SCHEMA)
 
 
+def _real_folders(root: str) -> dict[tuple[int, int], str]:
+    """(device, inode) -> path of every folder under ``root`` reached without following a link
+    (a walk of folders only: no file is looked at)."""
+    found = {}
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        found.setdefault((st.st_dev, st.st_ino), folder)
+    return found
+
+
 def _first_visit(path: str, parent: str, seen: dict[tuple[int, int], str]) -> bool:
-    """Whether the walk should enter the folder ``path`` (a link to a folder it has already
-    entered is refused with a warning: a loop when that folder holds ``parent``)."""
+    """Whether the walk should enter the folder ``path``: a real folder, yes (it is its own
+    entry in ``seen``); a link, only to a folder neither under the input nor already entered
+    (refused with a warning: a loop when that folder holds ``parent``)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -327,6 +339,8 @@ def _first_visit(path: str, parent: str, seen: dict[tuple[int, int], str]) -> bo
     first = seen.get((st.st_dev, st.st_ino))
     if first is None:
         seen[(st.st_dev, st.st_ino)] = path
+        return True
+    if first == path:
         return True
     real_parent, real_first = os.path.realpath(parent), os.path.realpath(first)
     if real_parent == real_first or real_parent.startswith(real_first.rstrip(os.sep) + os.sep):
