@@ -141,7 +141,29 @@ class DatasetDigest:
         images = tuple(sorted(set(learnt["sha256"].dropna()))) if "sha256" in learnt else ()
         patients = tuple(sorted({patient_digest(p) for p in learnt["patient_id"].dropna()})) \
             if "patient_id" in learnt else ()
-        return cls(name, uri, sha256, int(rows), archives, images, patients)
+        return cls(name, portable(uri), sha256, int(rows), archives, images, patients)
+
+
+def portable(value):
+    """``value`` (a string, or lists and dicts of them) with no machine path in it, for cards
+    and bundles that travel: a local absolute path becomes relative to the repository
+    (``out/manifests/x.parquet``) or to the data root (``$CXR_DATA/fullres/...``), else its
+    file name alone; URIs (``s3://``, ``models:/``) and other text are kept."""
+    import os
+
+    from cxr.config import REPO_ROOT, default_data_root
+
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    path = os.path.normpath(value)
+    for root, shown in ((str(REPO_ROOT), ""), (os.path.abspath(default_data_root()), "$CXR_DATA/")):
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return shown + os.path.relpath(path, root)
+    return os.path.basename(path)
 
 
 def patient_digest(patient_id: str) -> str:

@@ -20,6 +20,7 @@ def init_ray() -> None:
     training and scoring do not need it).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -31,6 +32,18 @@ def init_ray() -> None:
     with loopback_node():
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level="WARNING",
                  log_to_driver=True)
+
+
+def quiet_ray_data() -> None:
+    """A job's output is its own lines (its start, its summary, warnings that mean something):
+    Ray Data's INFO lines (execution plans, "finished in", and in a non-interactive run a
+    progress block every few seconds) show only at ``--log-level DEBUG``."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures its loggers on import; set the level after)
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -289,3 +289,31 @@ def test_markdown_shows_the_temperature_and_the_cross_archive_table():
                                        "value": 0.9, "low": 0.8, "high": 1.0}}}]}})
     text = model_markdown(card)
     assert "calibrated with temperature 1.700" in text and "| jsrt | 0 / 9 | n/a | n/a | 0.900 [0.800, 1.000] |" in text
+
+
+def test_cards_and_the_shipped_bundle_carry_no_machine_paths(tmp_path):
+    import json
+    import os
+
+    from cxr.card import portable
+    from cxr.config import REPO_ROOT, default_data_root
+
+    assert portable(str(REPO_ROOT / "out" / "manifests" / "x.parquet")) == "out/manifests/x.parquet"
+    assert portable(os.path.join(default_data_root(), "fullres", "a.png")) == "$CXR_DATA/fullres/a.png"
+    assert portable(str(tmp_path / "elsewhere.parquet")) == "elsewhere.parquet"
+    assert portable({"a": ["s3://b/k.parquet", "models:/m/1", 3]}) == {"a": ["s3://b/k.parquet", "models:/m/1", 3]}
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    bundle = REPO_ROOT / "models" / "cxr-screen"
+    found = [(p.name, s) for p in bundle.rglob("*.json") for s in strings(json.loads(p.read_text()))
+             if os.path.isabs(s) or "/work/" in s or "/home/" in s]
+    assert found == []

@@ -364,7 +364,8 @@ def test_a_storage_error_row_is_tried_again_next_run(tmp_path):
     rows.update(uri=["s3://b/refused.jpg", "s3://b/broken.jpg"], sha256=[None, "ab" * 32], status=["error"] * 2,
                 error=["S3 403 Forbidden (no permission to read this object): ...", "empty file (0 bytes)"],
                 segmenter_name=["s"] * 2, segmenter_version=["1"] * 2, classifier_name=["c"] * 2,
-                classifier_version=["2"] * 2, qc_flags=[[], []])
+                classifier_version=["2"] * 2, qc_flags=[[], []],
+                scored_at=[dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc)] * 2)   # after the files' mtime
     (tmp_path / "scored_date=2026-11-27").mkdir()
     pq.write_table(to_schema(pa.Table.from_pydict(rows, schema=SCHEMA)), tmp_path / "scored_date=2026-11-27" / "p.parquet")
     listing = pa.table({"uri": ["s3://b/refused.jpg", "s3://b/broken.jpg"], "source_size": [1, 1],

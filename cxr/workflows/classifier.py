@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
-from cxr.card import DatasetDigest, ModelCard, OperatingPoint, Preprocessing
+from cxr.card import DatasetDigest, ModelCard, OperatingPoint, Preprocessing, portable
 from cxr.classification import inference_device
 from cxr.config import (ClassifierTrainConfig, FinetuneConfig, PlatformConfig, PretrainConfig, config_to_dict,
                         config_to_plain)
@@ -202,7 +202,7 @@ def classifier_card(cfg: ClassifierTrainConfig, task: Task, meta: dict, init_ori
                                                      task.rows),),
         metrics={"test": report, "best_val_loss": meta["val_loss"], "best_epoch": meta["epoch"]},
         init=init_origin,
-        provenance={"settings": config_to_plain(cfg), "tuned_by": getattr(cfg, "tuned_by", None),
+        provenance={"settings": portable(config_to_plain(cfg)), "tuned_by": getattr(cfg, "tuned_by", None),
                     "pretrain_run": getattr(cfg, "pretrain_run", None), "code": tracking.code_state(),
                     "data_counts": task.counts.params() if task.counts else None}).validate()
 

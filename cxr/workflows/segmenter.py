@@ -12,7 +12,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr import tracking
-from cxr.card import DatasetDigest, ModelCard, Preprocessing
+from cxr.card import DatasetDigest, ModelCard, Preprocessing, portable
 from cxr.config import PlatformConfig, SegmenterTrainConfig, config_to_dict, config_to_plain
 from cxr.data.manifest import manifest_digest, read_manifest
 from cxr.data.storage import absolute_uri
@@ -31,7 +31,7 @@ def segmenter_card(cfg: SegmenterTrainConfig, manifest: pd.DataFrame, digest: st
         task="segmenter", architecture=cfg.model, labels=("lung",), input_shape=(1, cfg.image_size, cfg.image_size),
         output="one logit per pixel; sigmoid >= 0.5 is lung",
         preprocessing=Preprocessing.for_segmenter(cfg.image_size, cfg.dilation_px),
-        training_data=(DatasetDigest(Path(cfg.manifest).stem, cfg.manifest, digest, len(manifest)),),
+        training_data=(DatasetDigest(Path(cfg.manifest).stem, portable(cfg.manifest), digest, len(manifest)),),
         metrics={"test_dice": report, "best_val_dice": meta["val_dice"], "best_epoch": meta["epoch"]}).validate()
 
 
