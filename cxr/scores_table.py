@@ -183,6 +183,9 @@ def scratch_duckdb(memory_limit: str = DUCKDB_MEMORY):
             con.execute(f"SET memory_limit = '{memory_limit}'")
             con.execute(f"SET temp_directory = '{scratch}'")
             con.execute("SET preserve_insertion_order = false")
+            # DuckDB wants about 100 MB per thread for joins and windows: on a large node its
+            # default (every core) would not fit the limit.
+            con.execute(f"SET threads = {max(1, min(4, os.cpu_count() or 1))}")
             con.execute("SET enable_progress_bar = false")      # a job's output is its own summary
             con.execute("SET TimeZone = 'UTC'")                 # timestamps as the table stores them
             yield con
