@@ -291,16 +291,17 @@ def test_markdown_shows_the_temperature_and_the_cross_archive_table():
     assert "calibrated with temperature 1.700" in text and "| jsrt | 0 / 9 | n/a | n/a | 0.900 [0.800, 1.000] |" in text
 
 
-def test_cards_and_the_shipped_bundle_carry_no_machine_paths(tmp_path):
+def test_cards_and_the_shipped_bundle_carry_no_machine_paths(tmp_path, monkeypatch):
     import json
     import os
 
     from cxr.card import portable
-    from cxr.config import REPO_ROOT, default_data_root
+    from cxr.config import REPO_ROOT
 
+    monkeypatch.setenv("CXR_DATA", str(tmp_path / "data"))
     assert portable(str(REPO_ROOT / "out" / "manifests" / "x.parquet")) == "out/manifests/x.parquet"
-    assert portable(os.path.join(default_data_root(), "fullres", "a.png")) == "$CXR_DATA/fullres/a.png"
-    assert portable(str(tmp_path / "elsewhere.parquet")) == "elsewhere.parquet"
+    assert portable(str(tmp_path / "data" / "fullres" / "a.png")) == "$CXR_DATA/fullres/a.png"
+    assert portable(str(tmp_path / "elsewhere" / "m.parquet")) == "m.parquet"
     assert portable({"a": ["s3://b/k.parquet", "models:/m/1", 3]}) == {"a": ["s3://b/k.parquet", "models:/m/1", 3]}
 
     def strings(value):
