@@ -18,13 +18,15 @@ a hand-written hash partitioning: it partitions, spills and joins on all cores a
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from cxr.data.storage import ENTRY_SCHEMA, StorageConfig
-from cxr.scores_table import CURRENT_ORDER, DUCKDB_MEMORY, key, register_scores, scratch_duckdb
+from cxr.scores_table import (CURRENT_ORDER, DUCKDB_MEMORY, current_rows, key, read_scores, register_scores,
+                              scratch_duckdb)
 from cxr.scoring import STORAGE_ERRORS, ModelRef
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ def decide(listing: Iterable[pa.RecordBatch] | pa.Table, output: str, segmenter:
     time differ from its current row's), ``retry`` (its current row is a storage error, which
     never counts as scored) and ``backfill`` (unchanged, scored by other model versions)."""
     batches = listing.to_batches() if isinstance(listing, pa.Table) else listing
+    if importlib.util.find_spec("duckdb") is None:
+        # Where DuckDB is not installed (the GPU machine's staged wheels): the same decision
+        # in memory with Arrow, fine for the thousands of inputs a benchmark lists there.
+        table = pa.Table.from_batches([b.cast(ENTRY_SCHEMA) for b in batches], schema=ENTRY_SCHEMA)
+        return _decide_in_memory(table, output, segmenter, classifier, storage, limit)
     reader = pa.RecordBatchReader.from_batches(ENTRY_SCHEMA, (b.cast(ENTRY_SCHEMA) for b in batches))
     with scratch_duckdb(memory_limit) as con:
         con.register("listing_stream", reader)
@@ -108,3 +115,62 @@ def _decide(con, segmenter: ModelRef | None, classifier: ModelRef, limit: int | 
                                  ("backfill", total - new - retry - changed)) if v}
     legacy = con.execute("SELECT uri, sha256 FROM done WHERE source_size IS NULL").fetchall()
     return Decision(listed, unscored, inputs, why, {key(u, s) for u, s in legacy})
+
+
+def _decide_in_memory(listing: pa.Table, output: str, segmenter: ModelRef | None, classifier: ModelRef,
+                      storage: StorageConfig | None, limit: int | None) -> Decision:
+    """``decide`` without DuckDB: the same rules, with the listing and the current rows in memory."""
+    import pyarrow.compute as pc
+
+    columns = ["uri", "sha256", "source_size", "source_mtime_ns", "segmenter_name", "segmenter_version",
+               "classifier_name", "classifier_version", "error", "scored_at", "job_id"]
+    cur = current_rows(read_scores(output, storage, columns)) if output else pa.table({c: [] for c in columns})
+
+    def retried(t: pa.Table):
+        return pc.fill_null(pc.or_(*[pc.starts_with(t["error"], p) for p in STORAGE_ERRORS]), False)
+
+    def same(t: pa.Table, kind: str, ref: ModelRef):
+        return pc.fill_null(pc.and_(pc.equal(t[f"{kind}_name"], ref.name),
+                                    pc.equal(t[f"{kind}_version"], str(ref.version))), False)
+
+    done = cur
+    if cur.num_rows:
+        seg = pc.is_null(cur["segmenter_version"]) if segmenter is None else same(cur, "segmenter", segmenter)
+        done = cur.filter(pc.and_(pc.and_(pc.fill_null(seg, False), same(cur, "classifier", classifier)),
+                                  pc.invert(retried(cur))))
+    todo = listing
+    if done.num_rows:
+        joined = listing.join(done.select(["uri", "source_size", "source_mtime_ns", "scored_at"])
+                              .rename_columns(["uri", "d_size", "d_mtime", "d_scored"]), keys="uri",
+                              join_type="left outer")
+        scored_ns = pc.multiply(pc.cast(pc.cast(joined["d_scored"], pa.timestamp("ms")), pa.int64()), 1_000_000)
+        # Not done: no row of these models; or its size or time differ; or, for a row from before
+        # version 3 (no listing columns), the file changed after it was scored (or when is unknown).
+        legacy = pc.is_null(joined["d_size"])
+        matched = pc.is_in(joined["uri"], done["uri"])
+        keep = pc.or_(pc.invert(matched),
+                      pc.if_else(legacy, pc.fill_null(pc.greater(joined["source_mtime_ns"], scored_ns), True),
+                                 pc.fill_null(pc.or_(pc.not_equal(joined["source_size"], joined["d_size"]),
+                                                     pc.not_equal(joined["source_mtime_ns"], joined["d_mtime"])),
+                                              False)))
+        todo = joined.filter(keep).select(ENTRY_SCHEMA.names)
+    todo = todo.sort_by("uri")
+    inputs = todo.slice(0, limit) if limit else todo
+    why = {}
+    if inputs.num_rows:
+        known = cur.select(["uri", "source_size", "source_mtime_ns"]).rename_columns(["uri", "c_size", "c_mtime"])
+        known = known.append_column("retry", retried(cur)) if cur.num_rows else known.append_column(
+            "retry", pa.array([], pa.bool_()))
+        j = inputs.select(["uri", "source_size", "source_mtime_ns"]).join(known, keys="uri", join_type="left outer")
+        new = pc.is_null(j["retry"])
+        retry = pc.fill_null(j["retry"], False)
+        changed = pc.and_(pc.and_(pc.invert(new), pc.invert(retry)), pc.and_(
+            pc.and_(pc.is_valid(j["c_size"]), pc.is_valid(j["c_mtime"])),
+            pc.fill_null(pc.or_(pc.not_equal(j["source_size"], j["c_size"]),
+                                pc.not_equal(j["source_mtime_ns"], j["c_mtime"])), False)))
+        counts = {n: pc.sum(m).as_py() or 0 for n, m in (("new", new), ("retry", retry), ("changed", changed))}
+        counts["backfill"] = j.num_rows - sum(counts.values())
+        why = {k: v for k, v in counts.items() if v}
+    legacy_rows = done.filter(pc.is_null(done["source_size"])) if done.num_rows else done
+    skip = {key(u, s) for u, s in zip(legacy_rows["uri"].to_pylist(), legacy_rows["sha256"].to_pylist())}
+    return Decision(listing.num_rows, todo.num_rows, inputs, why, skip)

@@ -506,6 +506,13 @@ def test_why_each_input_is_scored_again(tmp_path):
     assert decision.why == {"new": 1, "changed": 1, "retry": 1, "backfill": 1}
     limited = decide(listing, str(tmp_path), *models, limit=2)
     assert limited.inputs["uri"].to_pylist() == sorted(uris[:4])[:2] and limited.unscored == 4
+    # Where DuckDB is not installed (the GPU machine), the in-memory path decides the same.
+    from cxr.new_work import _decide_in_memory
+
+    for limit, expected in ((None, decision), (2, limited)):
+        other = _decide_in_memory(listing, str(tmp_path), *models, None, limit)
+        assert (other.listed, other.unscored, other.inputs["uri"].to_pylist(), other.why, other.skip) == \
+            (expected.listed, expected.unscored, expected.inputs["uri"].to_pylist(), expected.why, expected.skip)
 
 
 def test_dicom_identity_and_routing_reach_the_scores_table(tiny_models, ray_local, tmp_path, monkeypatch):

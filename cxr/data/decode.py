@@ -29,12 +29,12 @@ serves training, evaluation and scoring, so nothing drifts between them.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pydicom
 import pydicom.errors
@@ -56,7 +56,18 @@ _J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10
                  "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
 _NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
-cv2.setNumThreads(1)    # decoding runs one image per core (Ray tasks, threads): no nested pools
+
+@functools.lru_cache(maxsize=1)
+def _cv2():
+    """OpenCV, held to one thread (decoding runs one image per core: no nested pools), or None
+    where it is not installed (the GPU machine's staged wheels): then NumPy block sums and
+    Pillow's PNG decoder stand in, slower, with the same result."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    return cv2
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,11 @@ def shrink(arr: np.ndarray, factor: int) -> np.ndarray:
         return arr
     top, left = (h % factor) // 2, (w % factor) // 2
     arr = arr[top:top + h - h % factor, left:left + w - w % factor]
+    cv2 = _cv2()
+    if cv2 is None:
+        h, w = arr.shape
+        blocks = arr.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+        return np.round(blocks).astype(arr.dtype) if arr.dtype.kind in "iu" else blocks.astype(np.float32)
     if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
         arr = arr.astype(np.float32)
     return cv2.resize(arr, (arr.shape[1] // factor, arr.shape[0] // factor), interpolation=cv2.INTER_AREA)
@@ -163,7 +179,8 @@ def _decode_pil(data: bytes, uri: str, limits: DecodeLimits, fmt: str, min_side:
                 width, height = im.size
                 check_size(uri, width, height, limits)
                 factor = reduction(height, width, min_side)
-                if fmt == "png" and im.mode in ("L", "I;16", "I;16B") and _upright(im):
+                cv2 = _cv2() if fmt == "png" else None
+                if cv2 is not None and im.mode in ("L", "I;16", "I;16B") and _upright(im):
                     fast = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
                     if fast is not None and fast.shape == (height, width):
                         return Film(_stretched(fast, factor), height, width)
@@ -194,8 +211,10 @@ def _scaled_jpeg(data: bytes, width: int, height: int, factor: int) -> np.ndarra
     ``factor``'s size, through simplejpeg: 14% faster than Pillow's ``draft`` on 2048 px films
     (the same pixels), which is most of a 2048 px JPEG's cost. None where it declines (the
     caller's Pillow path then decodes the file and names what is wrong with it)."""
-    import simplejpeg
-
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
     try:
         out = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=-(-height // factor),
                                      min_width=-(-width // factor))
