@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from cxr.card import Preprocessing
-from cxr.data.decode import DecodeLimits, decode_film
+from cxr.data.decode import DecodeLimits
+from cxr.data.images import decode_boxed
 from cxr.data.errors import BadImageError, describe
 from cxr.data.letterbox import decode_side, letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
@@ -64,8 +65,7 @@ class Preprocess:
 
     def decoded(self, data: bytes, uri: str, limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, np.ndarray | None]:
         """A film's bytes -> its letterboxed images, decoded only down to ``decode_side``."""
-        film = decode_film(data, uri, limits, self.decode_side)
-        return self.letterbox(film.gray, (film.height, film.width))
+        return decode_boxed(data, uri, limits, self.sizes, self.prep.letterbox_fill)[1]
 
     @torch.no_grad()
     def masked(self, images: torch.Tensor, seg_images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

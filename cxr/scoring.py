@@ -16,11 +16,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from cxr.data.decode import DecodeLimits, check_size, decode_film
+from cxr.data.decode import DecodeLimits, check_size
 from cxr.data.gpu_decode import jpeg_frame
 from cxr.data.dicom_header import IDENTITY_COLUMNS, Pseudonymiser, identity, read_header, skip_reason
 from cxr.data.errors import BadImageError, describe
-from cxr.data.letterbox import decode_side, letterbox_pair
+from cxr.data.images import decode_boxed
 from cxr.data.storage import StorageConfig, is_s3, read_bytes
 from cxr.preprocess import PREPROCESS_VERSION
 from cxr.scores_table import SCHEMA, SCHEMA_VERSION, key
@@ -65,8 +65,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                  max_bytes: int, storage: StorageConfig | None, max_unreadable_share: float = 0.5,
                  pseudonymiser: Pseudonymiser = Pseudonymiser(), device_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read, hash, decode and letterbox each input at the classifier's and the segmenter's size
-    (``cxr.data.letterbox.letterbox_pair``, the CPU half of the model's ``Preprocess``), decoding each
-    film only down to the larger of the two (``cxr.data.decode``). A DICOM's
+    (``cxr.data.images.decode_boxed``, the CPU half of the model's ``Preprocess``), decoding each
+    film only down to twice the larger of the two (``cxr.data.decode``). A DICOM's
     header gives its identity columns (patient identifiers through ``pseudonymiser``) and may
     route it out (``cxr.data.dicom_header.skip_reason``): a ``skipped`` row, never decoded.
     With ``device_jpeg``, a baseline JPEG that needs no display transform is not decoded here:
@@ -107,9 +107,8 @@ def decode_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int | None], fi
                 check_size(uri, frame.width, frame.height, limits)
                 shape = (frame.height, frame.width)
             elif reason is None:
-                film = decode_film(data, uri, limits, decode_side(sizes))
+                film, images = decode_boxed(data, uri, limits, sizes, fill)
                 shape = (film.height, film.width)
-                images = letterbox_pair(film.gray, sizes, fill, shape)
         except BadImageError as e:
             error = e.reason
         except OSError as e:
