@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from cxr.data.decode import DecodeLimits, Film, decode_film, decode_image
-from cxr.data.letterbox import decode_side, letterbox, letterbox_pair
+from cxr.data.letterbox import PAD_VALUE, decode_side, letterbox, letterbox_pair
 from cxr.data.storage import StorageConfig, read_bytes
 
 
@@ -22,11 +22,9 @@ def decode_boxed(data: bytes, uri: str, limits: DecodeLimits, sizes: tuple[int, 
 
 def load_image(uri: str, size: int, storage: StorageConfig | None = None,
                limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """(size, size) uint8, gray-padded, decoded only down to ``size``. Raises BadImageError
-    for input that is not an image."""
-    data = read_bytes(uri, storage, limits.max_bytes)
-    film = decode_film(data, uri, limits, size)
-    return letterbox(film.gray, size, shape=(film.height, film.width))
+    """(size, size) uint8, gray-padded, decoded as the models' inputs are (``decode_boxed``).
+    Raises BadImageError for input that is not an image."""
+    return decode_boxed(read_bytes(uri, storage, limits.max_bytes), uri, limits, (size, None), PAD_VALUE)[1][0]
 
 
 def load_mask(uri: str, size: int, storage: StorageConfig | None = None) -> np.ndarray:
