@@ -196,38 +196,40 @@ def scratch_duckdb(memory_limit: str = DUCKDB_MEMORY):
 CURRENT_ORDER = "PARTITION BY uri ORDER BY scored_at DESC NULLS LAST, job_id DESC NULLS LAST"
 
 
-def scan_batches(output: str, storage: StorageConfig | None, columns: list[str],
-                 batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """The committed rows' ``columns`` (``SCHEMA`` types; ``scored_date`` from the path; a
-    column an older part lacks as nulls), one part at a time, a batch at a time. By hand rather
-    than Arrow's dataset scanner, which kept about 15 MB per million rows read (0.66 GiB after
-    30 million, against 0.24 part by part)."""
-    fs, root, files = live_files(output, storage)
+def scan_parts(fs: pafs.FileSystem, root: str, files: list[str], columns: list[str],
+               batch_rows: int = 65_536) -> pa.RecordBatchReader:
+    """The parts' (``live_files``) ``columns`` (``SCHEMA`` types; ``scored_date`` from the path;
+    a column an older part lacks as nulls), one part at a time, a batch at a time. By hand
+    rather than Arrow's dataset scanner, which kept about 15 MB per million rows read (0.66 GiB
+    after 30 million, against 0.24 part by part)."""
     full = pa.unify_schemas([SCHEMA, PARTITION])
     target = pa.schema([full.field(c) for c in columns])
-    for path in files:
-        date = next((p.split("=", 1)[1] for p in os.path.relpath(path, root).split("/") if p.startswith("scored_date=")),
-                    None)
-        with fs.open_input_file(path) as handle:
-            part = pq.ParquetFile(handle)
-            present = [c for c in columns if c in part.schema_arrow.names]
-            for batch in part.iter_batches(batch_size=batch_rows, columns=present):
-                yield pa.RecordBatch.from_arrays(
-                    [batch.column(c).cast(target.field(c).type) if c in present
-                     else pa.array([date] * batch.num_rows, pa.string()) if c == "scored_date"
-                     else pa.nulls(batch.num_rows, target.field(c).type) for c in columns], schema=target)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path in files:
+            date = next((p.split("=", 1)[1] for p in os.path.relpath(path, root).split("/")
+                         if p.startswith("scored_date=")), None)
+            with fs.open_input_file(path) as handle:
+                part = pq.ParquetFile(handle)
+                present = [c for c in columns if c in part.schema_arrow.names]
+                for batch in part.iter_batches(batch_size=batch_rows, columns=present):
+                    yield pa.RecordBatch.from_arrays(
+                        [batch.column(c).cast(target.field(c).type) if c in present
+                         else pa.array([date] * batch.num_rows, pa.string()) if c == "scored_date"
+                         else pa.nulls(batch.num_rows, target.field(c).type) for c in columns], schema=target)
+
+    return pa.RecordBatchReader.from_batches(target, batches())
 
 
 def register_scores(con, output: str, storage: StorageConfig | None, columns: list[str]) -> bool:
     """The committed parts' ``columns`` as DuckDB's table ``scores``, streamed once
-    (``scan_batches``); False where nothing is committed. Streamed from Python, not registered
+    (``scan_parts``); False where nothing is committed. Streamed from Python, not registered
     as a dataset: DuckDB cannot spill the read-ahead it pins (at 10 million rows it ran out of a
     256 MB limit), and its own S3 reader is an extension it would download."""
-    if not live_files(output, storage)[2]:
+    fs, root, files = live_files(output, storage)
+    if not files:
         return False
-    columns = list(dict.fromkeys(columns))
-    schema = pa.schema([pa.unify_schemas([SCHEMA, PARTITION]).field(c) for c in columns])
-    con.register("scores", pa.RecordBatchReader.from_batches(schema, scan_batches(output, storage, columns)))
+    con.register("scores", scan_parts(fs, root, files, list(dict.fromkeys(columns))))
     return True
 
 

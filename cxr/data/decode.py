@@ -394,6 +394,7 @@ def _full_stored(ds, uri: str, tsyntax) -> np.ndarray:
         raise BadImageError(uri, f"corrupt DICOM pixel data: {e}") from e
 
 
+@functools.lru_cache(maxsize=None)
 def _has_module(name: str) -> bool:
     import importlib.util
 
