@@ -12,6 +12,7 @@ from cxr.card import ModelCard
 if TYPE_CHECKING:        # torch loads where weights are read or written
     from torch import nn
 
+    from cxr.monitoring import Reference
     from cxr.qc import QualityModel
 
 
@@ -24,3 +25,4 @@ class Component:
     name: str | None = None
     version: str | None = None
     qc: QualityModel | None = None      # a classifier's quality control (cxr.qc), kept beside its weights
+    reference: Reference | None = None  # the screen's answers on its validation films (cxr.monitoring), likewise

@@ -268,6 +268,15 @@ class ScoreConfig:
                                        "holder's process on this host is gone)")
     lease_wait_s: float = option(0.0, "wait this long for another job's lease to end or go stale before giving "
                                       "up (0: exit 1 at once; a retried cluster job should wait over lease_ttl_s)")
+    drift_psi: float = option(0.25, "population stability index above which a monitored measure (COVID-19 "
+                                    "probability, lung fraction, each quality-control score, the flagged and "
+                                    "screen-positive shares) counts as drifted from the model's reference, if the "
+                                    "chi-square test agrees (--drift-alpha); 0.25 reads as a major shift")
+    drift_alpha: float = option(0.001, "p-value below which the chi-square test of a measure's bin counts against "
+                                       "the reference agrees that it drifted; a drifted night exits 3")
+    drift_min_images: int = option(30, "nights with fewer scored films than this are not judged for drift")
+    max_error_share: float = option(0.2, "a night whose error rows are more than this share of the inputs it "
+                                         "scored exits 3 (its rows are all written; 1: never)")
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,8 @@ class ReportConfig:
                           "(every screen-positive is listed)")
     max_flagged: int = option(48, "images of at most this many flagged films (every one is listed)")
     image_size: int = option(224, "size of the overlay thumbnails in px")
+    trend: int = option(14, "plot the last N monitored nights of this table from MLflow (counts, shares, drift; "
+                            "0: none); the page's jobs' drift figures are shown either way")
 
 
 @dataclass(frozen=True)

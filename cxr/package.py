@@ -36,6 +36,7 @@ if TYPE_CHECKING:        # torch and the model code load where weights are read 
     import torch
     from torch import nn
 
+    from cxr.monitoring import Reference
     from cxr.qc import QualityModel
 
 WEIGHTS, CARD, LEGACY_META = "model.safetensors", "card.json", "meta.json"
@@ -43,6 +44,7 @@ SCREEN, CHECKSUMS, MARKDOWN, SIGNATURE = "screen.json", "checksums.sha256", "MOD
 SCREEN_FORMAT, SCREEN_FORMAT_VERSION = "cxr-screen", 1
 # Data and text only: weights, JSON, YAML, text and MLflow's metadata files.
 SAFE_NAMES = {WEIGHTS, CARD, LEGACY_META, SCREEN, CHECKSUMS, MARKDOWN, SIGNATURE, "qc.safetensors", "qc.json",
+              "reference.json",
               "MLmodel", "registered_model_meta",
               "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
               "serving_input_example.json"}
@@ -76,7 +78,7 @@ def check_safe(folder: Path, what: str) -> None:
 
 
 def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "float32",
-                qc: QualityModel | None = None) -> Path:
+                qc: QualityModel | None = None, reference: Reference | None = None) -> Path:
     from cxr.weights import save_weights
 
     folder = Path(folder)
@@ -85,7 +87,29 @@ def write_model(folder: Path, model: nn.Module, card: ModelCard, dtype: str = "f
     (folder / CARD).write_text(card.validate().to_json())
     if qc is not None:
         qc.save(folder)
+    if reference is not None:
+        write_reference(folder, reference)
     return folder
+
+
+def write_reference(folder: Path, reference: Reference) -> None:
+    from cxr.monitoring import REFERENCE_FILE
+
+    (Path(folder) / REFERENCE_FILE).write_text(reference.to_json())
+
+
+def read_reference(folder: Path) -> Reference | None:
+    """The reference distributions stored beside a classifier's weights, or None (a model
+    registered before monitoring, or without validation films)."""
+    from cxr.monitoring import REFERENCE_FILE, Reference
+
+    path = Path(folder) / REFERENCE_FILE
+    if not path.exists():
+        return None
+    try:
+        return Reference.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise PackageError(f"{path} is not a cxr reference ({type(e).__name__}: {e})") from e
 
 
 def read_qc(folder: Path) -> QualityModel | None:
@@ -121,7 +145,7 @@ def write_screen(folder: Path, classifier: Component, segmenter: Component | Non
     from cxr.model_card import screen_markdown
 
     folder = Path(folder)
-    write_model(folder / "classifier", classifier.model, classifier.card, dtype, classifier.qc)
+    write_model(folder / "classifier", classifier.model, classifier.card, dtype, classifier.qc, classifier.reference)
     if segmenter is not None:
         write_model(folder / "segmenter", segmenter.model, segmenter.card, dtype)
     (folder / SCREEN).write_text(json.dumps({
@@ -162,7 +186,8 @@ def read_screen(folder: Path, device: str | torch.device = "cpu") -> tuple[Compo
             if card.task != kind:
                 raise PackageError(f"{folder}/{kind}/card.json is a {card.task} card")
             origin = info.get(kind) or {}
-            parts[kind] = Component(model, card, origin.get("name"), origin.get("version"), read_qc(folder / kind))
+            parts[kind] = Component(model, card, origin.get("name"), origin.get("version"), read_qc(folder / kind),
+                                    read_reference(folder / kind))
     if "classifier" not in parts:
         raise PackageError(f"{folder} has no classifier/")
     return parts["classifier"], parts.get("segmenter"), info

@@ -84,3 +84,27 @@ def cam_overlays(images: np.ndarray, heatmaps: np.ndarray, titles: list[str]) ->
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def night_trend(nights: pd.DataFrame, psi_limit: float) -> plt.Figure:
+    """The last nights of a scores table (``cxr.workflows.monitor.trend``): films scored, the
+    shares of errors, flags and screen-positives, and the largest drift (PSI) against its limit;
+    nights that raised an alarm in red."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    x = np.arange(len(nights))
+    alarm = (nights["alarm"] != "none").to_numpy()
+    axes[0].bar(x, nights["scored"], color=np.where(alarm, "tab:red", "tab:blue"))
+    axes[0].set_ylabel("films scored")
+    for column, colour in (("error_share", "tab:red"), ("flagged_share", "tab:orange"),
+                           ("positive_share", "tab:purple")):
+        axes[1].plot(x, nights[column], marker="o", color=colour, label=column.replace("_", " "))
+    axes[1].set_ylabel("share"), axes[1].set_ylim(0, 1), axes[1].legend(fontsize=8)
+    axes[2].plot(x, nights["max_psi"], marker="o", color="tab:gray")
+    axes[2].scatter(x[alarm], nights["max_psi"].to_numpy()[alarm], color="tab:red", zorder=3, label="alarm")
+    axes[2].axhline(psi_limit, color="tab:red", linestyle="--", linewidth=1, label=f"limit {psi_limit}")
+    axes[2].set_ylabel("largest PSI"), axes[2].legend(fontsize=8)
+    labels = [str(j)[:15] for j in nights["job_id"]]
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    fig.tight_layout()
+    return fig

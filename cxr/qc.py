@@ -47,6 +47,9 @@ FLAGS = ("not_a_chest_xray", "ct_slice", "lateral", "out_of_distribution", "pedi
 # 1% or less, while children, unblocked, were called screen-positive at 26%). ``out_of_distribution`` (and the lung-fraction flags) mark the row
 # for review and keep the screen result: they flag real adult chest films, COVID-19 ones too.
 BLOCKING = frozenset({"not_a_chest_xray", "ct_slice", "lateral", "pediatric"})
+# The scores behind the flags, stored for every scored row (``qc_signals``) whether or not a
+# flag was raised: the distance to the training films and the detectors' probabilities.
+SIGNALS = ("distance", "not_a_chest_xray", "pediatric", "lateral", "ct_slice")
 # The view detector's classes, frontal first (the films the classifier was trained on).
 VIEW_CLASSES = ("frontal", "lateral", "ct_slice", "not_a_chest_xray")
 # Each learnt flag's threshold leaves this share of the validation films (adults, for
@@ -149,6 +152,20 @@ class QualityModel:
                 if child is not None and child[i] >= self.pediatric_threshold:
                     found.append({"flag": "pediatric", "score": float(child[i]), "threshold": self.pediatric_threshold})
             out.append(found)
+        return out
+
+    def signals(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Every score quality control reads, for every image whether or not it raised a flag
+        (``SIGNALS``; those this model has no detector for are left out): what a night's
+        distribution is compared on (``cxr.monitoring``)."""
+        out = {"distance": self.distance(features)}
+        for name, values in (("not_a_chest_xray", self.not_cxr_probability(features)),
+                             ("pediatric", self.pediatric_probability(features))):
+            if values is not None:
+                out[name] = values
+        views = self.view_probabilities(features)
+        if views is not None:
+            out.update({name: views[:, VIEW_CLASSES.index(name)] for name in ("lateral", "ct_slice")})
         return out
 
     def flags(self, features: np.ndarray) -> list[list[str]]:

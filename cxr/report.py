@@ -137,8 +137,9 @@ def _records(rows: pd.DataFrame, columns: list[str]) -> list[dict]:
 
 
 def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int,
-           storage: StorageConfig | None = None, scope: str = "") -> str:
-    """The whole page for ``rows`` (as ``read_job`` gives them)."""
+           storage: StorageConfig | None = None, scope: str = "", monitoring: dict | None = None) -> str:
+    """The whole page for ``rows`` (as ``read_job`` gives them); ``monitoring``, the section
+    ``cxr.workflows.monitor.page_section`` gives."""
     positives, highest, flagged = shown(rows, top, max_flagged)
     scored = rows[rows["status"].isin(SCORED_STATUSES)]
     drawn = pd.concat([positives.head(top), highest, flagged.head(max_flagged)])
@@ -176,4 +177,20 @@ def render(rows: pd.DataFrame, title: str, top: int, max_flagged: int, size: int
         + _records(flagged.iloc[max_flagged:], list(flagged.columns)),
         skipped=_records(rows[rows["status"] == "skipped"], ["uri", "skip_reason", "modality", "view_position",
                                                               "body_part_examined"]),
-        errors=_records(rows[rows["status"] == "error"], ["uri", "error"]))
+        errors=_records(rows[rows["status"] == "error"], ["uri", "error"]),
+        monitoring=_monitoring(monitoring))
+
+
+def _monitoring(section: dict | None) -> dict:
+    """The page's monitoring section: each night's alarms and comparisons, the trend as a PNG."""
+    section = dict(section or {"nights": [], "trend": None, "trend_rows": [], "note": "not requested"})
+    figure = section.pop("trend", None)
+    section["trend_png"] = None
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=80)
+        plt.close(figure)
+        section["trend_png"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return section

@@ -39,11 +39,12 @@ from ray.data import Datasink
 
 from cxr.data.dicom_header import IDENTITY_COLUMNS
 from cxr.data.storage import StorageConfig, filesystem_for
+from cxr.qc import SIGNALS as QC_SIGNALS
 
 log = logging.getLogger(__name__)
 
 # Bump SCHEMA_VERSION on any change to SCHEMA; docs/SCORES.md documents each version.
-SCHEMA_VERSION = "6"
+SCHEMA_VERSION = "7"
 SCHEMA = pa.schema([
     ("uri", pa.string()), ("sha256", pa.string()),
     ("status", pa.string()),                     # ok | flagged | skipped (version 5) | error
@@ -70,6 +71,9 @@ SCHEMA = pa.schema([
     # rule), and each quality flag with the score that raised it and the threshold it crossed
     ("argmax_label", pa.string()),
     ("qc_scores", pa.list_(pa.struct([("flag", pa.string()), ("score", pa.float32()), ("threshold", pa.float32())]))),
+    # added in version 7: every quality-control score of a scored row, flag or not (what a
+    # night's drift is measured on: cxr.monitoring)
+    ("qc_signals", pa.struct([(name, pa.float32()) for name in QC_SIGNALS])),
 ])
 PARTITION = pa.schema([("scored_date", pa.string())])
 SCORED_STATUSES = ("ok", "flagged")      # run through the models (skipped and error rows were not)

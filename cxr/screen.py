@@ -85,7 +85,7 @@ def screen_label_index(probs: np.ndarray, covid: int | None, threshold: float | 
 ROW_FIELDS = ("uri", "sha256", "status", "error", "skip_reason", "labels", "probabilities", "predicted_label",
               "argmax_label", "covid_probability", "covid_threshold", "screen_positive", "heatmap_png", "heatmap_size",
               "heatmap_label", "heatmap_scale", "covid_heatmap_png", "covid_heatmap_scale", "lung_mask_png",
-              "lung_fraction", "qc_flags", "qc_scores")
+              "lung_fraction", "qc_flags", "qc_scores", "qc_signals")
 
 
 class Screen:
@@ -178,6 +178,7 @@ class Screen:
         pngs = {k: [None] * n for k in ("heatmap_png", "covid_heatmap_png", "lung_mask_png")}
         scales = {k: [None] * n for k in ("heatmap_scale", "covid_heatmap_scale")}
         details: list[list[dict]] = [[] for _ in range(n)]
+        signals: list[dict | None] = [None] * n
         if ok.any():
             out = self.infer(images[ok], seg_images[ok] if seg_images is not None else None, heatmap_size)
             probs[ok] = out["probs"]
@@ -194,6 +195,10 @@ class Screen:
             model_flags = self.qc.assess(out["features"]) if self.qc is not None else [[] for _ in range(int(ok.sum()))]
             for i, extra in zip(np.flatnonzero(ok), model_flags):
                 details[i] = self.quality.assess(float(fraction[i])) + with_age(extra, ages[i] if ages else None)
+            if self.qc is not None:
+                measured = self.qc.signals(out["features"])
+                for j, i in enumerate(np.flatnonzero(ok)):
+                    signals[i] = {name: float(values[j]) for name, values in measured.items()}
         flags = [[f["flag"] for f in d] for d in details]
         status = ["error" if errors[i] is not None else "skipped" if skipped[i] is not None
                   else "flagged" if flags[i] else "ok" for i in range(n)]
@@ -220,7 +225,7 @@ class Screen:
             "heatmap_label": [self.labels[int(chosen[i])] if ok[i] and heatmap_size else None for i in range(n)],
             **scales, "covid_heatmap_png": pngs["covid_heatmap_png"], "lung_mask_png": pngs["lung_mask_png"],
             "lung_fraction": [float(fraction[i]) if ok[i] and np.isfinite(fraction[i]) else None for i in range(n)],
-            "qc_flags": flags, "qc_scores": details,
+            "qc_flags": flags, "qc_scores": details, "qc_signals": signals,
         }
 
     # --- the Python API -------------------------------------------------------------------------

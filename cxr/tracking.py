@@ -31,8 +31,8 @@ from mlflow.types import Schema, TensorSpec
 
 from cxr.card import INTENDED_USE, ModelCard
 
-from cxr.package import (CARD, Component, check_safe, read_model, read_qc, read_screen_info, write_checksums,
-                         write_model)
+from cxr.package import (CARD, Component, check_safe, read_model, read_qc, read_reference, read_screen_info,
+                         write_checksums, write_model)
 
 if TYPE_CHECKING:        # torch loads where models do, not in a planning driver
     from torch import nn
@@ -299,7 +299,7 @@ def _register_folder(c: MlflowClient, name: str, run_id: str, folder: Path, desc
 
 
 def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, card: ModelCard,
-                   dtype: str = "float32", qc=None) -> str:
+                   dtype: str = "float32", qc=None, reference=None) -> str:
     """Register a classifier or segmenter: safetensors weights + the validated card (JSON, and
     Markdown as the version's description), loadable with ``mlflow.pyfunc.load_model`` (tensors
     in, logits out) and by ``load_registered``. Returns the new version number."""
@@ -307,7 +307,7 @@ def register_model(tracking_uri: str, name: str, run_id: str, model: nn.Module, 
     card = dataclasses.replace(card, run_id=run_id, git_commit=git_commit()).validate()
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_model(Path(tmp) / "model", model, card, dtype, qc)
+        folder = write_model(Path(tmp) / "model", model, card, dtype, qc, reference)
         example = np.zeros((1, *card.input_shape), np.float32)
         _save_pyfunc(folder, _tensor_signature(card), example,
                      {"kind": card.task, "architecture": card.architecture, "weights": "model.safetensors",
@@ -321,6 +321,8 @@ def screen_signature() -> ModelSignature:
     error row) and the models' names; params: batch_size, heatmap_size."""
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec
     from mlflow.types.schema import Array, Object, Property
+
+    from cxr.qc import SIGNALS as QC_SIGNALS
 
     def col(kind, name: str, required: bool = False) -> ColSpec:
         return ColSpec(kind, name, required=required)
@@ -337,6 +339,7 @@ def screen_signature() -> ModelSignature:
         col("string", "argmax_label"),
         col(Array(Object([Property("flag", DataType.string), Property("score", DataType.double),
                           Property("threshold", DataType.double)])), "qc_scores"),
+        col(Object([Property(name, DataType.double, required=False) for name in QC_SIGNALS]), "qc_signals"),
         col("string", "classifier", True), col("string", "segmenter")])
     inputs = Schema([col("string", "path"), col("binary", "image")])
     params = ParamSchema([ParamSpec("batch_size", "long", 32), ParamSpec("heatmap_size", "long", 64)])
@@ -409,8 +412,8 @@ def load_registered(tracking_uri: str, model_uri: str, map_location: str = "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         local, version = download_model(tracking_uri, model_uri, tmp)
         model, card = read_model(local, map_location, f"{model_uri} (version {version.version})")
-        qc = read_qc(local)
-    return Component(model, card, version.name, str(version.version), qc)
+        qc, reference = read_qc(local), read_reference(local)
+    return Component(model, card, version.name, str(version.version), qc, reference)
 
 
 def log_files(tracking_uri: str, run_id: str, files: list[Path], artifact_path: str) -> None:
@@ -458,3 +461,36 @@ def metric_history(tracking_uri: str, run_id: str | None, keys: list[str]):
         return pd.DataFrame()
     frame = pd.DataFrame(series).sort_index()
     return frame.rename_axis("epoch").reset_index()
+
+
+def load_reference(tracking_uri: str, model_uri: str):
+    """The reference distributions stored beside a registered classifier's weights
+    (``cxr.monitoring``), or None for a version registered without them."""
+    from cxr.monitoring import REFERENCE_FILE, Reference
+
+    version = resolve_version(tracking_uri, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = download_artifacts(artifact_uri=f"{version.source}/{REFERENCE_FILE}", dst_path=tmp,
+                                       tracking_uri=tracking_uri)
+        except (MlflowException, OSError):
+            return None
+        return Reference.from_json(Path(local).read_text())
+
+
+def search_runs(tracking_uri: str, experiment: str, filter_string: str = "", max_results: int = 100,
+                order_by: list[str] | None = None) -> list:
+    """Runs of an experiment (none if it does not exist), newest first unless ``order_by`` says."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(c.search_runs([exp.experiment_id], filter_string, max_results=max_results,
+                              order_by=order_by or ["attributes.start_time DESC"]))
+
+
+def load_run_dict(tracking_uri: str, run_id: str, artifact_file: str) -> Any:
+    """A JSON artifact ``log_dict`` wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifacts(run_id=run_id, artifact_path=artifact_file, dst_path=tmp, tracking_uri=tracking_uri)
+        return json.loads(Path(local).read_text())

@@ -1,4 +1,5 @@
-"""``cxr report``: the HTML review page of a scoring run."""
+"""``cxr report``: the HTML review page of a scoring run, with its monitoring (each job's drift
+and alarms, and the trend of the table's last ``--trend`` nights, from MLflow)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 from cxr.config import ReportConfig, load_platform
 from cxr.data.storage import absolute_uri
 from cxr.report import read_job, render
+from cxr.workflows.monitor import page_section
 
 
 def main(cfg: ReportConfig) -> int:
-    storage = load_platform().storage
-    rows = read_job(absolute_uri(cfg.scores), cfg.job_id, cfg.top, cfg.max_flagged, storage)
+    platform = load_platform()
+    storage, scores = platform.storage, absolute_uri(cfg.scores)
+    rows = read_job(scores, cfg.job_id, cfg.top, cfg.max_flagged, storage)
     if rows.empty:
         print(f"cxr report: no scored rows in {cfg.scores}" + (f" for job {cfg.job_id}" if cfg.job_id else ""),
               file=sys.stderr)
@@ -26,7 +29,8 @@ def main(cfg: ReportConfig) -> int:
         scope = f"Every input's current row: {len(rows)} inputs (jobs {jobs})."
     else:
         scope = f"The {len(rows)} rows of job {cfg.job_id}."
-    page = render(rows, title, cfg.top, cfg.max_flagged, cfg.image_size, storage, scope)
+    monitoring = page_section(platform, scores, sorted(rows["job_id"].unique()), cfg.trend)
+    page = render(rows, title, cfg.top, cfg.max_flagged, cfg.image_size, storage, scope, monitoring)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)

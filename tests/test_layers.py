@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cxr.config", "cxr.models", "cxr.card", "cxr.operating_point", "cxr.crossval", "cxr.tune", "cxr.lease"),
     # 2: a model at work on images, its files, the scores table
     ("cxr.qc", "cxr.explain", "cxr.component", "cxr.model_card", "cxr.package", "cxr.model_input",
-     "cxr.classification", "cxr.segmentation", "cxr.gates", "cxr.scores_table"),
+     "cxr.classification", "cxr.segmentation", "cxr.gates", "cxr.scores_table", "cxr.monitoring"),
     # 3: the services a workflow composes: the registry, the screen, training loops, the pipeline
     ("cxr.tracking", "cxr.screen", "cxr.pyfunc", "cxr.evaluation", "cxr.benchmark", "cxr.scoring", "cxr.new_work",
      "cxr.report", "cxr.train"),

@@ -153,7 +153,10 @@ def calibrate(cfg: CalibrateConfig, platform: PlatformConfig) -> dict:
         tracking.log_dict(uri, run_id, _finite(result), "calibration.json")
         tracking.log_metrics(uri, run_id, {"threshold": threshold, "temperature": temperature,
                                            "sample_specificity": after["specificity"]["value"]})
-        version = tracking.register_model(uri, name, run_id, classifier.model, card, qc=classifier.qc)
+        # A new temperature and threshold move these two measures; the films' own stay valid.
+        reference = classifier.reference.without("covid_probability", "screen_positive") if classifier.reference else None
+        version = tracking.register_model(uri, name, run_id, classifier.model, card, qc=classifier.qc,
+                                          reference=reference)
     seg_uri = f"models:/{segmenter.name}/{segmenter.version}" if segmenter and segmenter.version else None
     result["classifier"] = f"models:/{name}/{version}"
     result["screen"] = f"models:/{platform.registered_models.get('screen', 'cxr-screen')}/" + register_screen(

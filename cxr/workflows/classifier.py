@@ -28,7 +28,9 @@ from cxr.evaluation import evaluate_classifier, flat_metrics, screening_threshol
 from cxr.models import model_spec
 from cxr.models.classifier import read_state_file
 from cxr.plots import loss_curves
+from cxr.component import Component
 from cxr.qc import fit_for_task
+from cxr.workflows.monitor import fit_screen_reference
 from cxr.model_input import Preprocess
 from cxr.train.checkpoints import META, load_checkpoint, load_run_checkpoint, log_checkpoint
 from cxr.train.classifier import train_loop_per_worker
@@ -259,6 +261,10 @@ def finetune(cfg: FinetuneConfig, platform: PlatformConfig) -> dict:
             val_ages = rows.loc[val, "age_group"] if "age_group" in rows else None
             view_images, view_kinds = qc_views(cfg, task, platform)
             qc = fit_for_task(model, splits["train"][0], splits["val"][0], ages, val_ages, view_images, view_kinds)
-            version = tracking.register_model(uri, name, run_id, model, card, qc=qc)
+            # What the screen answers on its validation films: the nights are compared with it.
+            reference = fit_screen_reference(Component(model, card, qc=qc), task.preprocess.segmenter,
+                                             rows.loc[val, "uri"].tolist(), platform.storage,
+                                             f"{cfg.manifest} split val")
+            version = tracking.register_model(uri, name, run_id, model, card, qc=qc, reference=reference)
     return {"run_id": run_id, "version": version, "model_name": name, "report": report, "minutes": minutes,
             "best_epoch": meta["epoch"]}

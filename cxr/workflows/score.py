@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from datetime import datetime, timezone
 
 from cxr import tracking
@@ -25,6 +26,7 @@ from cxr.data.storage import (ENTRY_SCHEMA, absolute_uri, entry_batches, filesys
 from cxr.data.dicom_header import Pseudonymiser
 from cxr.lease import Lease, LeaseHeld
 from cxr.new_work import decide
+from cxr.workflows.monitor import read_night
 from cxr.scores_table import AtomicParquetSink, add_up, clear_scratch, finish_compactions
 from cxr.scoring import ModelRef, ScoringPredictor, decode_batch
 
@@ -303,6 +305,8 @@ def _run(plan: ScoringPlan) -> dict:
         raise SystemicFailure(f"the lease of {plan.output} was lost while the job ran ({plan.lease.lost}): "
                               "its rows are committed, but another job may have written beside it")
     wrote = add_up(sink.summary.values())
+    # Read back while the lease is held, so no compaction has merged the night's parts away.
+    night = read_night(plan.output, sorted(sink.summary), storage)
     seg = plan.segmenter
     return {"job_id": plan.job_id, "inputs": plan.listed, "deferred": plan.deferred,
             "already_scored": plan.listed - plan.deferred - wrote["rows"], "scored": wrote["rows"], "why": plan.why,
@@ -311,4 +315,6 @@ def _run(plan: ScoringPlan) -> dict:
             "seconds": seconds, "images_per_s": wrote["rows"] / seconds if seconds > 0 else 0.0,
             "started_at": started_at, "output": plan.output,
             "segmenter": f"{seg.name} v{seg.version}" if seg else "none",
-            "classifier": f"{plan.classifier.name} v{plan.classifier.version}"}
+            "classifier": f"{plan.classifier.name} v{plan.classifier.version}",
+            "classifier_uri": plan.classifier.pinned_uri, "night": night,
+            "bytes_read": int(pa.compute.sum(plan.inputs["source_size"]).as_py() or 0) if plan.inputs.num_rows else 0}

@@ -222,8 +222,9 @@ def import_model(platform: PlatformConfig, bundle: str | Path, alias: str | None
             with tracking.tracked_run(uri, experiment, "import-classifier", parent_run_id=parent,
                                       artifact_location=platform.artifact_location) as run_id:
                 versions["classifier"] = tracking.register_model(uri, names["classifier"], run_id, classifier.model, card,
-                                                                 qc=classifier.qc)
-            classifier = Component(classifier.model, card, names["classifier"], versions["classifier"], classifier.qc)
+                                                                 qc=classifier.qc, reference=classifier.reference)
+            classifier = Component(classifier.model, card, names["classifier"], versions["classifier"], classifier.qc,
+                                   classifier.reference)
             screen_folder = build_screen(Path(tmp) / "screen", classifier, segmenter, info["weights_dtype"],
                                          f"bundle {Path(bundle).name}")
             versions["screen"] = tracking.register_screen_folder(uri, screen_name(platform), parent, screen_folder)
