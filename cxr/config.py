@@ -268,6 +268,10 @@ class ScoreConfig:
                                        "holder's process on this host is gone)")
     lease_wait_s: float = option(0.0, "wait this long for another job's lease to end or go stale before giving "
                                       "up (0: exit 1 at once; a retried cluster job should wait over lease_ttl_s)")
+    actor_restarts: int = option(0, "times Ray restarts a model actor that died (a lost node, an out-of-memory "
+                                    "kill); 0: the job stops with the reason, its committed parts kept, and the "
+                                    "next run resumes. Above 0, Ray logs an E line per actor on healthy runs too "
+                                    "(its constructor arguments live in the object store)")
     drift_psi: float = option(0.25, "population stability index above which a monitored measure (COVID-19 "
                                     "probability, lung fraction, each quality-control score, the flagged and "
                                     "screen-positive shares) counts as drifted from the model's reference, if the "
@@ -571,10 +575,10 @@ AT_LEAST_ONE = ("batch_size", "epochs", "threads", "load_threads", "num_workers"
                 "torch_threads", "min_archive_images")
 AT_LEAST_ZERO = ("seed", "stage1_epochs", "stage2_epochs", "loader_workers", "weight_decay", "warmup_steps",
                  "grace_epochs", "naive_images", "lease_wait_s", "dilation_px", "cam_examples", "heatmap_size",
-                 "time_limit_s")
+                 "time_limit_s", "actor_restarts", "drift_psi", "drift_min_images", "trend")
 SHARES = ("val_fraction", "test_fraction", "source_val_fraction", "specificity", "min_specificity",
           "screening_specificity", "transfer_specificity", "max_unreadable_share", "min_lung_fraction",
-          "max_lung_fraction", "no_lung_fraction", "dropout", "lr_gamma")
+          "max_lung_fraction", "no_lung_fraction", "dropout", "lr_gamma", "drift_alpha", "max_error_share")
 POSITIVE = ("lr", "stage1_lr", "stage2_lr", "lease_ttl_s", "part_mb", "max_file_mb", "gpus_per_actor",
             "cpus_per_actor")
 RANGES = {**{n: (1, None) for n in AT_LEAST_ONE}, **{n: (0, None) for n in AT_LEAST_ZERO},

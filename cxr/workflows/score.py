@@ -287,6 +287,9 @@ def _run(plan: ScoringPlan) -> dict:
             ScoringPredictor, batch_format="numpy", batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_actor,
+            # Ray Data's default restarts a dead actor forever and retries its batch forever:
+            # a batch that kills its actor every time would never end the night.
+            max_restarts=cfg.actor_restarts, max_task_retries=3 if cfg.actor_restarts else 0,
             fn_constructor_kwargs={"tracking_uri": plan.platform.tracking_uri,
                                    "segmenter": plan.segmenter.__dict__ if plan.segmenter else None,
                                    "classifier": plan.classifier.__dict__, "heatmap_size": cfg.heatmap_size,
