@@ -21,7 +21,6 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from cxr import tracking
 from cxr.config import ClassifierTrainConfig, PlatformConfig, config_fields
@@ -30,7 +29,7 @@ from cxr.models import build_model
 from cxr.models.classifier import freeze_batchnorm, load_matching, set_trainable
 from cxr.preprocess import classifier_input
 from cxr.train.checkpoints import load_resume, unwrap
-from cxr.train.common import (all_reduce_sum, autocast, gather_rng, report, restore_rng, shard_loader,
+from cxr.train.common import (all_reduce_sum, autocast, device_batches, gather_rng, report, restore_rng,
                               sync_buffers)
 
 log = logging.getLogger(__name__)
@@ -63,17 +62,16 @@ def model_meta(cfg: ClassifierTrainConfig) -> dict:
             "classes": list(cfg.classes), "image_size": cfg.image_size}
 
 
-def make_loader(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int, shuffle: bool,
-                pin: bool, seed: int = 0):
-    """(loader, sampler) of this worker's shard (``ShardBatches``: every image once an epoch
-    across workers). Pinned host memory lets Ray Train's loader copy the next batch to the GPU
-    on its own stream while the current one trains."""
+def make_batches(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, batch_size: int, shuffle: bool,
+                 device: torch.device, seed: int = 0):
+    """(batches, sampler) of this worker's shard (``ShardBatches``: every image once an epoch
+    across workers), the split held on the training device as uint8 (``DeviceBatches``)."""
     with warnings.catch_warnings():
-        # The arrays are zero-copy views of Ray's object store, hence read-only; batches are
-        # gathered into new tensors and nothing writes to these, so no copy is needed.
+        # The arrays are zero-copy views of Ray's object store, hence read-only; they are copied
+        # to the device (or gathered into new tensors), never written.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        dataset = TensorDataset(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(weights))
-    return shard_loader(dataset, batch_size, shuffle, seed, pin)
+        tensors = (torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(weights))
+    return device_batches(tensors, batch_size, shuffle, seed, device)
 
 
 def weighted_loss(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
@@ -121,8 +119,9 @@ def train_loop_per_worker(config: dict) -> None:
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda       # fixed input size: let cuDNN pick its fastest kernels
     data = ray.get(config["data"])
-    train_loader, train_order = make_loader(*data["train"], cfg.batch_size, shuffle=True, pin=cuda, seed=cfg.seed)
-    val_loader, _ = make_loader(*data["val"], cfg.batch_size, shuffle=False, pin=cuda)
+    train_loader, train_order = make_batches(*data["train"], cfg.batch_size, shuffle=True, device=device,
+                                             seed=cfg.seed)
+    val_loader, _ = make_batches(*data["val"], cfg.batch_size, shuffle=False, device=device)
 
     model = build_model(cfg.model, num_classes=len(cfg.classes), dropout=cfg.dropout)
     resume = load_resume(ray.train.get_checkpoint())

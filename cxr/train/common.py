@@ -104,6 +104,44 @@ def shard_loader(dataset, batch_size: int, shuffle: bool, seed: int, pin: bool =
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), sampler
 
 
+class DeviceBatches:
+    """This worker's batches of a split (``ShardBatches``' order), gathered from tensors moved
+    to the training device once: no DataLoader, no per-step host work or copy. Where the split
+    does not fit in ``max_share`` of the device's free memory it stays in pinned host memory and
+    each batch is copied on its own (non-blocking). Hand-written, as DataLoader's only job here
+    would be an index gather, and its collation and host copies are what a fast GPU waits on."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], sampler: ShardBatches, device: torch.device,
+                 max_share: float = 0.25):
+        self.sampler, self.device = sampler, device
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        fits = device.type != "cuda" or size <= max_share * torch.cuda.mem_get_info(device)[0]
+        self.storage = device if fits else torch.device("cpu")
+        moved = tuple(t.to(self.storage) for t in tensors)
+        self.tensors = moved if fits or device.type != "cuda" else tuple(t.pin_memory() for t in moved)
+
+    @property
+    def on_device(self) -> bool:
+        return self.storage == self.device
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for chunk in self.sampler:
+            index = torch.as_tensor(chunk, device=self.storage)
+            batch = tuple(t.index_select(0, index) for t in self.tensors)
+            yield batch if self.on_device else tuple(b.to(self.device, non_blocking=True) for b in batch)
+
+
+def device_batches(tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool, seed: int,
+                   device: torch.device) -> tuple[DeviceBatches, ShardBatches]:
+    """``DeviceBatches`` of this worker's shard, and the sampler (``set_epoch`` it every epoch)."""
+    ctx = ray.train.get_context()
+    sampler = ShardBatches(len(tensors[0]), batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
+    return DeviceBatches(tensors, sampler, device), sampler
+
+
 def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every worker: what its checkpoint
     holds. DDP copies them at each training forward, then each worker's own batch moves them."""

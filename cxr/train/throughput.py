@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cxr.models import build_model
-from cxr.train.classifier import class_weights, make_loader, train_step
+from cxr.train.classifier import class_weights, make_batches, train_step
 
 CLASSES = 3   # the source task's
 RESULTS = "throughput.json"
@@ -67,7 +67,7 @@ def throughput_loop_per_worker(config: dict) -> None:
     results = {"step": images_per_s(model, repeated(), augment=False),
                "step_augment": images_per_s(model, repeated(), augment=True),
                "loader_augment_step": images_per_s(
-                   model, make_loader(images, labels, weights, b, shuffle=True, pin=cuda)[0], augment=True)}
+                   model, make_batches(images, labels, weights, b, shuffle=True, device=device)[0], augment=True)}
     if config.get("compile"):
         try:
             results["compiled_step_augment"] = images_per_s(torch.compile(model), repeated(), augment=True)
