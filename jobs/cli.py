@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Batch jobs log to files: MLflow's download progress bars would only be noise there.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor two "View run" URL lines per MLflow run: a job's summary names the runs it made.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow_fail_fast()
     return importlib.import_module(module_name).main(cfg)
 
