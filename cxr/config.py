@@ -572,10 +572,10 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 AT_LEAST_ONE = ("batch_size", "epochs", "threads", "load_threads", "num_workers", "n_boot", "actors", "rows_per_file",
                 "target_rows", "images", "steps", "num_samples", "max_concurrent", "limit", "top", "max_flagged",
                 "segmenter_epochs", "object_store_mb", "max_train_images", "lr_step_epochs", "decode_tasks",
-                "torch_threads", "min_archive_images")
+                "torch_threads", "min_archive_images", "drift_min_images")
 AT_LEAST_ZERO = ("seed", "stage1_epochs", "stage2_epochs", "loader_workers", "weight_decay", "warmup_steps",
                  "grace_epochs", "naive_images", "lease_wait_s", "dilation_px", "cam_examples", "heatmap_size",
-                 "time_limit_s", "actor_restarts", "drift_psi", "drift_min_images", "trend")
+                 "time_limit_s", "actor_restarts", "drift_psi", "trend")
 SHARES = ("val_fraction", "test_fraction", "source_val_fraction", "specificity", "min_specificity",
           "screening_specificity", "transfer_specificity", "max_unreadable_share", "min_lung_fraction",
           "max_lung_fraction", "no_lung_fraction", "dropout", "lr_gamma", "drift_alpha", "max_error_share")

@@ -85,6 +85,10 @@ class Reference:
         raw = json.loads(text)
         measures = {name: Distribution(tuple(float(e) for e in d["edges"]), tuple(int(c) for c in d["counts"]))
                     for name, d in raw["measures"].items()}
+        for name, d in measures.items():
+            if len(d.counts) != len(d.edges) + 1 or list(d.edges) != sorted(d.edges) or min(d.counts, default=0) < 0:
+                raise ValueError(f"measure {name}: {len(d.edges)} edges (sorted: {list(d.edges) == sorted(d.edges)}) "
+                                 f"for {len(d.counts)} bins")
         return cls(measures, raw.get("source", ""), raw.get("created_at", ""), int(raw.get("version", 1)))
 
 
@@ -120,9 +124,8 @@ def measure_values(table: pa.Table) -> dict[str, np.ndarray]:
         for name in SIGNALS:
             if isinstance(signals.type, pa.StructType) and signals.type.get_field_index(name) >= 0:
                 out[f"qc.{name}"] = _finite(pc.struct_field(signals, name))
-    out["flagged"] = (np.asarray(scored["status"].to_pylist()) == "flagged").astype(np.float64)
-    positive = scored["screen_positive"].to_pylist()
-    out["screen_positive"] = np.array([float(v) for v in positive if v is not None], np.float64)
+    out["flagged"] = pc.equal(scored["status"], "flagged").cast(pa.float64()).to_numpy()
+    out["screen_positive"] = pc.drop_null(scored["screen_positive"]).cast(pa.float64()).to_numpy()
     return {k: v for k, v in out.items() if len(v)}
 
 
@@ -168,7 +171,7 @@ def compare(reference: Reference, values: dict[str, np.ndarray], limits: Limits 
     out = []
     for name, ref in reference.measures.items():
         v = values.get(name, np.empty(0))
-        if len(v) < limits.min_images:
+        if len(v) == 0 or len(v) < limits.min_images:
             out.append(Comparison(name, len(v), reference=ref,
                                   note=f"{len(v)} films: too few to judge (at least {limits.min_images})"))
             continue

@@ -34,7 +34,12 @@ def run(cfg: ScoreConfig) -> dict:
             plan.lease.release()
             raise
     summary = run_scoring(plan)
-    summary["monitoring"] = monitor.record(platform, cfg, summary, summary.pop("night"))
+    night = summary.pop("night")
+    try:
+        summary["monitoring"] = monitor.record(platform, cfg, summary, night)
+    except Exception as e:  # MLflow's, Arrow's or a bad reference's: the rows are committed all the same
+        summary["monitoring"] = monitor.unrecorded(summary, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                                                   if str(e).strip() else type(e).__name__)
     return summary
 
 
@@ -66,6 +71,8 @@ def format_summary(s: dict) -> str:
 
 def _drift_line(night) -> str:
     judged = [c for c in night.comparisons if c.psi is not None]
+    if night.reference == "not read":
+        return "monitoring not recorded"
     if not night.comparisons:
         return "drift not measured (no reference with the model)"
     if not judged:

@@ -103,6 +103,7 @@ def test_a_night_is_a_monitored_run_quiet_when_unshifted_and_exit_3_when_shifted
     from cxr import tracking
     from cxr.config import load_platform
     from cxr.workflows import monitor
+    from jobs.cli import main as cli
 
     names, films, tmp = monitored
     platform = load_platform()
@@ -124,9 +125,17 @@ def test_a_night_is_a_monitored_run_quiet_when_unshifted_and_exit_3_when_shifted
     run = tracking.search_runs(platform.tracking_uri, monitor.experiment_name(platform, str(tmp / "scores-shifted")))[0]
     assert run.data.metrics["drifted_measures"] >= 1 and run.data.tags["cxr.alarm"].startswith("drift")
 
-    # A rerun scores nothing: a run with no films is recorded, not judged, not an alarm.
+    # A retry scores nothing: a run with no films is recorded, not judged, not an alarm, and the
+    # page still shows the night that raised it, with the trend of the nights that scored films.
     code, err = _night(names, tmp / "washed-out", tmp / "scores-shifted", capsys)
     assert code == 0 and "ALARM" not in err
+    page = tmp / "shifted.html"
+    assert cli(["report", "--scores", str(tmp / "scores-shifted"), "--job-id", "all", "--out", str(page),
+                "--trend", "5"]) == 0
+    html = page.read_text()
+    assert "ALARM: drift from the model&#39;s reference" in html and "qc.distance" in html
+    assert "The last 1 nights of this table" in html and "data:image/png;base64," in html
+    assert f"MLflow run {run.info.run_id}" in html
 
 
 def test_an_error_share_above_its_bound_exits_3(monitored, tmp_path, capsys):
@@ -139,15 +148,29 @@ def test_an_error_share_above_its_bound_exits_3(monitored, tmp_path, capsys):
     assert code == 3 and "2 of 6 inputs are error rows" in err, err
 
 
-def test_the_review_page_shows_each_nights_drift_and_the_trend(monitored, capsys):
-    from jobs.cli import main as cli
 
-    names, films, tmp = monitored
-    if not (tmp / "scores-shifted").exists():
-        pytest.skip("needs the nights of the test above")
-    page = tmp / "shifted.html"
-    assert cli(["report", "--scores", str(tmp / "scores-shifted"), "--job-id", "all", "--out", str(page),
-                "--trend", "5"]) == 0
-    html = page.read_text()
-    assert "ALARM: drift from the model&#39;s reference" in html and "qc.distance" in html
-    assert "The last 2 nights of this table" in html and "data:image/png;base64," in html
+def test_a_night_whose_monitoring_fails_after_its_rows_are_written_exits_3_with_its_rows(monitored, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from cxr.scores_table import read_scores
+    from cxr.workflows import monitor
+
+    names, films, _ = monitored
+
+    def unreachable(*_, **__):
+        raise ConnectionError("MLflow went away")
+
+    monkeypatch.setattr(monitor.tracking, "tracked_run", unreachable)
+    _write_night(films[:3], tmp_path / "in")
+    code, err = _night(names, tmp_path / "in", tmp_path / "scores", capsys)
+    assert code == 3 and "monitoring was not recorded (ConnectionError: MLflow went away)" in err, err
+    assert read_scores(str(tmp_path / "scores")).num_rows == 3
+
+
+def test_metric_names_mlflow_accepts_and_references_that_do_not_fit_are_refused():
+    from cxr.workflows.monitor import metric_name
+
+    assert metric_name("label.covid (x)") == "label.covid _x_" and metric_name("flag.a/../b") == "flag.a___b"
+    broken = _reference(np.random.default_rng(3)).to_json().replace('"counts": [', '"counts": [1, ', 1)
+    with pytest.raises(ValueError, match="bins"):
+        Reference.from_json(broken)
+    assert compare(_reference(np.random.default_rng(4)), {}, Limits(min_images=0))[0].psi is None

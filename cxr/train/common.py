@@ -107,8 +107,8 @@ def shard_loader(dataset, batch_size: int, shuffle: bool, seed: int, pin: bool =
 class DeviceBatches:
     """This worker's batches of a split (``ShardBatches``' order), gathered from tensors moved
     to the training device once: no DataLoader, no per-step host work or copy. Where the split
-    does not fit in ``max_share`` of the device's free memory it stays in pinned host memory and
-    each batch is copied on its own (non-blocking). Hand-written, as DataLoader's only job here
+    does not fit in ``max_share`` of the device's free memory it stays in host memory and each
+    batch is gathered there and copied over. Hand-written, as DataLoader's only job here
     would be an index gather, and its collation and host copies are what a fast GPU waits on."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], sampler: ShardBatches, device: torch.device,
@@ -117,8 +117,7 @@ class DeviceBatches:
         size = sum(t.numel() * t.element_size() for t in tensors)
         fits = device.type != "cuda" or size <= max_share * torch.cuda.mem_get_info(device)[0]
         self.storage = device if fits else torch.device("cpu")
-        moved = tuple(t.to(self.storage) for t in tensors)
-        self.tensors = moved if fits or device.type != "cuda" else tuple(t.pin_memory() for t in moved)
+        self.tensors = tuple(t.to(self.storage) for t in tensors)
 
     @property
     def on_device(self) -> bool:
@@ -131,7 +130,7 @@ class DeviceBatches:
         for chunk in self.sampler:
             index = torch.as_tensor(chunk, device=self.storage)
             batch = tuple(t.index_select(0, index) for t in self.tensors)
-            yield batch if self.on_device else tuple(b.to(self.device, non_blocking=True) for b in batch)
+            yield batch if self.on_device else tuple(b.to(self.device) for b in batch)
 
 
 def device_batches(tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool, seed: int,

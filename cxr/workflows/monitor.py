@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cxr import tracking
 from cxr.component import Component
@@ -54,6 +55,13 @@ class Night:
         return out
 
 
+def unrecorded(summary: dict, reason: str) -> Night:
+    """A night whose monitoring failed after its rows were committed: an alarm, so a scheduler
+    sees that nobody judged it (``cxr score`` exits 3), never a traceback over written rows."""
+    return Night(summary["job_id"], {}, {}, alarms=[f"the night's monitoring was not recorded ({reason}); its rows "
+                                                    "are committed"], reference="not read")
+
+
 def experiment_name(platform: PlatformConfig, output: str) -> str:
     """One experiment per scores table: its nights side by side."""
     return f"{platform.experiments.get('score', 'cxr-score')}:{output.rstrip('/')}"
@@ -70,14 +78,21 @@ def read_night(output: str, parts: list[str], storage: StorageConfig | None) -> 
 
 
 def counts_of(rows: pa.Table, why: dict[str, int]) -> dict[str, dict[str, int]]:
-    """The night's counts: by status, predicted label, quality flag, screen result, and why scored."""
-    frame = rows.to_pandas() if rows.num_rows else pd.DataFrame(columns=NIGHT_COLUMNS)
-    screen = Counter("not screened" if v is None or pd.isna(v) else "positive" if v else "negative"
-                     for v, s in zip(frame.get("screen_positive", []), frame["status"]) if s in ("ok", "flagged"))
-    flags = Counter(f for fl in frame.get("qc_flags", []) if fl is not None for f in fl)
-    labels = Counter(v for v in frame.get("predicted_label", []) if isinstance(v, str))
-    return {"status": dict(Counter(frame["status"])), "label": dict(labels), "flag": dict(flags),
-            "screen": dict(screen), "why": dict(why)}
+    """The night's counts: by status, predicted label, quality flag, screen result, and why
+    scored. Arrow's value counts, never a Python object per row: a night may be the whole
+    archive (a new champion rescores it)."""
+    def counted(values) -> dict[str, int]:
+        return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(values).to_pylist()
+                if v["values"] is not None}
+
+    scored = rows.filter(pc.is_in(rows["status"], pa.array(["ok", "flagged"])))
+    positive = scored["screen_positive"]
+    screen = {"positive": int(pc.sum(pc.fill_null(positive, False).cast(pa.int64())).as_py() or 0),
+              "negative": int(pc.sum(pc.fill_null(pc.invert(positive), False).cast(pa.int64())).as_py() or 0)}
+    screen["not screened"] = scored.num_rows - screen["positive"] - screen["negative"]
+    flags = pc.list_flatten(rows["qc_flags"]) if rows.num_rows else pa.array([], pa.string())
+    return {"status": counted(rows["status"]), "label": counted(rows["predicted_label"]), "flag": counted(flags),
+            "screen": {k: v for k, v in screen.items() if v}, "why": dict(why)}
 
 
 def assess(cfg: ScoreConfig, summary: dict, rows: pa.Table, reference: Reference | None,
@@ -113,7 +128,10 @@ def assess(cfg: ScoreConfig, summary: dict, rows: pa.Table, reference: Reference
 
 
 def record(platform: PlatformConfig, cfg: ScoreConfig, summary: dict, rows: pa.Table) -> Night:
-    """Assess the night and log it as a run in the output's experiment."""
+    """Assess the night and log it as a run in the output's experiment. ``rows`` None: its parts
+    could not be read back (an alarm)."""
+    if rows is None:
+        return unrecorded(summary, "its parts could not be read back")
     uri = platform.tracking_uri
     classifier_uri = summary.get("classifier_uri")
     reference, note = None, "no classifier"
@@ -131,16 +149,25 @@ def record(platform: PlatformConfig, cfg: ScoreConfig, summary: dict, rows: pa.T
         tracking.log_params(uri, run_id, {"classifier": summary["classifier"], "segmenter": summary["segmenter"],
                                           "input": cfg.input, "output": summary["output"],
                                           **{k: v for k, v in asdict(cfg).items() if k not in ("input", "output")}})
-        tracking.log_metrics(uri, run_id, night.metrics)
+        night.run_id = run_id
+        tracking.log_metrics(uri, run_id, {metric_name(k): v for k, v in night.metrics.items()})
         tracking.log_dict(uri, run_id, night.to_dict(), NIGHT_FILE)
-    night.run_id = run_id
     return night
+
+
+def metric_name(key: str) -> str:
+    """A label, flag or reason as an MLflow metric name (letters, digits, ``_ - . /`` and spaces);
+    the raw names stay in ``night.json``."""
+    return re.sub(r"[^\w.\- ]", "_", key).replace("..", "_")
 
 
 def night_of(tracking_uri: str, platform: PlatformConfig, output: str, job_id: str) -> dict | None:
     """The monitoring record (``Night.to_dict``) of one job, or None if it was not recorded."""
+    # A rerun of the same job id that scored nothing must not hide the night that did.
     runs = tracking.search_runs(tracking_uri, experiment_name(platform, output),
-                                f"tags.`cxr.job_id` = '{job_id}'", max_results=1)
+                                f"tags.`cxr.job_id` = '{job_id}' and metrics.scored > 0", max_results=1) or \
+        tracking.search_runs(tracking_uri, experiment_name(platform, output), f"tags.`cxr.job_id` = '{job_id}'",
+                             max_results=1)
     if not runs:
         return None
     try:
@@ -152,8 +179,10 @@ def night_of(tracking_uri: str, platform: PlatformConfig, output: str, job_id: s
 def trend(tracking_uri: str, platform: PlatformConfig, output: str, nights: int) -> pd.DataFrame:
     """The last ``nights`` monitored jobs of a table, oldest first: when, how many scored, the
     shares of errors, flags and screen-positives, the largest PSI and the alarm."""
-    runs = tracking.search_runs(tracking_uri, experiment_name(platform, output), "tags.`cxr.job` = 'score'",
-                                max_results=nights, order_by=["attributes.start_time DESC"])
+    # Reruns that found nothing new are runs too, but not nights.
+    runs = tracking.search_runs(tracking_uri, experiment_name(platform, output),
+                                "tags.`cxr.job` = 'score' and metrics.scored > 0", max_results=nights,
+                                order_by=["attributes.start_time DESC"])
     records = []
     for run in runs:
         m = run.data.metrics

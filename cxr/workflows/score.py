@@ -288,7 +288,9 @@ def _run(plan: ScoringPlan) -> dict:
             compute=ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_actor,
             # Ray Data's default restarts a dead actor forever and retries its batch forever:
-            # a batch that kills its actor every time would never end the night.
+            # a batch that kills its actor every time would never end the night. Ray 2.60 has no
+            # named parameter for this; these remote arguments are deprecated for Ray 2.64 (a
+            # DeprecationWarning, hidden outside tests): an upgrade must find their successor.
             max_restarts=cfg.actor_restarts, max_task_retries=3 if cfg.actor_restarts else 0,
             fn_constructor_kwargs={"tracking_uri": plan.platform.tracking_uri,
                                    "segmenter": plan.segmenter.__dict__ if plan.segmenter else None,
@@ -309,7 +311,11 @@ def _run(plan: ScoringPlan) -> dict:
                               "its rows are committed, but another job may have written beside it")
     wrote = add_up(sink.summary.values())
     # Read back while the lease is held, so no compaction has merged the night's parts away.
-    night = read_night(plan.output, sorted(sink.summary), storage)
+    try:
+        night = read_night(plan.output, sorted(sink.summary), storage)
+    except (OSError, pa.ArrowInvalid) as e:     # the rows are committed; monitoring says it could not judge
+        log.warning("could not read the night's parts back for monitoring: %s", e)
+        night = None
     seg = plan.segmenter
     return {"job_id": plan.job_id, "inputs": plan.listed, "deferred": plan.deferred,
             "already_scored": plan.listed - plan.deferred - wrote["rows"], "scored": wrote["rows"], "why": plan.why,
