@@ -127,6 +127,9 @@ def test_only_blocking_flags_stop_the_screen(tiny_models, sample_root):
         def assess(self, features):
             return [[{"flag": self.flag, "score": 0.9, "threshold": 0.5}] for _ in range(len(features))]
 
+        def signals(self, features):
+            return {"distance": np.full(len(features), 0.9)}
+
     screen.qc = Fixed("out_of_distribution")
     review = screen.predict(images, heatmap_size=None)
     assert (review["status"] == "flagged").all() and review["screen_positive"].notna().all()
@@ -175,6 +178,9 @@ def test_a_child_s_dicom_is_not_screened_and_an_adult_s_overrides_the_detector(t
     class Child:                 # a detector that calls every film a child's
         def assess(self, features):
             return [[{"flag": "pediatric", "score": 0.99, "threshold": 0.9}] for _ in range(len(features))]
+
+        def signals(self, features):
+            return {"pediatric": np.full(len(features), 0.99)}
 
     screen.qc = Child()
     rows = screen.predict([dicom("006Y"), dicom("054Y"), dicom("²Y")], heatmap_size=None)
