@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr.qc import SIGNALS
+from cxr.scores_table import SCHEMA, SCORED_STATUSES
 
 REFERENCE_FILE = "reference.json"
 BINS = 10
@@ -115,7 +116,7 @@ class Comparison:
 
 def measure_values(table: pa.Table) -> dict[str, np.ndarray]:
     """Each measure's finite values over the rows run through the models."""
-    scored = table.filter(pc.is_in(table["status"], pa.array(["ok", "flagged"])))
+    scored = table.filter(pc.is_in(table["status"], pa.array(SCORED_STATUSES)))
     out: dict[str, np.ndarray] = {}
     for name in ("covid_probability", "lung_fraction"):
         out[name] = _finite(scored[name])
@@ -127,6 +128,12 @@ def measure_values(table: pa.Table) -> dict[str, np.ndarray]:
     out["flagged"] = pc.equal(scored["status"], "flagged").cast(pa.float64()).to_numpy()
     out["screen_positive"] = pc.drop_null(scored["screen_positive"]).cast(pa.float64()).to_numpy()
     return {k: v for k, v in out.items() if len(v)}
+
+
+def answers_table(frame) -> pa.Table:
+    """The columns ``measure_values`` reads, from ``Screen.predict``'s frame of scores rows."""
+    return pa.Table.from_pydict({c: frame[c].tolist() for c in COLUMNS},
+                                schema=pa.schema([SCHEMA.field(c) for c in COLUMNS]))
 
 
 def _finite(column) -> np.ndarray:

@@ -466,7 +466,7 @@ def metric_history(tracking_uri: str, run_id: str | None, keys: list[str]):
 def load_reference(tracking_uri: str, model_uri: str):
     """The reference distributions stored beside a registered classifier's weights
     (``cxr.monitoring``), or None for a version registered without them."""
-    from cxr.monitoring import REFERENCE_FILE, Reference
+    from cxr.monitoring import REFERENCE_FILE
 
     version = resolve_version(tracking_uri, model_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -475,7 +475,7 @@ def load_reference(tracking_uri: str, model_uri: str):
                                        tracking_uri=tracking_uri)
         except (MlflowException, OSError):
             return None
-        return Reference.from_json(Path(local).read_text())
+        return read_reference(Path(local).parent)
 
 
 def search_runs(tracking_uri: str, experiment: str, filter_string: str = "", max_results: int = 100,

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from PIL import Image
 
 from cxr.config import ScoreConfig
-from cxr.monitoring import COLUMNS, Limits, compare, measure_values
+from cxr.monitoring import Limits, answers_table, compare, measure_values
 from cxr.package import read_screen
-from cxr.scores_table import SCHEMA
 from cxr.screen import Screen
 
 
@@ -64,9 +62,7 @@ def washed_out(uris: list[str], gamma: float) -> list[bytes]:
 
 def judge(screen: Screen, reference, inputs, limits: Limits) -> dict:
     frame = screen.predict(inputs, heatmap_size=0)
-    table = pa.Table.from_pydict({c: frame[c].tolist() for c in COLUMNS},
-                                 schema=pa.schema([SCHEMA.field(c) for c in COLUMNS]))
-    comparisons = compare(reference, measure_values(table), limits)
+    comparisons = compare(reference, measure_values(answers_table(frame)), limits)
     return {"films": len(frame), "drifted": [c.measure for c in comparisons if c.drifted],
             "measures": {c.measure: {"psi": c.psi, "p": c.p_value, "n": c.n} for c in comparisons}}
 

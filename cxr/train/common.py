@@ -94,12 +94,17 @@ class ShardBatches(torch.utils.data.Sampler):
         return self.batches
 
 
+def shard_sampler(n: int, batch_size: int, shuffle: bool, seed: int) -> ShardBatches:
+    """``ShardBatches`` of a split of ``n`` images for this Ray Train worker."""
+    ctx = ray.train.get_context()
+    return ShardBatches(n, batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
+
+
 def shard_loader(dataset, batch_size: int, shuffle: bool, seed: int, pin: bool = False,
                  **loader_kwargs) -> tuple[torch.utils.data.DataLoader, ShardBatches]:
     """A DataLoader over this worker's ``ShardBatches`` (moved to the device by Ray Train), and
     the sampler (``set_epoch`` it every epoch)."""
-    ctx = ray.train.get_context()
-    sampler = ShardBatches(len(dataset), batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
+    sampler = shard_sampler(len(dataset), batch_size, shuffle, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, pin_memory=pin, **loader_kwargs)
     return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False), sampler
 
@@ -136,8 +141,7 @@ class DeviceBatches:
 def device_batches(tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool, seed: int,
                    device: torch.device) -> tuple[DeviceBatches, ShardBatches]:
     """``DeviceBatches`` of this worker's shard, and the sampler (``set_epoch`` it every epoch)."""
-    ctx = ray.train.get_context()
-    sampler = ShardBatches(len(tensors[0]), batch_size, ctx.get_world_rank(), ctx.get_world_size(), shuffle, seed)
+    sampler = shard_sampler(len(tensors[0]), batch_size, shuffle, seed)
     return DeviceBatches(tensors, sampler, device), sampler
 
 

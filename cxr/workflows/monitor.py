@@ -7,7 +7,6 @@ error share is above its bound, is an alarm: a line on stderr and exit code 3
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,8 +21,9 @@ from cxr import tracking
 from cxr.component import Component
 from cxr.config import PlatformConfig, ScoreConfig
 from cxr.data.storage import StorageConfig, filesystem_for
-from cxr.monitoring import COLUMNS, Comparison, Limits, Reference, compare, fit_reference, measure_values
-from cxr.scores_table import SCHEMA, scores_dataset
+from cxr.monitoring import (COLUMNS, Comparison, Limits, Reference, answers_table, compare, fit_reference,
+                            measure_values)
+from cxr.scores_table import SCHEMA, SCORED_STATUSES, scores_dataset
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def counts_of(rows: pa.Table, why: dict[str, int]) -> dict[str, dict[str, int]]:
         return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(values).to_pylist()
                 if v["values"] is not None}
 
-    scored = rows.filter(pc.is_in(rows["status"], pa.array(["ok", "flagged"])))
+    scored = rows.filter(pc.is_in(rows["status"], pa.array(SCORED_STATUSES)))
     positive = scored["screen_positive"]
     screen = {"positive": int(pc.sum(pc.fill_null(positive, False).cast(pa.int64())).as_py() or 0),
               "negative": int(pc.sum(pc.fill_null(pc.invert(positive), False).cast(pa.int64())).as_py() or 0)}
@@ -234,13 +234,8 @@ def fit_screen_reference(classifier: Component, segmenter: Component | None, uri
     from cxr.screen import Screen
 
     frame = Screen(classifier, segmenter).predict(uris, storage=storage, heatmap_size=0)
-    table = pa.Table.from_pydict({c: frame[c].tolist() for c in COLUMNS},
-                                 schema=pa.schema([SCHEMA.field(c) for c in COLUMNS]))
-    reference = fit_reference(measure_values(table), f"{source} ({len(uris)} films)",
+    reference = fit_reference(measure_values(answers_table(frame)), f"{source} ({len(uris)} films)",
                               datetime.now(timezone.utc).isoformat(timespec="seconds"))
     log.info("reference distributions from %s: %s", source, ", ".join(reference.measures))
     return reference
 
-
-def summary_json(night: Night) -> str:
-    return json.dumps(night.to_dict(), indent=2, default=str)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 from datetime import datetime, timezone
 
 from cxr import tracking
@@ -326,4 +326,4 @@ def _run(plan: ScoringPlan) -> dict:
             "segmenter": f"{seg.name} v{seg.version}" if seg else "none",
             "classifier": f"{plan.classifier.name} v{plan.classifier.version}",
             "classifier_uri": plan.classifier.pinned_uri, "night": night,
-            "bytes_read": int(pa.compute.sum(plan.inputs["source_size"]).as_py() or 0) if plan.inputs.num_rows else 0}
+            "bytes_read": int(pc.sum(plan.inputs["source_size"]).as_py() or 0) if plan.inputs.num_rows else 0}
